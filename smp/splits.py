@@ -1,0 +1,93 @@
+"""Stage 2: posts -> seeded subsample -> train / val / test row positions.
+
+Protocols:
+
+* ``random`` (the paper's): shuffled, 81% / 9% / 10% (64.8k / 7.2k / 8k of 80k);
+* ``chrono`` (the SMP challenge's): ordered by ``Postdate``, the last 10% of
+  posts are test and the 9% before them validation;
+* ``user``: grouped by ``Uid`` so that no user is on two sides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from smp.data import DataError
+
+SPLITS = ("random", "chrono", "user")
+
+
+@dataclass(frozen=True)
+class SplitCfg:
+    sample_size: int = 80000  # the paper's subsample; 0 = all posts
+    split: str = "random"     # random | chrono | user
+    seed: int = 0             # seeds the subsample and the split
+    val_frac: float = 0.09    # 7.2k of 80k
+    test_frac: float = 0.10   # 8k of 80k
+
+
+def subsample(posts: pd.DataFrame, sample_size: int, seed: int) -> pd.DataFrame:
+    """Return a seeded random subsample of ``sample_size`` rows (all rows if 0 or larger), order kept."""
+    if sample_size <= 0 or sample_size >= len(posts):
+        return posts
+    rng = np.random.default_rng(seed)
+    keep = np.sort(rng.choice(len(posts), size=sample_size, replace=False))
+    out = posts.iloc[keep].reset_index(drop=True)
+    out.attrs.update(posts.attrs)
+    return out
+
+
+def split_indices(posts: pd.DataFrame, cfg: SplitCfg) -> dict[str, np.ndarray]:
+    """Return ``{"train", "val", "test"}`` -> sorted row positions into ``posts``."""
+    n = len(posts)
+    if cfg.split not in SPLITS:
+        raise DataError(f"split={cfg.split!r}: unknown protocol; expected one of {SPLITS}")
+    if n < 3:
+        raise DataError(f"{n} labelled posts: too few to split into train/val/test")
+    n_test = max(1, int(round(cfg.test_frac * n)))
+    n_val = max(1, int(round(cfg.val_frac * n)))
+    rng = np.random.default_rng(cfg.seed)
+    if cfg.split == "random":
+        order = rng.permutation(n)
+        parts = order[:n_test], order[n_test:n_test + n_val], order[n_test + n_val:]
+        test, val, train = parts
+    elif cfg.split == "chrono":
+        if "Postdate" not in posts.columns or posts["Postdate"].isna().all():
+            raise DataError("split=chrono needs the Postdate field, which this data lacks")
+        dates = posts["Postdate"].to_numpy(dtype=float)
+        if np.isnan(dates).any():
+            raise DataError(f"split=chrono: {int(np.isnan(dates).sum())} posts have no Postdate")
+        order = np.argsort(dates, kind="stable")
+        test, val, train = order[n - n_test:], order[n - n_test - n_val:n - n_test], order[:n - n_test - n_val]
+    else:
+        train, val, test = _user_split(posts, n_val, n_test, rng)
+    if len(train) == 0:
+        raise DataError(f"split={cfg.split}: no rows left for training ({n} posts)")
+    return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+
+
+def _user_split(posts, n_val, n_test, rng):
+    if "Uid" not in posts.columns:
+        raise DataError("split=user needs the Uid field, which this data lacks (e.g. the real posts.csv)")
+    uid = posts["Uid"]
+    if uid.isna().any():
+        raise DataError(f"split=user: {int(uid.isna().sum())} posts have no Uid")
+    codes, uniques = pd.factorize(uid)
+    if len(uniques) < 3:
+        raise DataError(f"split=user: only {len(uniques)} distinct users; need at least 3")
+    counts = np.bincount(codes)
+    users = rng.permutation(len(uniques))
+    cum = np.cumsum(counts[users])
+    # users are taken in shuffled order: first the test users, then validation
+    n_test_users = max(1, int(np.searchsorted(cum, n_test)) + 1)
+    n_val_users = max(1, int(np.searchsorted(cum, n_test + n_val)) + 1 - n_test_users)
+    n_test_users = min(n_test_users, len(uniques) - 2)
+    n_val_users = min(n_val_users, len(uniques) - 1 - n_test_users)
+    group = np.full(len(uniques), 0)  # 0 train, 1 val, 2 test
+    group[users[:n_test_users]] = 2
+    group[users[n_test_users:n_test_users + n_val_users]] = 1
+    side = group[codes]
+    return np.flatnonzero(side == 0), np.flatnonzero(side == 1), np.flatnonzero(side == 2)

@@ -1,0 +1,584 @@
+r"""Deterministic synthetic SMPD 2019 data: the official file layout, JPEGs included.
+
+``generate(out_dir, cfg)`` writes the seven official training files and one
+JPEG per post, so the whole pipeline (loaders, image features, CLIP, models)
+runs end to end without the real data.  ``demo_data_dir()`` caches one such
+dataset on disk.  Everything is drawn from ``numpy.random.default_rng(seed)``:
+the same seed gives the same bytes.
+
+Posts are listed in chronological order of ``Postdate``, as the official files
+are.  Category frequencies, subcategories and their label effects, the
+post-date month profile and the (UTC) hour-of-day profile are hardcoded from
+the real SMPD 2019 training posts; every post has a Concept, as in the
+official ``train_category.json``.
+
+Hidden label function
+---------------------
+Per user ``u``: ``q_u ~ N(0, 1)`` (latent quality, in no file), ``ispro_u``,
+``photo_count_u``.  Per post: ``Category c``, ``Subcategory s``, ``Concept k``
+(the j-th concept listed for ``s``), ``Postdate`` (weekday ``wd``, 0 = Monday;
+``month``; UTC ``hour``), ``tag_count t``, and the image latents
+``b`` (brightness), ``col`` (colourfulness), ``sh`` (sharpness), all uniform
+on [0, 1], and ``cen`` (1 when the shapes are centred, else 0)::
+
+    label = clip(round(6.36 + S + eps, 2), 1.0, 16.6),   eps ~ N(0, 1.0^2)
+    S     = user + time + content + tags + image
+    user    = 1.20*q_u + 0.50*(ln(photo_count_u) - 6.8) + 0.40*(ispro_u - 0.2)
+    time    = 0.30*([wd >= 5] - 0.39) + 0.35*cos(2*pi*(month - 4)/12)
+              + 0.30*([17 <= hour <= 22] - 0.07)
+    content = CATEGORY_EFFECT[c] + SUBCATEGORY_EFFECT[s] + CONCEPT_EFFECT[j]
+    tags    = 0.90*(ln(1 + t) - 2.75)
+    image   = 4.0*(b - 0.5) + 3.2*(col - 0.5) + 4.4*(sh - 0.5) + 0.50*(cen - 0.4)
+
+``CONCEPT_EFFECT = (+0.30, +0.10, -0.10, -0.30)`` by the concept's position in
+its subcategory's list.  With these weights (and the default 0.4 share of
+centred images) the label has mean about 6.4 and sd about 2.5, the parts of
+its variance are roughly image 0.24, user 0.38, content 0.08, tags 0.09,
+time 0.03, noise 0.16; so the best possible RMSE is about 1.0, a model that
+sees everything but the image about sqrt(1 + 1.5) = 1.6, and one that also
+lacks the user's identity about 2.0.  ``score_components`` returns the five
+parts, ``hidden_score`` their sum.
+
+Images: a two-colour gradient background plus 2-5 shapes (circles,
+rectangles, lines) clustered either at the centre (``cen = 1``) or towards a
+corner.  ``col`` sets the saturation and the hue spread of the palette
+(0: nearly grey), ``sh`` sets a fine texture (high) against a strong Gaussian
+blur (low), and ``b`` sets the mean intensity exactly (30 + 190*b on 0-255).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import pandas as pd
+
+GENERATOR_VERSION = 1
+
+JPEG_QUALITY = 90  # fixed, so the bytes are reproducible
+LABEL_MEAN = 6.37  # intercept; clipping at 1.0 lifts the mean to about 6.40
+LABEL_MIN, LABEL_MAX = 1.0, 16.6
+NOISE_SD = 1.0
+BAD_KINDS = ("empty", "truncated", "not_image", "missing")
+
+# Real SMPD 2019 category shares (243,557 training posts).
+CATEGORY_FREQ = {
+    "Travel&Active&Sports": 0.2179,
+    "Holiday&Celebrations": 0.1791,
+    "Fashion": 0.1609,
+    "Entertainment": 0.0970,
+    "Social&People": 0.0762,
+    "Whether&Season": 0.0662,
+    "Animal": 0.0657,
+    "Food": 0.0547,
+    "Urban": 0.0497,
+    "Electronics": 0.0184,
+    "Family": 0.0140,
+}
+
+# Real category mean label minus the overall mean (6.41).
+CATEGORY_EFFECT = {
+    "Animal": -0.37, "Electronics": -0.53, "Entertainment": -0.22,
+    "Family": 0.15, "Fashion": 0.92, "Food": -0.40,
+    "Holiday&Celebrations": -0.38, "Social&People": 0.10,
+    "Travel&Active&Sports": -0.06, "Urban": -0.21, "Whether&Season": 0.17,
+}
+
+# Category -> subcategory -> (real post count, real mean label minus the
+# category mean, concepts).  Subcategories with >= 300 real posts; concepts are
+# the most frequent real ones (Fashion/Guys and Travel/Health have none in the
+# real sample and got two made-up ones).
+SUBCATEGORIES = {
+    "Animal": {
+        "Cats": (1939, -0.64, ("catlover", "kitty", "ilovemycat", "cat")),
+        "Dogs": (2012, 0.86, ("doglover", "pup", "lovedogs", "dogsitting")),
+        "Fish": (5483, -0.08, ("freshwater", "fishtank", "saltwater", "watertank")),
+        "Horses": (3913, 0.15, ("mane", "gallop", "horseshoe", "jockey")),
+        "Insects": (2659, -0.25, ("naturelover", "creatures", "lovenature", "earth")),
+    },
+    "Electronics": {
+        "Electronics": (4475, 0.00, ("samsunggalaxy", "gadget", "gadgets", "laptops")),
+    },
+    "Entertainment": {
+        "Books": (8869, 0.08, ("reader", "stories", "imagine", "words")),
+        "Movies": (4917, -0.06, ("moviestar", "flick", "dvd", "film")),
+        "Music": (8357, -0.08, ("repeat", "remix", "genre", "melody")),
+        "Video&Games": (1481, 0.21, ("gamer", "gamergirl", "videogames", "gaming")),
+    },
+    "Family": {
+        "Babies": (3212, 0.14, ("cuddle", "cuddly", "babies", "infant")),
+        "Kids": (201, -0.50, ("child", "lovely")),
+    },
+    "Fashion": {
+        "Bracelets": (388, -1.47, ("bracelets", "bracelet")),
+        "Earrings": (623, 0.12, ("earring", "gorgeous")),
+        "Fashion": (726, 0.08, ("glam",)),
+        "Guys": (1348, -0.62, ("menswear", "dapper")),
+        "Hair": (5758, -0.28, ("hairstyles", "straight", "hairdo", "braid")),
+        "Jewelry": (4415, -0.72, ("jewel", "crystals", "accessory", "bling")),
+        "Makeup": (9549, 0.23, ("eyebrows", "glue", "eyeliner", "tar")),
+        "Nails": (4202, -0.24, ("sparkles", "opi", "branco", "unhas")),
+        "OOTD": (1737, -0.69, ("outfitoftheday", "wiwt", "clothes", "lookbook")),
+        "Piercings": (2677, 0.47, ("ear", "navel", "modifications")),
+        "Sneakers": (1819, 0.09, ("kicks", "sneakerhead", "solecollector", "shoe")),
+        "Tattoos": (5712, 0.84, ("tattooed", "tat", "inked", "bodyart")),
+    },
+    "Food": {
+        "Coffee": (1213, -0.36, ("caffeine", "cafe", "coffee")),
+        "Dessert": (5032, -0.21, ("hungry", "desserts", "foods", "foodpics")),
+        "Drinks": (4836, 0.00, ("thirsty", "liquor", "beers", "thirst")),
+        "Tea": (2159, 0.78, ("teacup", "teatime", "tea")),
+    },
+    "Holiday&Celebrations": {
+        "Birthday": (1058, -1.23, ("old", "candle", "candles", "birthdaycake")),
+        "Christmas": (8252, 0.16, ("merrychristmas", "ornaments", "jolly", "xmas")),
+        "Halloween": (13049, 0.10, ("scared", "jackolantern", "treat", "hauntedhouse")),
+        "New": (5419, -0.43, ("newyearsday", "happynewyear", "newyearseve", "newyears")),
+        "Party": (3857, 0.57, ("chilling", "partying", "funtimes", "funtime")),
+        "Thanksgiving": (4945, -0.04, ("thankful", "thanks", "giving", "stuffing")),
+        "Wedding": (7018, -0.13, ("congratulations", "weddingparty", "weddinggown", "unforgettable")),
+    },
+    "Social&People": {
+        "Friends": (2491, -0.29, ("bestfriends", "bestfriend", "friendship", "awesome")),
+        "Good": (10926, -0.06, ("goodnight", "goodmorning", "awake", "moonlight")),
+        "Guys": (516, 1.57, ("dude",)),
+        "Love": (3004, 0.71, ("kisses", "hugs", "xoxo", "kiss")),
+        "Selfies": (1551, -1.00, ("selfies", "igdaily", "portrait", "face")),
+    },
+    "Travel&Active&Sports": {
+        "Baltimore": (1948, -0.29, ("ravens", "baltimoreravens", "nola", "baltimore")),
+        "Baseball": (1914, -1.02, ("bases", "mitt", "swing", "bat")),
+        "Basketball": (759, -0.64, ("hoop", "court", "nba", "basket")),
+        "Bodybuilding": (4716, 0.62, ("ripped", "flex", "squat", "grind")),
+        "Cars": (6691, -0.20, ("spoiler", "exoticcars", "exoticcar", "sportscars")),
+        "Cheerleading": (3381, 0.88, ("stretch", "scorpion", "tumbling", "cheering")),
+        "Dance": (2695, 0.19, ("flexibility", "dancefloor", "studio", "dancerecital")),
+        "Denver": (1344, -0.27, ("bronco", "denverbroncos")),
+        "Football": (3532, 0.33, ("pads", "footballplayer", "footballgame", "quarterback")),
+        "Gymnastics": (3521, 1.04, ("flip", "vault", "beam", "gymnasts")),
+        "Health": (1522, 0.34, ("fitness", "healthy")),
+        "Hockey": (3769, -0.52, ("icerink", "stanleycup", "hockeyplayer", "shot")),
+        "Motorcycles": (3102, -0.22, ("bikelife", "supermoto", "helmet", "rideout")),
+        "Running": (819, 1.78, ("trailrunner", "marathon", "trailrun", "runner")),
+        "San": (1820, -1.18, ("faithful", "niners", "sanfrancsico")),
+        "Seattle": (577, -0.18, ("sea", "seattleseahawks", "hawks")),
+        "Skateboarding": (4683, -0.43, ("skatelife", "ollie", "longboard", "longboarding")),
+        "Soccer": (1867, 0.63, ("soccerball", "fifa", "soccergame", "team")),
+        "Sports": (508, 0.05, ("gametime", "action", "crowd", "win")),
+        "Travel": (3903, -0.71, ("travelgram", "visiting", "igtravel", "tourist")),
+    },
+    "Urban": {
+        "Architecture": (5983, -0.26, ("lookingup", "architectureporn", "archilovers", "architexture")),
+        "StreetArt": (6126, 0.25, ("stickerart", "stencilart", "pasteup", "sprayart")),
+    },
+    "Whether&Season": {
+        "Cloudy": (1624, -1.19, ("cloudporn", "horizon", "overcast", "skyporn")),
+        "Fall": (685, -1.58, ("foliage", "leaf", "autumn", "leaves")),
+        "Raining": (3604, 1.02, ("downpour", "raining", "rainyday", "pouring")),
+        "Snowing": (2485, -0.54, ("chilly", "snowfall", "frost", "frosty")),
+        "Spring": (385, -0.85, ("color", "blossom", "trees", "flower")),
+        "Summer": (914, -0.86, ("summertime", "bluesky")),
+        "Sunny": (4416, 0.46, ("beautifulday", "skywatcher", "sunrays", "thesun")),
+        "Winter": (2021, -0.11, ("wintertime", "holidayseason")),
+    },
+}
+CONCEPT_EFFECT = (0.30, 0.10, -0.10, -0.30)
+
+# Real post counts per month, 2015-03 .. 2016-02 (posts grow over time).
+MONTH_WEIGHTS = {
+    (2015, 3): 8401, (2015, 4): 6958, (2015, 5): 14076, (2015, 6): 13301,
+    (2015, 7): 16119, (2015, 8): 15596, (2015, 9): 19897, (2015, 10): 29545,
+    (2015, 11): 22182, (2015, 12): 31620, (2016, 1): 30066, (2016, 2): 35771,
+}
+# Real share of posts per UTC hour 0..23 (posts with a known exact time).
+HOUR_WEIGHTS = (
+    0.035, 0.042, 0.048, 0.066, 0.071, 0.070, 0.073, 0.077, 0.068, 0.069, 0.066, 0.051,
+    0.047, 0.036, 0.027, 0.027, 0.031, 0.017, 0.014, 0.010, 0.008, 0.011, 0.016, 0.020,
+)
+# Flickr timezone_id, timezone_offset ("+HH:MM"), and a city for geotags.
+TIMEZONES = (
+    ("America/New_York", "-05:00", 40.71, -74.01),
+    ("America/Los_Angeles", "-08:00", 34.05, -118.24),
+    ("America/Chicago", "-06:00", 41.88, -87.63),
+    ("Europe/London", "+00:00", 51.51, -0.13),
+    ("Europe/Paris", "+01:00", 48.86, 2.35),
+    ("Asia/Shanghai", "+08:00", 31.23, 121.47),
+    ("Asia/Tokyo", "+09:00", 35.68, 139.69),
+    ("Australia/Sydney", "+10:00", -33.87, 151.21),
+    ("America/Sao_Paulo", "-03:00", -23.55, -46.63),
+    ("Asia/Kolkata", "+05:30", 19.08, 72.88),
+)
+GENERIC_TAGS = (
+    "instagood photooftheday love beautiful happy cute tbt fashion follow me "
+    "selfie summer art instadaily friends repost nature girl fun style smile "
+    "food instalike family travel likeforlike fitness igers tagsforlikes nofilter "
+    "life beauty amazing instamood instagram photo music picoftheday model bestoftheday "
+    "sun dog beach sky makeup photography iphone canon nikon sony flickr "
+    "color colors light night city street portrait landscape black white bw "
+    "blue red green pink gold party weekend holiday trip view sunset sunrise "
+    "winter autumn spring snow rain cool awesome design vintage home new"
+).split()
+TITLE_WORDS = (
+    "my the a day new with at in of and first last little big happy old best "
+    "time world life light night morning view friends home city summer winter "
+    "walk trip game show look love weekend fun"
+).split()
+SYLLABLES = "an bel cor dan el fo gra hel is jo ka lu mar nel or pix ray sol tam vi wen zo".split()
+
+_START_2015 = int(dt.datetime(2015, 1, 1, tzinfo=dt.timezone.utc).timestamp())
+
+
+@dataclass(frozen=True)
+class SynthCfg:
+    """How much synthetic SMPD data to draw and how."""
+
+    n: int = 2000  # posts
+    seed: int = 0  # everything is drawn from default_rng(seed)
+    n_users: int = 0  # 0 -> max(2, n // 8) users
+    img_min: int = 96  # image side range in px (width and height drawn apart)
+    img_max: int = 160
+    bad_images: int = 0  # posts whose JPEG is broken, cycling through BAD_KINDS
+
+
+# ---------------------------------------------------------------- label ----
+def image_score(brightness, colourfulness, sharpness, centred) -> np.ndarray:
+    """Return the image part of the hidden score (latents in [0, 1], centred 0/1)."""
+    return (2.4 * (np.asarray(brightness) - 0.5) + 1.9 * (np.asarray(colourfulness) - 0.5)
+            + 2.6 * (np.asarray(sharpness) - 0.5) + 0.50 * (np.asarray(centred) - 0.4))
+
+
+def score_components(posts: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Return the five parts of the hidden score (see the module docstring).
+
+    ``posts`` needs the columns of ``draw_posts``: ``latent_quality``,
+    ``photo_count``, ``ispro``, ``Postdate``, ``Category``, ``Subcategory``,
+    ``Concept``, ``tag_count`` and the ``latent_*`` image columns.
+    """
+    user = (1.40 * posts["latent_quality"].to_numpy()
+            + 0.55 * (np.log(posts["photo_count"].to_numpy(float)) - 6.8)
+            + 0.40 * (posts["ispro"].to_numpy(float) - 0.2))
+    t = pd.DatetimeIndex(pd.to_datetime(posts["Postdate"].to_numpy(np.int64), unit="s"))
+    weekend = (t.dayofweek.to_numpy() >= 5).astype(float)
+    evening = ((t.hour.to_numpy() >= 17) & (t.hour.to_numpy() <= 22)).astype(float)
+    time = (0.30 * (weekend - 0.29) + 0.35 * (np.cos(2 * np.pi * (t.month.to_numpy() - 4) / 12) + 0.16)
+            + 0.30 * (evening - 0.08))
+    content = np.array([
+        CATEGORY_EFFECT[c] + SUBCATEGORIES[c][s][1] + CONCEPT_EFFECT[SUBCATEGORIES[c][s][2].index(k)]
+        for c, s, k in zip(posts["Category"], posts["Subcategory"], posts["Concept"])
+    ])
+    tags = 0.90 * (np.log1p(posts["tag_count"].to_numpy(float)) - 2.75)
+    image = image_score(posts["latent_brightness"], posts["latent_colourfulness"],
+                        posts["latent_sharpness"], posts["latent_centred"])
+    return {"user": user, "time": time, "content": content, "tags": tags, "image": image}
+
+
+def hidden_score(posts: pd.DataFrame) -> np.ndarray:
+    """Return the noiseless hidden score ``S`` (label = clip(6.36 + S + noise))."""
+    return sum(score_components(posts).values())
+
+
+# ---------------------------------------------------------------- posts ----
+def _user_table(rng: np.random.Generator, n_users: int) -> pd.DataFrame:
+    ids = 1_000_000 + rng.choice(159_000_000, size=n_users, replace=False)
+    suffix = rng.integers(0, 9, size=n_users)
+    ispro = (rng.random(n_users) < 0.2).astype(int)
+    log_pc = rng.normal(6.6 + 1.0 * ispro, 1.6)
+    firstdate = _START_2015 - (rng.exponential(3.0, n_users) * 365.25 * 86400).astype(np.int64)
+    firstdate = np.maximum(firstdate, 1076000000)  # Flickr opened in February 2004
+    taken = firstdate - (rng.exponential(1.0, n_users) * 365.25 * 86400).astype(np.int64)
+    tz = rng.integers(0, len(TIMEZONES), size=n_users)
+    has_alias = rng.random(n_users) < 0.4
+    alias_syl = rng.integers(0, len(SYLLABLES), size=(n_users, 3))
+    alias_len = rng.integers(2, 4, size=n_users)
+    return pd.DataFrame({
+        "Uid": [f"{i}@N{s:02d}" for i, s in zip(ids, suffix)],
+        "latent_quality": rng.normal(0.0, 1.0, n_users),
+        "photo_count": np.clip(np.round(np.exp(log_pc)), 1, 500_000).astype(int),
+        "ispro": ispro,
+        "canbuypro": np.where(ispro == 1, 0, (rng.random(n_users) < 0.7).astype(int)),
+        "photo_firstdate": firstdate,
+        "photo_firstdatetaken": taken,
+        "tz": tz,
+        "Pathalias": ["".join(SYLLABLES[j] for j in syl[:k]) if a else "None"
+                      for syl, k, a in zip(alias_syl, alias_len, has_alias)],
+        "geo_rate": np.where(rng.random(n_users) < 0.3, 0.9, 0.03),
+        "tag_habit": rng.normal(2.75, 0.7, n_users),
+        "home_category": rng.choice(len(CATEGORY_FREQ), size=n_users, p=_probs(CATEGORY_FREQ.values())),
+    })
+
+
+def _probs(weights) -> np.ndarray:
+    w = np.asarray(list(weights), dtype=float)
+    return w / w.sum()
+
+
+def draw_posts(cfg: SynthCfg = SynthCfg()) -> pd.DataFrame:
+    """Draw every post (metadata, latents, label, image spec) without touching disk.
+
+    Returns one row per post in the official (chronological) order, with the
+    fields of the official files, the hidden ``latent_*`` columns, ``label``,
+    ``img_w``/``img_h``/``img_seed`` and ``image_kind`` (``"ok"`` or one of
+    ``BAD_KINDS``).
+    """
+    if cfg.n < 1 or not 1 <= cfg.img_min <= cfg.img_max or not 0 <= cfg.bad_images <= cfg.n:
+        raise ValueError(f"bad SynthCfg: {cfg}")
+    rng = np.random.default_rng(cfg.seed)
+    n = cfg.n
+    n_users = cfg.n_users or max(2, n // 8)
+    users = _user_table(rng, n_users)
+
+    # Who posts: every user at least once (when possible), then a heavy tail.
+    activity = _probs(rng.lognormal(0.0, 1.0, n_users))
+    first = np.arange(min(n_users, n))
+    who = np.concatenate([first, rng.choice(n_users, size=n - len(first), p=activity)])
+    who = who[rng.permutation(n)]
+    u = users.iloc[who].reset_index(drop=True)
+
+    # What: 70% of posts in the user's home category, else any; category shares stay real.
+    cats = list(CATEGORY_FREQ)
+    any_cat = rng.choice(len(cats), size=n, p=_probs(CATEGORY_FREQ.values()))
+    cat_idx = np.where(rng.random(n) < 0.7, u["home_category"].to_numpy(), any_cat)
+    category, subcategory, concept = [], [], []
+    sub_cdf = {c: np.cumsum(_probs(v[0] for v in subs.values())) for c, subs in SUBCATEGORIES.items()}
+    for ci, r1, r2 in zip(cat_idx, rng.random(n), rng.random(n)):
+        names = list(SUBCATEGORIES[cats[ci]])
+        s = names[min(int(np.searchsorted(sub_cdf[cats[ci]], r1)), len(names) - 1)]
+        concepts = SUBCATEGORIES[cats[ci]][s][2]
+        category.append(cats[ci])
+        subcategory.append(s)
+        concept.append(concepts[int(r2 * len(concepts))])
+
+    # When: real month and UTC-hour profiles.
+    months = list(MONTH_WEIGHTS)
+    m = rng.choice(len(months), size=n, p=_probs(MONTH_WEIGHTS.values()))
+    month_start = np.array([int(dt.datetime(y, mo, 1, tzinfo=dt.timezone.utc).timestamp()) for y, mo in months])
+    month_days = np.array([(dt.date(y + mo // 12, mo % 12 + 1, 1) - dt.date(y, mo, 1)).days for y, mo in months])
+    day = (rng.random(n) * month_days[m]).astype(np.int64)
+    hour = rng.choice(24, size=n, p=_probs(HOUR_WEIGHTS))
+    postdate = month_start[m] + day * 86400 + hour * 3600 + rng.integers(0, 3600, size=n)
+
+    # Where and how tagged.
+    has_geo = rng.random(n) < u["geo_rate"].to_numpy()
+    tz = u["tz"].to_numpy()
+    lat = np.array([TIMEZONES[i][2] for i in tz]) + rng.normal(0, 0.3, n)
+    lon = np.array([TIMEZONES[i][3] for i in tz]) + rng.normal(0, 0.3, n)
+    geoacc = np.where(has_geo, rng.integers(1, 17, size=n), 0)
+    tag_count = np.clip(rng.poisson(np.exp(u["tag_habit"].to_numpy() + rng.normal(0, 0.5, n))), 0, 75)
+    title, alltags = _texts(rng, category, subcategory, concept, tag_count)
+
+    # The image: latents and how it is drawn.
+    posts = pd.DataFrame({
+        "Uid": u["Uid"],
+        "Pid": (rng.choice(max(10 * n, 1000), size=n, replace=False) + 1).astype(str),
+        "Category": category, "Subcategory": subcategory, "Concept": concept,
+        "Postdate": postdate.astype(np.int64),
+        "Latitude": np.where(has_geo, lat, 0.0), "Longitude": np.where(has_geo, lon, 0.0),
+        "Geoaccuracy": geoacc,
+        "Pathalias": u["Pathalias"],
+        "tag_count": tag_count,
+        "photo_count": u["photo_count"], "ispro": u["ispro"], "canbuypro": u["canbuypro"],
+        "photo_firstdate": u["photo_firstdate"], "photo_firstdatetaken": u["photo_firstdatetaken"],
+        "timezone_offset": [TIMEZONES[i][1] for i in tz], "timezone_id": [TIMEZONES[i][0] for i in tz],
+        "latent_quality": u["latent_quality"],
+        "latent_brightness": rng.random(n),
+        "latent_colourfulness": rng.random(n),
+        "latent_sharpness": rng.random(n),
+        "latent_centred": (rng.random(n) < 0.4).astype(int),
+        "img_w": rng.integers(cfg.img_min, cfg.img_max + 1, size=n),
+        "img_h": rng.integers(cfg.img_min, cfg.img_max + 1, size=n),
+        "img_seed": rng.integers(0, 2**63, size=n),
+    })
+    noise = rng.normal(0.0, NOISE_SD, n)
+    posts["label"] = np.clip(np.round(LABEL_MEAN + hidden_score(posts) + noise, 2), LABEL_MIN, LABEL_MAX)
+    posts["Title"], posts["Alltags"] = title, alltags
+
+    # Official order is chronological; then pick the broken images.
+    posts = posts.iloc[np.argsort(posts["Postdate"].to_numpy(), kind="stable")].reset_index(drop=True)
+    kind = np.array(["ok"] * n, dtype=object)
+    bad = np.sort(rng.choice(n, size=cfg.bad_images, replace=False))
+    kind[bad] = [BAD_KINDS[i % len(BAD_KINDS)] for i in range(cfg.bad_images)]
+    posts["image_kind"] = kind
+    posts["img_path"] = "train/" + posts["Uid"] + "/" + posts["Pid"] + ".jpg"
+    return posts
+
+
+def _texts(rng: np.random.Generator, category, subcategory, concept, tag_count) -> tuple[list, list]:
+    """Return (titles, alltags): per post ``tag_count`` distinct tags, own words first."""
+    n = len(category)
+    tag_order = np.argsort(rng.random((n, len(GENERIC_TAGS))), axis=1)
+    title_words = rng.integers(0, len(TITLE_WORDS), size=(n, 6))
+    n_words = rng.integers(0, 7, size=n)
+    insert_at, insert_what = rng.random(n), rng.random(n)
+    titles, alltags = [], []
+    for i, (c, s, k, t) in enumerate(zip(category, subcategory, concept, tag_count)):
+        own = list(dict.fromkeys([k, s.lower().replace("&", ""), c.split("&")[0].lower()]))
+        tags = own + [GENERIC_TAGS[j] for j in tag_order[i] if GENERIC_TAGS[j] not in own]
+        alltags.append(" ".join(tags[:t]))
+        words = [TITLE_WORDS[j] for j in title_words[i, : n_words[i]]]
+        if words and insert_what[i] < 0.5:
+            words.insert(int(insert_at[i] * (len(words) + 1)), s if insert_what[i] < 0.25 else k)
+        title = " ".join(words)
+        titles.append(title[:1].upper() + title[1:])
+    return titles, alltags
+
+
+# --------------------------------------------------------------- images ----
+def _hsv_colours(h, s, v) -> np.ndarray:
+    """HSV (h in degrees, s and v in [0, 1]) -> k x 3 BGR floats in [0, 255]."""
+    hsv = np.stack([np.asarray(h) % 360 / 2, np.asarray(s) * 255, np.asarray(v) * 255], axis=-1)
+    hsv = np.clip(np.round(hsv), 0, [179, 255, 255]).astype(np.uint8)[None]
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[0].astype(np.float32)
+
+
+def render_image(w: int, h: int, brightness: float, colourfulness: float, sharpness: float,
+                 centred: int, seed: int) -> np.ndarray:
+    """Return an ``h x w x 3`` uint8 BGR image drawn from the post's image latents."""
+    rng = np.random.default_rng(seed)
+    # Palette: saturation and hue spread grow with colourfulness.
+    base_hue = rng.uniform(0, 360)
+    k = 2 + int(rng.integers(2, 6))  # two background colours + 2..5 shapes
+    hues = base_hue + rng.uniform(-1, 1, k) * 180 * colourfulness
+    sats = np.clip(0.03 + 0.9 * colourfulness + rng.normal(0, 0.05, k), 0, 1)
+    vals = rng.uniform(0.25, 1.0, k)
+    colours = _hsv_colours(hues, sats, vals)
+
+    # Background gradient along a random direction.
+    angle = rng.uniform(0, 2 * np.pi)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    g = (np.cos(angle) * xx / w + np.sin(angle) * yy / h)
+    g = (g - g.min()) / max(float(np.ptp(g)), 1e-6)
+    img = (1 - g)[..., None] * colours[0] + g[..., None] * colours[1]
+
+    # Shapes clustered at the centre or towards a corner.
+    if centred:
+        cx, cy = w * rng.uniform(0.42, 0.58), h * rng.uniform(0.42, 0.58)
+    else:
+        cx, cy = w * rng.choice([0.2, 0.8]) + rng.normal(0, 0.04 * w), h * rng.choice([0.2, 0.8]) + rng.normal(0, 0.04 * h)
+    side = min(w, h)
+    for colour in colours[2:]:
+        x = int(cx + rng.normal(0, 0.08 * w))
+        y = int(cy + rng.normal(0, 0.08 * h))
+        r = int(side * rng.uniform(0.08, 0.22))
+        c = tuple(float(v) for v in colour)
+        shape = rng.integers(0, 3)
+        if shape == 0:
+            cv2.circle(img, (x, y), r, c, -1, lineType=cv2.LINE_AA)
+        elif shape == 1:
+            cv2.rectangle(img, (x - r, y - r // 2), (x + r, y + r // 2), c, -1)
+        else:
+            dx, dy = int(r * 1.5 * np.cos(angle + 1)), int(r * 1.5 * np.sin(angle + 1))
+            cv2.line(img, (x - dx, y - dy), (x + dx, y + dy), c, max(1, side // 40), lineType=cv2.LINE_AA)
+
+    # Sharp images carry fine texture; blurry ones are strongly smoothed.
+    img += rng.normal(0, 22 * sharpness, size=(h, w, 1)).astype(np.float32)
+    sigma = 0.04 * side * (1 - sharpness) ** 2
+    if sigma > 0.3:
+        img = cv2.GaussianBlur(img, (0, 0), sigma)
+    img = np.clip(img, 0, 255)
+
+    # Brightness: blend towards black or white to hit the target mean exactly.
+    target, mean = 30 + 190 * brightness, float(img.mean())
+    if target < mean:
+        img = img * (target / max(mean, 1e-6))
+    else:
+        img = img + (255 - img) * ((target - mean) / max(255 - mean, 1e-6))
+    return np.clip(np.round(img), 0, 255).astype(np.uint8)
+
+
+def _image_bytes(post) -> bytes | None:
+    """Return the file content for one post's image (None: file not written)."""
+    img = render_image(int(post.img_w), int(post.img_h), post.latent_brightness,
+                       post.latent_colourfulness, post.latent_sharpness,
+                       int(post.latent_centred), int(post.img_seed))
+    data = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])[1].tobytes()
+    return {"ok": data, "empty": b"", "truncated": data[: int(len(data) * 0.4)],
+            "not_image": b"this is not a JPEG image\n", "missing": None}[post.image_kind]
+
+
+# ---------------------------------------------------------------- files ----
+def _dump(path: pathlib.Path, obj) -> None:
+    path.write_text(json.dumps(obj, ensure_ascii=False), encoding="utf-8")
+
+
+def write_files(posts: pd.DataFrame, out_dir) -> pathlib.Path:
+    """Write ``posts`` (from ``draw_posts``) as the official SMPD 2019 layout; return out_dir."""
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    p = posts
+    ids = [{"Uid": a, "Pid": b} for a, b in zip(p["Uid"], p["Pid"])]
+    _dump(out / "train_category.json", [
+        {**i, "Category": c, "Subcategory": s, "Concept": k}
+        for i, c, s, k in zip(ids, p["Category"], p["Subcategory"], p["Concept"])])
+    _dump(out / "train_temporalspatial_information.json", [
+        {**i, "Postdate": str(d), "Latitude": f"{la:.6f}" if g else "0",
+         "Longitude": f"{lo:.6f}" if g else "0", "Geoaccuracy": str(g)}
+        for i, d, la, lo, g in zip(ids, p["Postdate"], p["Latitude"], p["Longitude"], p["Geoaccuracy"])])
+    _dump(out / "train_additional_information.json", [
+        {**i, "Pathalias": a, "Ispublic": 1, "Mediastatus": "ready"} for i, a in zip(ids, p["Pathalias"])])
+    _dump(out / "train_text.json", [
+        {**i, "Title": t, "Mediatype": "photo", "Alltags": a} for i, t, a in zip(ids, p["Title"], p["Alltags"])])
+    taken = [dt.datetime.fromtimestamp(int(s), dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+             for s in p["photo_firstdatetaken"]]
+    user_cols = {
+        "Uid": p["Uid"].tolist(), "Pid": p["Pid"].tolist(),
+        "photo_count": [int(x) for x in p["photo_count"]], "ispro": [int(x) for x in p["ispro"]],
+        "canbuypro": [int(x) for x in p["canbuypro"]],
+        "photo_firstdate": [str(x) for x in p["photo_firstdate"]], "photo_firstdatetaken": taken,
+        "timezone_offset": p["timezone_offset"].tolist(), "timezone_id": p["timezone_id"].tolist(),
+    }
+    _dump(out / "train_user_data.json", {k: {str(j): v for j, v in enumerate(vals)} for k, vals in user_cols.items()})
+    (out / "train_label.txt").write_text("".join(f"{x:.2f}\n" for x in p["label"]))
+    (out / "train_img_filepath.txt").write_text("".join(f"{x}\n" for x in p["img_path"]))
+    for post in p.itertuples(index=False):
+        data = _image_bytes(post)
+        if data is not None:
+            path = out / post.img_path
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+    return out
+
+
+def generate(out_dir, cfg: SynthCfg = SynthCfg()) -> pathlib.Path:
+    """Draw a synthetic SMPD dataset and write it into ``out_dir``; return the path.
+
+    Files: ``train_category.json``, ``train_temporalspatial_information.json``,
+    ``train_additional_information.json``, ``train_text.json``,
+    ``train_user_data.json`` (column-oriented, one entry per post),
+    ``train_label.txt``, ``train_img_filepath.txt`` and
+    ``train/<Uid>/<Pid>.jpg``.  ``timezone_offset`` is ``"+HH:MM"``;
+    ``photo_firstdate`` is Unix seconds, ``photo_firstdatetaken`` is
+    ``"YYYY-MM-DD HH:MM:SS"`` (UTC), as the Flickr API gives them.
+    """
+    return write_files(draw_posts(cfg), out_dir)
+
+
+def demo_data_dir(n: int = 2000, seed: int = 0, cache_dir=None) -> pathlib.Path:
+    """Return the cached demo dataset's folder, generating it on first use.
+
+    The folder is ``<cache_dir>/demo-n{n}-s{seed}-v{GENERATOR_VERSION}``, with
+    ``cache_dir`` defaulting to ``$SMP_CACHE_DIR`` or ``./.smp_cache``.  It is
+    written into a temporary sibling and renamed into place, so an interrupted
+    run never leaves a partial dataset behind.
+    """
+    root = pathlib.Path(cache_dir or os.environ.get("SMP_CACHE_DIR") or ".smp_cache")
+    final = root / f"demo-n{n}-s{seed}-v{GENERATOR_VERSION}"
+    if final.is_dir():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+    try:
+        generate(tmp, SynthCfg(n=n, seed=seed))
+        os.replace(tmp, final)
+    except OSError:
+        if not final.is_dir():  # a real failure, not a concurrent run finishing first
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final

@@ -1,0 +1,141 @@
+"""MLflow plumbing shared by every job: runs, params, data inputs, figures, upstream reuse.
+
+The tracking store is MLflow's default (``sqlite:///mlflow.db`` with artifacts
+under ``./mlruns``) unless ``MLFLOW_TRACKING_URI`` is set; nothing here touches
+MLflow at import time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import subprocess
+from dataclasses import asdict, fields, is_dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger("smp.tracking")
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def configure_tracking() -> str:
+    """Use ``MLFLOW_TRACKING_URI`` when set, else the sqlite default in the working directory."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def flat_params(*cfgs) -> dict[str, object]:
+    """Flatten (possibly nested) config dataclasses into one ``{name: value}`` dict."""
+    out: dict[str, object] = {}
+    for cfg in cfgs:
+        for f in fields(cfg):
+            value = getattr(cfg, f.name)
+            if is_dataclass(value):
+                out.update(flat_params(value))
+            else:
+                out[f.name] = value
+    return out
+
+
+def params_hash(params: dict) -> str:
+    """Stable short hash of a params dict (for finding reusable upstream runs)."""
+    text = json.dumps({k: str(v) for k, v in sorted(params.items())}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def job_run(job: str, experiment: str, params: dict, tags: dict | None = None, nested: bool = False):
+    """Start (or join, under ``mlflow run``) a run for ``job``, log params and tags, yield it.
+
+    Under ``mlflow run`` the launcher has already created the run (in the
+    experiment given by ``--experiment-name``) and exported ``MLFLOW_RUN_ID``;
+    ``mlflow.start_run()`` joins it.  Otherwise a new run is made in
+    ``experiment`` ("" = MLflow's default resolution).  Inside an active run
+    the new run is nested.  A failure marks the run FAILED (KILLED on Ctrl-C).
+    """
+    configure_tracking()
+    launched = bool(os.environ.get("MLFLOW_RUN_ID"))  # made by `mlflow run`; start_run joins it
+    nested = nested or mlflow.active_run() is not None
+    if not nested and not launched and experiment:
+        mlflow.set_experiment(experiment)  # "" = MLflow's own choice (MLFLOW_EXPERIMENT_NAME or Default)
+    run = mlflow.start_run(run_name=job if (nested or not launched) else None, nested=nested)
+    try:
+        all_tags = {"smp.job": job, "smp.params_hash": params_hash(params), **(tags or {})}
+        commit = git_commit()
+        if commit:
+            all_tags.setdefault("mlflow.source.git.commit", commit)
+        mlflow.set_tags(all_tags)
+        log_params(params)
+        yield run
+    except BaseException:
+        mlflow.end_run(status="KILLED" if _interrupted() else "FAILED")
+        raise
+    else:
+        mlflow.end_run()
+
+
+def _interrupted() -> bool:
+    import sys
+
+    exc = sys.exc_info()[1]
+    return isinstance(exc, KeyboardInterrupt)
+
+
+def log_params(params: dict) -> None:
+    """Log params (values stringified; MLflow caps a value at 6000 chars)."""
+    clean = {k: (str(v)[:6000] if not isinstance(v, (int, float, str, bool)) else v) for k, v in params.items()}
+    items = list(clean.items())
+    for i in range(0, len(items), 90):  # MLflow batches at most 100 params per call
+        mlflow.log_params(dict(items[i:i + 90]))
+
+
+def git_commit() -> str | None:
+    """The git commit of the working tree that runs this code, if it is a git checkout."""
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def log_data_inputs(posts: pd.DataFrame, parts: dict[str, np.ndarray], name: str, digest: str,
+                    split: str, seed: int) -> None:
+    """Log each split's rows as an MLflow dataset input (context = split), same digest for the data."""
+    cols = [c for c in posts.columns if c != "image_path"][:40]
+    for part, idx in parts.items():
+        ds = mlflow.data.from_pandas(
+            posts.iloc[idx][cols].head(1000) if len(idx) > 1000 else posts.iloc[idx][cols],
+            source=str(posts.attrs.get("source", name)), name=f"{name}-{split}-s{seed}-{part}",
+            targets="label" if "label" in cols else None, digest=f"{digest}-{part}",
+        )
+        mlflow.log_input(ds, context=part, tags={"split": split, "seed": str(seed), "rows": str(len(idx))})
+
+
+def log_figure(fig, name: str) -> None:
+    """Log a matplotlib figure as a PNG artifact under ``plots/`` and close it."""
+    import matplotlib.pyplot as plt
+
+    mlflow.log_figure(fig, f"plots/{name}")
+    plt.close(fig)
+
+
+def current_experiment_id() -> str:
+    """Experiment of the active run (call inside ``job_run``)."""
+    return mlflow.active_run().info.experiment_id
+
+
+def find_finished_run(experiment_id: str, tags: dict[str, str]) -> str | None:
+    """Id of the newest FINISHED run in ``experiment_id`` carrying all ``tags``, else None."""
+    filt = " and ".join([f"tags.`{k}` = '{v}'" for k, v in tags.items()] + ["attributes.status = 'FINISHED'"])
+    runs = mlflow.search_runs([experiment_id], filter_string=filt, order_by=["attributes.start_time DESC"],
+                              max_results=1, output_format="list")
+    return runs[0].info.run_id if runs else None
