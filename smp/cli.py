@@ -17,14 +17,19 @@ from dataclasses import fields, is_dataclass, replace
 
 def jobs() -> dict:
     """``{name: (run_fn, default_cfg, help)}`` for every job (imported lazily)."""
-    from smp import synth, train
+    from smp import embed, report, synth, train
 
     table = {
         "synth": (synth.run_synth, synth.SynthJob(), "write a synthetic SMPD dataset (official layout, JPEGs)"),
+        "embed": (embed.run_embed, embed.EmbedJob(), "CLIP + handcrafted image features, cached by content"),
         "benchmark": (train.run_benchmark, train.BenchmarkJob(), "the paper's tabular XGBoost benchmark"),
+        "pca_boost": (train.run_pca_boost, train.PCABoostJob(), "[CLIP, handcrafted, tabular] -> PCA -> XGBoost"),
+        "ensemble_mlp": (train.run_ensemble_mlp, train.EnsembleMLPJob(),
+                         "benchmark prediction + image features -> MLP (the main job)"),
+        "ensemble_conv1d": (train.run_ensemble_conv1d, train.EnsembleConv1DJob(),
+                            "benchmark prediction + PCA'd image features -> Conv1D net"),
+        "compare": (report.run_compare, report.CompareJob(), "the paper's results table from this experiment's runs"),
     }
-    for name, entry in getattr(train, "EXTRA_JOBS", lambda: {})().items():
-        table[name] = entry
     return table
 
 

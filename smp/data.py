@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,10 +44,18 @@ IMAGE_LIST_FILE = "train_img_filepath.txt"
 # Fields stored as text in the JSON that are numbers.
 NUMERIC_FIELDS = (
     "Postdate", "Latitude", "Longitude", "Geoaccuracy", "Ispublic", "photo_count",
-    "ispro", "canbuypro", "photo_firstdate", "photo_firstdatetaken", "timezone_offset",
+    "ispro", "canbuypro", "photo_firstdate", "timezone_offset",
     "tag_count", "label",
 )
+# Date-times given as Unix seconds or as text ("2010-03-19 13:37:41", UTC) -> Unix seconds.
+DATETIME_FIELDS = ("photo_firstdatetaken",)
 TABLE_EXTENSIONS = (".csv", ".parquet", ".pq", ".json")
+
+
+@dataclass(frozen=True)
+class DataCfg:
+    data: str = "demo"  # an SMPD directory, a posts table (.csv/.parquet/.json) or "demo" (built-in synthetic)
+    images: str = ""    # images root when the images are not under the SMPD directory
 
 
 class DataError(ValueError):
@@ -275,6 +284,19 @@ def _parse_numbers(df: pd.DataFrame, issues: dict, source: str) -> pd.DataFrame:
             issues[f"{col}:unparseable"] = bad
             log.warning("%s: field %s has %d unparseable values (set to NaN)", source, col, bad)
         df[col] = parsed.astype(float)
+    for col in DATETIME_FIELDS:
+        if col in df.columns and not pd.api.types.is_numeric_dtype(df[col]):
+            raw = df[col].astype("string").str.strip()
+            blank = raw.isna() | raw.str.lower().isin(["", "nan", "none", "null", "0000-00-00 00:00:00"])
+            numeric = pd.to_numeric(raw, errors="coerce")
+            stamp = pd.to_datetime(raw.where(numeric.isna() & ~blank), errors="coerce", utc=True)
+            seconds = (stamp - pd.Timestamp(0, tz="UTC")).dt.total_seconds()
+            parsed = numeric.astype(float).fillna(seconds.astype(float)).where(~blank)
+            bad = int((parsed.isna() & ~blank).sum())
+            if bad:
+                issues[f"{col}:unparseable"] = bad
+                log.warning("%s: field %s has %d unparseable values (set to NaN)", source, col, bad)
+            df[col] = parsed.astype(float)
     return df
 
 

@@ -90,3 +90,146 @@ class BenchmarkModel:
     @property
     def input_fields_(self) -> list[str]:
         return self.featurizer_.raw_fields_
+
+
+# --------------------------------------------------------------------------- image models
+HANDCRAFTED = ("clarity_contrast", "hue_count", "brightness_contrast", "color_entropy", "composition_geometry")
+
+
+def image_columns(features: pd.DataFrame) -> list[str]:
+    """The image feature columns of an embed features table: handcrafted then ``clip_*`` in order."""
+    clip = sorted((c for c in features.columns if c.startswith("clip_")), key=lambda c: int(c[5:]))
+    return [c for c in HANDCRAFTED if c in features.columns] + clip
+
+
+class ImageFeatureSource:
+    """Gives the image block (float32, NaN where a post has no usable image) for raw post rows.
+
+    Rows may carry the features already (columns from the embed table), or the
+    image itself as ``image_b64`` (base64 bytes) or ``image_path``; then the
+    features are computed with the same embedding settings as in training
+    (through the content-addressed cache).  Rows with neither get NaN (and so
+    ``has_image = 0``).
+    """
+
+    def __init__(self, columns: list[str], embed_cfg=None):
+        self.columns = list(columns)
+        self.embed_cfg = embed_cfg
+
+    def block(self, posts: pd.DataFrame) -> np.ndarray:
+        if all(c in posts.columns for c in self.columns):
+            return posts[self.columns].to_numpy(dtype=np.float32)
+        out = np.full((len(posts), len(self.columns)), np.nan, dtype=np.float32)
+        if self.embed_cfg is None or not ({"image_b64", "image_path"} & set(posts.columns)):
+            return out
+        from smp.embed import features_for_rows  # heavy (torch / open_clip): only when images arrive
+
+        feats = features_for_rows(posts, self.embed_cfg)
+        return feats[self.columns].to_numpy(dtype=np.float32)
+
+
+def _has_image(block: np.ndarray) -> np.ndarray:
+    return np.isfinite(block).all(axis=1)
+
+
+@dataclass(frozen=True)
+class PCACfg:
+    n_components: int = 300  # paper: PCA to 300 dims before XGBoost
+
+
+class PCABoostModel:
+    """The paper's second model: [CLIP, handcrafted, tabular] -> standardise -> PCA -> XGBoost."""
+
+    family = "pca_boost"
+    needs_images = True
+
+    def __init__(self, cfg: XGBCfg, pca: PCACfg, tabular: TabularCfg, images: ImageFeatureSource, seed: int = 0):
+        self.cfg, self.pca, self.tabular, self.images, self.seed = cfg, pca, tabular, images, seed
+
+    def _matrix(self, posts, img, standardise: bool = True) -> np.ndarray:
+        tab = self.featurizer_.transform(posts)
+        X = np.empty((len(posts), img.shape[1] + tab.shape[1] + 1), dtype=np.float32)
+        X[:, :img.shape[1]] = img
+        X[:, img.shape[1]:-1] = tab
+        X[:, -1] = _has_image(img)
+        if standardise:
+            X -= self.mean_
+            X /= self.scale_
+            np.nan_to_num(X, copy=False, nan=0.0)  # missing = the train mean after standardising
+        return X
+
+    def fit(self, train, img, y, val, img_val, y_val, callbacks=None) -> "PCABoostModel":
+        from sklearn.decomposition import PCA
+
+        self.featurizer_ = TabularFeaturizer(self.tabular).fit(train)
+        X = self._matrix(train, img, standardise=False)
+        with np.errstate(all="ignore"):
+            self.mean_ = np.nan_to_num(np.nanmean(X, axis=0)).astype(np.float32)
+            std = np.nan_to_num(np.nanstd(X, axis=0))
+        self.scale_ = np.where(std > 1e-12, std, 1.0).astype(np.float32)
+        X -= self.mean_
+        X /= self.scale_
+        np.nan_to_num(X, copy=False, nan=0.0)
+        n_comp = int(min(self.pca.n_components, X.shape[0] - 1, X.shape[1]))
+        self.pca_ = PCA(n_components=n_comp, svd_solver="randomized", random_state=self.seed).fit(X)
+        Z, Z_val = self.pca_.transform(X), self.pca_.transform(self._matrix(val, img_val))
+        self.booster_ = fit_booster(make_booster(self.cfg, self.seed, callbacks), Z, y, Z_val, y_val)
+        self.best_iteration_ = best_iteration(self.booster_)
+        return self
+
+    def predict(self, posts: pd.DataFrame, img: np.ndarray | None = None) -> np.ndarray:
+        img = self.images.block(posts) if img is None else img
+        return self.booster_.predict(self.pca_.transform(self._matrix(posts, img))).astype(float)
+
+    @property
+    def input_fields_(self) -> list[str]:
+        return self.featurizer_.raw_fields_
+
+
+class EnsembleModel:
+    """The paper's stacking ensembles: [benchmark prediction, image features] -> neural net.
+
+    ``benchmark`` is the booster fitted on all of train; the net is trained on
+    out-of-fold (or, to measure the paper's leak, in-sample) benchmark
+    predictions for the training rows.
+    """
+
+    needs_images = True
+
+    def __init__(self, family: str, net, benchmark: BenchmarkModel, images: ImageFeatureSource):
+        self.family, self.net, self.benchmark, self.images = family, net, benchmark, images
+
+    @staticmethod
+    def stack(bench_pred: np.ndarray, img: np.ndarray) -> np.ndarray:
+        """Column 0 = benchmark prediction, then the image block (NaN kept; the net imputes)."""
+        X = np.empty((len(bench_pred), 1 + img.shape[1]), dtype=np.float32)
+        X[:, 0] = bench_pred
+        X[:, 1:] = img
+        return X
+
+    def fit(self, stack_train, img, y, stack_val, img_val, y_val, on_epoch=None) -> "EnsembleModel":
+        self.net.fit(self.stack(stack_train, img), y, self.stack(stack_val, img_val), y_val, on_epoch=on_epoch)
+        return self
+
+    def predict(self, posts: pd.DataFrame, img: np.ndarray | None = None) -> np.ndarray:
+        img = self.images.block(posts) if img is None else img
+        return np.asarray(self.net.predict(self.stack(self.benchmark.predict(posts), img)), dtype=float)
+
+    @property
+    def input_fields_(self) -> list[str]:
+        return self.benchmark.input_fields_
+
+
+def out_of_fold(posts: pd.DataFrame, y: np.ndarray, val: pd.DataFrame, y_val: np.ndarray, cfg: XGBCfg,
+                tabular: TabularCfg, seed: int, folds: int = 5) -> np.ndarray:
+    """Benchmark predictions for every training row from a model that never saw that row's label."""
+    from sklearn.model_selection import KFold
+
+    if folds < 2:
+        raise ValueError(f"stacking_folds={folds}: out-of-fold stacking needs at least 2 folds")
+    oof = np.full(len(posts), np.nan)
+    for fit_idx, hold_idx in KFold(folds, shuffle=True, random_state=seed).split(np.arange(len(posts))):
+        fold_posts = posts.iloc[fit_idx].reset_index(drop=True)
+        model = BenchmarkModel(cfg, tabular, seed).fit(fold_posts, y[fit_idx], val, y_val)
+        oof[hold_idx] = model.predict(posts.iloc[hold_idx].reset_index(drop=True))
+    return oof

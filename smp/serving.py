@@ -77,13 +77,34 @@ def example_input(posts: pd.DataFrame, fields, n: int = 5) -> pd.DataFrame:
     return posts[cols].head(n).reset_index(drop=True)
 
 
+def input_schema(example: pd.DataFrame, image_inputs: bool = False):
+    """Raw-rows input schema: ``Pid`` required, every other field optional.
+
+    Columns are typed ``Any`` so that an integer where a float is expected (or
+    the reverse) is not refused by MLflow; ``coerce_request`` checks the
+    values and names any column that does not hold numbers.
+    """
+    from mlflow.types.schema import AnyType, ColSpec, Schema
+
+    cols = list(example.columns)
+    if image_inputs:
+        cols += [c for c in ("image_b64", "image_path") if c not in cols]
+    return Schema([ColSpec(AnyType(), c, required=(c == "Pid")) for c in cols])
+
+
 def log_model(model, posts_example: pd.DataFrame, name: str = "model"):
     """Log ``model`` as a pyfunc with signature and input example; return the ModelInfo."""
-    from mlflow.models import infer_signature
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema
 
     example = posts_example.copy()
-    preds = model.predict(example)
-    signature = infer_signature(example, np.asarray(preds, dtype=float))
+    for col in example.columns:
+        if col != "Pid" and pd.api.types.is_numeric_dtype(example[col]):
+            example[col] = example[col].astype(float)
+    example["Pid"] = example["Pid"].astype(str)
+    np.asarray(model.predict(example), dtype=float)  # the example must predict before it is logged
+    signature = ModelSignature(inputs=input_schema(example, getattr(model, "needs_images", False)),
+                               outputs=Schema([ColSpec("double", "popularity")]))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / MODEL_ARTIFACT
         with open(path, "wb") as fh:

@@ -10,29 +10,27 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
 
 from smp import plots
-from smp.data import data_hash, labelled, load_data
+from smp.data import DataCfg, DataError, data_hash, labelled, load_data
 from smp.evaluate import baseline_metrics, regression_metrics
 from smp.features import TabularCfg
-from smp.models import BenchmarkModel, XGBCfg
+from smp.models import (BenchmarkModel, EnsembleModel, ImageFeatureSource, PCABoostModel, PCACfg, XGBCfg,
+                        out_of_fold)
+from smp.nets import Conv1DCfg, MLPCfg, create_net
 from smp.serving import example_input, log_model
 from smp.splits import SplitCfg, split_indices, subsample
-from smp.tracking import flat_params, job_run, log_data_inputs, log_figure
+from smp.tracking import find_finished_run, flat_params, job_run, log_data_inputs, log_figure
 
 log = logging.getLogger("smp.train")
-
-
-@dataclass(frozen=True)
-class DataCfg:
-    data: str = "demo"  # an SMPD directory, a posts table (.csv/.parquet/.json) or "demo"
-    images: str = ""    # images root when not under the SMPD directory
 
 
 @dataclass(frozen=True)
@@ -108,7 +106,8 @@ def evaluate_and_log(model, prep: Prepared, preds: dict[str, np.ndarray] | None 
 def run_benchmark(cfg: BenchmarkJob = BenchmarkJob()) -> dict[str, float]:
     """Train the paper's tabular XGBoost benchmark and log it; return the metrics."""
     prep = prepare(cfg.source, cfg.splitting)
-    with job_run("benchmark", cfg.experiment, flat_params(cfg), {"smp.model": "benchmark"}):
+    tags = {"smp.model": "benchmark", "smp.reuse_key": reuse_key(cfg.splitting, cfg.xgb, cfg.tabular)}
+    with job_run("benchmark", cfg.experiment, flat_params(cfg), tags):
         log_prepared(prep, cfg.splitting)
         t0 = time.perf_counter()
         model = BenchmarkModel(cfg.xgb, cfg.tabular, cfg.splitting.seed).fit(
@@ -123,3 +122,228 @@ def run_benchmark(cfg: BenchmarkJob = BenchmarkJob()) -> dict[str, float]:
         log_model(model, example_input(prep.rows("test"), model.input_fields_))
     log.info("benchmark: test RMSE %.4f (baseline %.4f)", metrics["test_rmse"], metrics["test_rmse_baseline"])
     return metrics
+
+
+# --------------------------------------------------------------------------- image jobs
+@dataclass(frozen=True)
+class UpstreamCfg:
+    embed_run: str = ""          # an embed run id to read image features from ("" = find or run one)
+    benchmark_run: str = ""      # a benchmark run id to stack on ("" = find or run one)
+    clip_model: str = "RN50"     # the paper's CLIP backbone (used when embed runs upstream)
+    clip_pretrained: str = "openai"  # open_clip weights tag; "none" = random weights (offline demo/tests)
+    checkpoint: str = ""         # local CLIP checkpoint file (overrides clip_pretrained)
+
+
+def reuse_key(*cfgs, extra: dict | None = None) -> str:
+    """Hash of the result-affecting settings, used to find a reusable upstream run."""
+    from smp.tracking import params_hash
+
+    return params_hash({**flat_params(*cfgs), **(extra or {})})
+
+
+def _load_features(run_id: str) -> pd.DataFrame:
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="features.parquet")
+    return pd.read_parquet(path)
+
+
+def upstream_embed(prep: Prepared, source: DataCfg, up: UpstreamCfg, experiment_id: str) -> tuple[str, object]:
+    """Id of the embed run that holds this data's image features (reused, or run now, nested)."""
+    from smp.embed import EmbedCfg, EmbedJob, embedding_key, run_embed
+
+    if "image_path" not in prep.posts.columns:
+        raise DataError(f"{prep.posts.attrs.get('source')}: this data has no images (e.g. the real posts.csv), "
+                        "so image models cannot be trained on it; use the `benchmark` entry point instead")
+    embed_cfg = EmbedCfg(clip_model=up.clip_model, clip_pretrained=up.clip_pretrained, checkpoint=up.checkpoint)
+    run_id = up.embed_run or find_finished_run(experiment_id, {
+        "smp.job": "embed", "smp.data_hash": prep.digest, "smp.reuse_key": embedding_key(embed_cfg)})
+    if run_id:
+        log.info("reusing embed run %s", run_id)
+    else:
+        run_embed(EmbedJob(source=source, embed=embed_cfg))
+        run_id = mlflow.last_active_run().info.run_id
+    tags = mlflow.get_run(run_id).data.tags
+    effective = EmbedCfg(clip_model=up.clip_model, clip_pretrained=tags.get("smp.clip_effective_pretrained",
+                                                                             up.clip_pretrained),
+                         checkpoint=up.checkpoint, progress=False)
+    mlflow.set_tags({"smp.embed_run": run_id,
+                     "smp.clip_random_weights": tags.get("smp.clip_random_weights", "unknown")})
+    return run_id, effective
+
+
+def image_blocks(prep: Prepared, run_id: str) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The image block (float32, NaN = no usable image) for each split, aligned to its rows."""
+    from smp.models import image_columns
+
+    feats = _load_features(run_id)
+    cols = image_columns(feats)
+    pos = pd.Index(feats["Pid"].astype(str)).get_indexer(prep.posts["Pid"])
+    block = feats[cols].to_numpy(dtype=np.float32)
+    del feats
+    blocks = {}
+    for part, idx in prep.parts.items():
+        rows = pos[idx]
+        out = block[np.clip(rows, 0, None)]
+        out[rows < 0] = np.nan  # a post the embed run did not see has no image features
+        blocks[part] = out
+    missing = int((pos < 0).sum())
+    if missing:
+        log.warning("%d posts have no row in the embed run's features; treated as without image", missing)
+    return blocks, cols
+
+
+def upstream_benchmark(prep: Prepared, cfg, experiment_id: str) -> tuple[str, BenchmarkModel]:
+    """The benchmark run (same data, split and booster settings) and its fitted model."""
+    key = reuse_key(cfg.splitting, cfg.xgb, cfg.tabular)
+    run_id = cfg.upstream.benchmark_run or find_finished_run(experiment_id, {
+        "smp.job": "benchmark", "smp.data_hash": prep.digest, "smp.reuse_key": key})
+    if run_id:
+        log.info("reusing benchmark run %s", run_id)
+    else:
+        run_benchmark(BenchmarkJob(source=cfg.source, splitting=cfg.splitting, xgb=cfg.xgb, tabular=cfg.tabular))
+        run_id = mlflow.last_active_run().info.run_id
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model").unwrap_python_model().model
+    mlflow.set_tag("smp.benchmark_run", run_id)
+    return run_id, model
+
+
+def stacking_inputs(prep: Prepared, cfg, bench_run: str, bench: BenchmarkModel) -> dict[str, np.ndarray]:
+    """Benchmark predictions fed to the ensemble: out-of-fold on train (or in-sample), full model elsewhere."""
+    preds = {part: bench.predict(prep.rows(part)) for part in ("val", "test")}
+    if cfg.stacking.stacking == "in_sample":
+        log.warning("stacking=in_sample: training rows get predictions of a model fitted on their own labels "
+                    "(the paper's leak), kept only to measure its effect")
+        preds["train"] = bench.predict(prep.rows("train"))
+        return preds
+    if cfg.stacking.stacking != "oof":
+        raise DataError(f"stacking={cfg.stacking.stacking!r}: expected 'oof' or 'in_sample'")
+    name = f"stacking/oof_k{cfg.stacking.stacking_folds}.parquet"
+    client = mlflow.MlflowClient()
+    try:
+        cached = pd.read_parquet(mlflow.artifacts.download_artifacts(run_id=bench_run, artifact_path=name))
+        oof = cached.set_index("Pid")["oof"].reindex(prep.rows("train")["Pid"]).to_numpy()
+        if np.isnan(oof).any():
+            raise LookupError("cached out-of-fold predictions do not cover this training set")
+        log.info("reusing out-of-fold predictions of benchmark run %s", bench_run)
+    except Exception:  # absent or stale: compute and attach to the benchmark run for next time
+        t0 = time.perf_counter()
+        oof = out_of_fold(prep.rows("train"), prep.y("train"), prep.rows("val"), prep.y("val"), cfg.xgb,
+                          cfg.tabular, cfg.splitting.seed, cfg.stacking.stacking_folds)
+        mlflow.log_metric("oof_seconds", time.perf_counter() - t0)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(name).name
+            pd.DataFrame({"Pid": prep.rows("train")["Pid"], "oof": oof}).to_parquet(path, index=False)
+            client.log_artifact(bench_run, str(path), "stacking")
+    preds["train"] = oof
+    return preds
+
+
+@dataclass(frozen=True)
+class StackingCfg:
+    stacking: str = "oof"     # oof = out-of-fold benchmark predictions on train (no label leak); in_sample = paper
+    stacking_folds: int = 5   # K of the K-fold for out-of-fold predictions
+
+
+@dataclass(frozen=True)
+class PCABoostJob:
+    source: DataCfg = field(default_factory=DataCfg)
+    splitting: SplitCfg = field(default_factory=SplitCfg)
+    xgb: XGBCfg = field(default_factory=lambda: XGBCfg(max_depth=12))  # paper: depth 12 for this model
+    pca: PCACfg = field(default_factory=PCACfg)
+    tabular: TabularCfg = field(default_factory=TabularCfg)
+    upstream: UpstreamCfg = field(default_factory=UpstreamCfg)
+    experiment: str = ""
+
+
+@dataclass(frozen=True)
+class EnsembleMLPJob:
+    source: DataCfg = field(default_factory=DataCfg)
+    splitting: SplitCfg = field(default_factory=SplitCfg)
+    net: MLPCfg = field(default_factory=MLPCfg)
+    stacking: StackingCfg = field(default_factory=StackingCfg)
+    xgb: XGBCfg = field(default_factory=XGBCfg)  # the benchmark it stacks on
+    tabular: TabularCfg = field(default_factory=TabularCfg)
+    upstream: UpstreamCfg = field(default_factory=UpstreamCfg)
+    experiment: str = ""
+
+
+@dataclass(frozen=True)
+class EnsembleConv1DJob:
+    source: DataCfg = field(default_factory=DataCfg)
+    splitting: SplitCfg = field(default_factory=SplitCfg)
+    net: Conv1DCfg = field(default_factory=Conv1DCfg)
+    stacking: StackingCfg = field(default_factory=StackingCfg)
+    xgb: XGBCfg = field(default_factory=XGBCfg)  # the benchmark it stacks on
+    tabular: TabularCfg = field(default_factory=TabularCfg)
+    upstream: UpstreamCfg = field(default_factory=UpstreamCfg)
+    experiment: str = ""
+
+
+def run_pca_boost(cfg: PCABoostJob = PCABoostJob(), callbacks=None) -> dict[str, float]:
+    """[CLIP, handcrafted, tabular] -> PCA -> XGBoost (the paper's second model)."""
+    prep = prepare(cfg.source, cfg.splitting)
+    with job_run("pca_boost", cfg.experiment, flat_params(cfg), {"smp.model": "pca_boost"}) as run:
+        log_prepared(prep, cfg.splitting)
+        embed_run, embed_cfg = upstream_embed(prep, cfg.source, cfg.upstream, run.info.experiment_id)
+        blocks, cols = image_blocks(prep, embed_run)
+        t0 = time.perf_counter()
+        model = PCABoostModel(cfg.xgb, cfg.pca, cfg.tabular, ImageFeatureSource(cols, embed_cfg),
+                              cfg.splitting.seed).fit(prep.rows("train"), blocks["train"], prep.y("train"),
+                                                      prep.rows("val"), blocks["val"], prep.y("val"), callbacks)
+        mlflow.log_metrics({"fit_seconds": time.perf_counter() - t0, "best_iteration": model.best_iteration_,
+                            "pca_components": float(model.pca_.n_components_),
+                            "pca_explained_variance": float(model.pca_.explained_variance_ratio_.sum())})
+        log_figure(plots.explained_variance(model.pca_.explained_variance_ratio_), "explained_variance.png")
+        preds = {p: model.predict(prep.rows(p), blocks[p]) for p in ("val", "test")}
+        metrics = evaluate_and_log(model, prep, preds)
+        log_model(model, _image_example(prep, blocks, cols, model.input_fields_))
+    return metrics
+
+
+def _image_example(prep, blocks, cols, fields, n: int = 3) -> pd.DataFrame:
+    """Input example: raw post fields plus the image feature columns (as the embed table gives them)."""
+    example = example_input(prep.rows("test"), fields, n)
+    img = pd.DataFrame(blocks["test"][:len(example)], columns=cols)
+    return pd.concat([example, img], axis=1)
+
+
+def run_ensemble(cfg, family: str, on_epoch=None) -> dict[str, float]:
+    """Stack the benchmark's prediction with image features in the paper's MLP or Conv1D net."""
+    prep = prepare(cfg.source, cfg.splitting)
+    with job_run(family, cfg.experiment, flat_params(cfg), {"smp.model": family,
+                                                            "smp.stacking": cfg.stacking.stacking}) as run:
+        log_prepared(prep, cfg.splitting)
+        exp = run.info.experiment_id
+        embed_run, embed_cfg = upstream_embed(prep, cfg.source, cfg.upstream, exp)
+        bench_run, bench = upstream_benchmark(prep, cfg, exp)
+        stack = stacking_inputs(prep, cfg, bench_run, bench)
+        blocks, cols = image_blocks(prep, embed_run)
+        net = create_net(family, **asdict(replace(cfg.net, seed=cfg.splitting.seed)))
+        model = EnsembleModel(family, net, bench, ImageFeatureSource(cols, embed_cfg))
+
+        def epoch_hook(epoch, train_loss, val_rmse):
+            mlflow.log_metrics({"train_loss": train_loss, "val_rmse_epoch": val_rmse}, step=epoch)
+            if on_epoch is not None:
+                on_epoch(epoch, train_loss, val_rmse)
+
+        t0 = time.perf_counter()
+        model.fit(stack["train"], blocks["train"], prep.y("train"), stack["val"], blocks["val"], prep.y("val"),
+                  on_epoch=epoch_hook)
+        mlflow.log_metrics({"fit_seconds": time.perf_counter() - t0, "best_epoch": float(net.best_epoch_),
+                            "train_images": float(np.isfinite(blocks["train"]).all(axis=1).sum())})
+        log_figure(plots.training_curve(net.history_, family), "training_curve.png")
+        preds = {p: np.asarray(net.predict(model.stack(stack[p], blocks[p])), dtype=float) for p in ("val", "test")}
+        metrics = evaluate_and_log(model, prep, preds)
+        metrics.update({f"{k}_stacked_benchmark": v for k, v in regression_metrics(
+            prep.y("test"), stack["test"], "test").items() if k == "test_rmse"})
+        log_model(model, _image_example(prep, blocks, cols, model.input_fields_))
+    return metrics
+
+
+def run_ensemble_mlp(cfg: EnsembleMLPJob = EnsembleMLPJob(), on_epoch=None) -> dict[str, float]:
+    """The paper's ensemble MLP (the main job)."""
+    return run_ensemble(cfg, "ensemble_mlp", on_epoch)
+
+
+def run_ensemble_conv1d(cfg: EnsembleConv1DJob = EnsembleConv1DJob(), on_epoch=None) -> dict[str, float]:
+    """The paper's ensemble Conv1D."""
+    return run_ensemble(cfg, "ensemble_conv1d", on_epoch)

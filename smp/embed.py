@@ -1,0 +1,573 @@
+"""Image features per post: CLIP image embeddings (open_clip) + handcrafted features.
+
+``embed_images(pids, paths, cfg) -> EmbedResult`` streams the images once:
+
+    file bytes -> sha256 -> cached?  yes: take the stored row
+                                     no:  decode -> handcrafted features
+                                          -> open_clip preprocess -> CLIP encode_image
+
+Decoding and preprocessing run in DataLoader workers, the model in the main
+process (channels_last, ``torch.inference_mode``; CUDA + fp16 autocast when a
+GPU is there, fp32 on CPU; optionally ``torch.compile``). Results are cached by
+image content in chunk files written atomically, so a rerun over the same
+images computes nothing and an interrupted run resumes where it stopped.
+
+Bad images (no path, missing, zero-byte, truncated, not an image, unreadable
+colour mode) never stop a run: their row is kept with ``has_image=0`` and NaN
+features and they are listed in ``EmbedResult.bad`` with the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import open_clip
+import pandas as pd
+import torch
+from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
+from PIL import Image
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from smp.image_features import HANDCRAFTED, BadImage, decode_image, handcrafted_features
+
+log = logging.getLogger("smp.embed")
+
+PREPROCESS_VERSION = "1"  # bump when decoding, preprocessing or handcrafted definitions change
+_RANDOM_SEED = 0  # seed of the random-weights model (clip_pretrained="none")
+_NO_WEIGHTS = ("", "none")
+_COMPILE_MIN_IMAGES = 2000  # compile="auto" compiles only for runs at least this large
+_TORCHSCRIPT_KEYS_TO_DROP = ("input_resolution", "context_length", "vocab_size")  # as open_clip does
+
+
+@dataclass(frozen=True)
+class EmbedCfg:
+    """How to embed images; defaults follow the paper (CLIP RN50, OpenAI weights)."""
+
+    clip_model: str = "RN50"  # the paper's backbone; width comes from the model (RN50: 1024)
+    clip_pretrained: str = "openai"  # open_clip tag; "none" = random weights (tests, offline demo)
+    checkpoint: str = ""  # local checkpoint file; overrides clip_pretrained
+    batch_size: int = 32  # images per forward pass
+    num_workers: int = 2  # DataLoader workers decoding+preprocessing in parallel
+    device: str = "auto"  # auto -> cuda if available else cpu
+    chunk_size: int = 256  # images per cache chunk written atomically
+    cache_dir: str = ""  # "" -> $SMP_CACHE_DIR or ./.smp_cache, subfolder "features"
+    clip_cache_dir: str = ""  # where open_clip downloads weights ("" = open_clip default)
+    force_quick_gelu: bool = False  # set when a local checkpoint is OpenAI's (RN50 needs QuickGELU)
+    compile: str = "auto"  # "inductor": torch.compile the encoder; "none": eager; "auto": inductor from 2000 images
+    progress: bool = True  # tqdm progress bar
+
+
+@dataclass
+class EmbedResult:
+    """Output of :func:`embed_images`."""
+
+    features: pd.DataFrame  # one row per input pid, in input order
+    bad: pd.DataFrame  # Pid, path, reason for every post without a usable image
+    stats: dict[str, float] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)  # model/weights/device/cache description
+
+
+# ----------------------------------------------------------------------------- model spec and loading
+
+
+def _resolve_device(cfg: EmbedCfg) -> str:
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.device
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _random_weights(cfg: EmbedCfg) -> bool:
+    return not cfg.checkpoint and cfg.clip_pretrained.strip().lower() in _NO_WEIGHTS
+
+
+def _spec(cfg: EmbedCfg) -> dict:
+    """Everything that determines a cached vector, without building the model."""
+    model_cfg = open_clip.get_model_config(cfg.clip_model)
+    if model_cfg is None:
+        raise ValueError(
+            f"unknown open_clip model {cfg.clip_model!r}; see open_clip.list_models()"
+        )
+    device = _resolve_device(cfg)
+    spec = {
+        "model": cfg.clip_model,
+        "pretrained": "",
+        "checkpoint": "",
+        "checkpoint_sha256": "",
+        "random_weights": _random_weights(cfg),
+        "force_quick_gelu": cfg.force_quick_gelu,
+        "precision": "amp_fp16" if device.startswith("cuda") else "fp32",
+        "preprocess_version": PREPROCESS_VERSION,
+        "embedding_dim": int(model_cfg["embed_dim"]),
+    }
+    if cfg.checkpoint:
+        if not os.path.isfile(cfg.checkpoint):
+            raise FileNotFoundError(f"checkpoint file not found: {cfg.checkpoint}")
+        spec["checkpoint"] = os.path.abspath(cfg.checkpoint)
+        spec["checkpoint_sha256"] = _sha256_file(cfg.checkpoint)
+        spec["weights_id"] = f"ckpt-{spec['checkpoint_sha256'][:16]}"
+    elif spec["random_weights"]:
+        # random init depends on the seed and on the library versions that draw it
+        spec["weights_id"] = (
+            f"random-seed{_RANDOM_SEED}-torch{torch.__version__}-openclip{open_clip.__version__}"
+        )
+    else:
+        spec["pretrained"] = cfg.clip_pretrained
+        spec["weights_id"] = cfg.clip_pretrained
+    return spec
+
+
+def _preprocess_from_spec(cfg: EmbedCfg):
+    """The eval transform open_clip would return, built without creating the model.
+
+    Mirrors ``open_clip.factory.create_model`` (defaults <- pretrained-tag cfg, size from
+    the vision cfg); :func:`load_clip` checks it equals the model's own transform.
+    """
+    pp = asdict(PreprocessCfg())
+    if not cfg.checkpoint and not _random_weights(cfg):
+        tag_cfg = open_clip.get_pretrained_cfg(cfg.clip_model, cfg.clip_pretrained)
+        pp = merge_preprocess_dict(pp, tag_cfg or {})
+    pp["size"] = open_clip.get_model_config(cfg.clip_model)["vision_cfg"]["image_size"]
+    return image_transform_v2(PreprocessCfg(**pp), is_train=False)
+
+
+def _is_torchscript_archive(path: str) -> bool:
+    """True for TorchScript zip archives such as OpenAI's original CLIP ``.pt`` files."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("constants.pkl") for n in z.namelist())
+
+
+def _offline_message(cfg: EmbedCfg, err: Exception) -> str:
+    return (
+        f"could not fetch CLIP weights for ({cfg.clip_model!r}, {cfg.clip_pretrained!r}) "
+        f"(offline? {err}). Download them on a machine with network access and pass a local "
+        f"file: EmbedCfg(checkpoint='/path/to/file', ...) (CLI: --checkpoint /path/to/file). "
+        f"For OpenAI's original weights (e.g. RN50.pt) use clip_model='{cfg.clip_model}-quickgelu' "
+        f"or force_quick_gelu=True; clip_pretrained='none' gives random weights for a dry run."
+    )
+
+
+def load_clip(cfg: EmbedCfg):
+    """Build the CLIP model; return ``(model, preprocess, info)``.
+
+    ``model`` is in eval mode, channels_last, on the resolved device; ``preprocess``
+    is open_clip's eval transform (PIL image -> normalised tensor). ``info`` holds
+    model, pretrained, checkpoint, checkpoint_sha256, embedding_dim, image_size,
+    device, precision, random_weights and the cache-relevant weights_id.
+
+    Weights: ``checkpoint`` (a local file) wins; else ``clip_pretrained`` is an
+    open_clip tag downloaded into ``clip_cache_dir``; "none"/"" gives random
+    weights drawn with seed 0 (deterministic, global RNG state untouched).
+    OpenAI's original ``.pt`` files are TorchScript archives that open_clip's
+    ``torch.load(weights_only=True)`` refuses; their ``state_dict`` is then read
+    with ``torch.jit.load`` and loaded strictly, as ``open_clip.load_checkpoint``
+    does for such archives.
+    """
+    spec = _spec(cfg)
+    kw = dict(force_quick_gelu=cfg.force_quick_gelu, device="cpu")
+    if cfg.clip_cache_dir:
+        kw["cache_dir"] = cfg.clip_cache_dir
+    if spec["random_weights"]:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_RANDOM_SEED)
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                cfg.clip_model, pretrained=None, **kw
+            )
+        log.warning("CLIP %s has RANDOM weights (clip_pretrained=%r)", cfg.clip_model, cfg.clip_pretrained)
+    elif cfg.checkpoint and _is_torchscript_archive(cfg.checkpoint):
+        log.info(
+            "%s is a TorchScript archive (OpenAI's format), which torch.load(weights_only=True) "
+            "refuses; reading its state_dict with torch.jit.load",
+            cfg.checkpoint,
+        )
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            cfg.clip_model, pretrained=None, **kw
+        )
+        state = torch.jit.load(cfg.checkpoint, map_location="cpu").state_dict()
+        for key in _TORCHSCRIPT_KEYS_TO_DROP:
+            state.pop(key, None)
+        model.load_state_dict(state, strict=True)
+    elif cfg.checkpoint:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            cfg.clip_model, pretrained=cfg.checkpoint, **kw
+        )
+    else:
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                cfg.clip_model, pretrained=cfg.clip_pretrained, **kw
+            )
+        except RuntimeError as e:
+            if "Failed to download" in str(e):
+                raise RuntimeError(_offline_message(cfg, e)) from e
+            raise
+
+    if repr(preprocess) != repr(_preprocess_from_spec(cfg)):  # workers use the spec's transform
+        raise RuntimeError(
+            f"open_clip's preprocess differs from the one derived from its config:\n"
+            f"{preprocess}\nvs\n{_preprocess_from_spec(cfg)}"
+        )
+    device = _resolve_device(cfg)
+    model = model.eval().to(device=device, memory_format=torch.channels_last)
+    visual = model.visual
+    info = {
+        **spec,
+        "image_size": getattr(visual, "image_size", None),
+        "device": device,
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+    }
+    return model, preprocess, info
+
+
+class _Encoder:
+    """``model.encode_image`` on a batch; optional torch.compile with eager fallback."""
+
+    def __init__(self, model, device: str, batch_size: int, compile_mode: str):
+        self.model, self.device, self.batch_size = model, device, batch_size
+        self.amp = device.startswith("cuda")
+        self.compiled = None
+        self.mode = "eager"
+        if compile_mode == "inductor":
+            # freezing folds BatchNorm into conv weights and prepacks them (CPU: oneDNN);
+            # dynamic=False + a padded last batch keep it to one compilation
+            self.compiled = torch.compile(
+                _EncodeImage(model), dynamic=False, options={"freezing": True}
+            )
+            self.mode = "inductor"
+
+    def __call__(self, pixels):
+        n = pixels.shape[0]
+        if self.compiled is not None and n < self.batch_size:  # pad: no recompilation
+            pad = pixels.new_zeros((self.batch_size - n, *pixels.shape[1:]))
+            pixels = torch.cat([pixels, pad])
+        x = pixels.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        amp = torch.autocast("cuda", dtype=torch.float16) if self.amp else contextlib.nullcontext()
+        with torch.inference_mode(), amp:
+            if self.compiled is not None:
+                try:
+                    return self.compiled(x)[:n].float().cpu().numpy()
+                except Exception as e:  # noqa: BLE001 - any compiler failure -> eager
+                    log.warning("torch.compile failed (%s: %s); running eager", type(e).__name__, e)
+                    self.compiled, self.mode = None, "eager"
+            return self.model.encode_image(x)[:n].float().cpu().numpy()
+
+
+class _EncodeImage(torch.nn.Module):
+    """``model.encode_image`` as a module, so torch.compile can freeze its parameters."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model.encode_image(x)
+
+
+# ----------------------------------------------------------------------------- content cache
+
+
+def _cache_root(cfg: EmbedCfg) -> Path:
+    root = cfg.cache_dir or os.environ.get("SMP_CACHE_DIR") or ".smp_cache"
+    return Path(root) / "features"
+
+
+def _cache_dir(cfg: EmbedCfg, spec: dict) -> Path:
+    """Directory specific to (model, weights, precision, preprocess version, quick_gelu)."""
+    name = "__".join(
+        [spec["model"], spec["weights_id"], spec["precision"], f"p{spec['preprocess_version']}"]
+        + (["quickgelu"] if spec["force_quick_gelu"] else [])
+    )
+    return _cache_root(cfg) / re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+class _Cache:
+    """Chunk files ``chunk-*.npz`` (keys, handcrafted, clip) in one spec directory."""
+
+    def __init__(self, directory: Path, spec: dict):
+        self.dir = directory
+        self.index: dict[str, tuple[str, int]] = {}  # image sha256 -> (chunk file, row)
+        if not directory.is_dir():
+            return
+        for path in sorted(directory.glob("chunk-*.npz")):
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    keys = z["keys"]
+            except Exception as e:  # noqa: BLE001 - a damaged chunk is recomputed, not fatal
+                log.warning("ignoring unreadable cache chunk %s (%s)", path, e)
+                continue
+            for row, key in enumerate(keys):
+                self.index.setdefault(str(key), (path.name, row))
+
+    def write(self, keys: list[str], hc: np.ndarray, clip: np.ndarray, spec: dict) -> Path:
+        """Write one chunk atomically (temp file + os.replace); return its path."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        meta = self.dir / "spec.json"
+        if not meta.exists():
+            _atomic_write_bytes(meta, json.dumps(spec, indent=1, sort_keys=True).encode())
+        digest = hashlib.sha256("".join(keys).encode()).hexdigest()[:20]
+        path = self.dir / f"chunk-{digest}.npz"
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-", suffix=".npz")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, keys=np.array(keys, dtype="U64"), hc=hc, clip=clip)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        for row, key in enumerate(keys):
+            self.index.setdefault(key, (path.name, row))
+        return path
+
+    def read(self, wanted: dict[str, list[int]], hc_out: np.ndarray, clip_out: np.ndarray) -> None:
+        """Fill output rows from the cache: ``wanted`` maps key -> output row indices."""
+        by_chunk: dict[str, list[tuple[int, list[int]]]] = {}
+        for key, rows in wanted.items():
+            name, row = self.index[key]
+            by_chunk.setdefault(name, []).append((row, rows))
+        for name, items in by_chunk.items():
+            with np.load(self.dir / name, allow_pickle=False) as z:
+                hc, clip = z["hc"], z["clip"]
+            for row, out_rows in items:
+                hc_out[out_rows] = hc[row]
+                clip_out[out_rows] = clip[row]
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- dataset
+
+
+class _Images:
+    """Map-style dataset over paths: read -> sha256 -> (cached: key only | decode ->
+    handcrafted -> preprocess). Never raises for a bad image: it returns a reason."""
+
+    def __init__(self, paths: Sequence[str | None], cached: frozenset[str], preprocess):
+        self.paths, self.cached, self.preprocess = paths, cached, preprocess
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict:
+        path = self.paths[i]
+        if path is None or (isinstance(path, float) and np.isnan(path)) or str(path) == "":
+            return {"i": i, "bad": "no image path"}
+        try:
+            data = Path(path).read_bytes()
+        except FileNotFoundError:
+            return {"i": i, "bad": "missing file"}
+        except OSError as e:
+            return {"i": i, "bad": f"unreadable file ({type(e).__name__}: {e})"}
+        key = hashlib.sha256(data).hexdigest()
+        if key in self.cached:
+            return {"i": i, "key": key}
+        try:
+            rgb = decode_image(data)
+            hc = handcrafted_features(rgb)
+            pixels = self.preprocess(Image.fromarray(rgb))
+        except BadImage as e:
+            return {"i": i, "bad": str(e)}
+        except Exception as e:  # noqa: BLE001 - one odd image must not stop a 300k-image run
+            return {"i": i, "bad": f"cannot process image ({type(e).__name__}: {e})"}
+        return {"i": i, "key": key, "hc": np.array([hc[k] for k in HANDCRAFTED]), "pixels": pixels}
+
+
+def _collate(items: list[dict]) -> dict:
+    """Split a batch into bad / cached / to-compute items; stack the pixels (in the worker)."""
+    todo = [it for it in items if "pixels" in it]
+    return {
+        "n": len(items),
+        "bad": [(it["i"], it["bad"]) for it in items if "bad" in it],
+        "cached": [(it["i"], it["key"]) for it in items if "key" in it and "pixels" not in it],
+        "todo": [(it["i"], it["key"]) for it in todo],
+        "hc": np.stack([it["hc"] for it in todo]) if todo else None,
+        "pixels": torch.stack([it["pixels"] for it in todo]) if todo else None,
+    }
+
+
+def _worker_init(_: int) -> None:
+    cv2.setNumThreads(1)  # workers are the parallelism; torch already uses 1 thread here
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+def embed_images(
+    pids: Sequence[str],
+    paths: Sequence[str | None],
+    cfg: EmbedCfg,
+    on_chunk: Callable[[dict], None] | None = None,
+) -> EmbedResult:
+    """Handcrafted + CLIP features for each post; one row per pid, in input order.
+
+    Returns an :class:`EmbedResult`: ``features`` has Pid, has_image (0/1), the five
+    :data:`~smp.image_features.HANDCRAFTED` features and ``clip_0..clip_{d-1}``
+    (float32, the unnormalised ``encode_image`` output); posts without a usable
+    image keep their row with NaN features and appear in ``bad``. ``stats`` has
+    images, bad_images, cache_hits, computed, seconds, images_per_s (computed /
+    compute seconds), steady_images_per_s (after the first batch, i.e. without
+    model load / compilation), embedding_dim. ``on_chunk(info)`` is called after
+    each cache chunk is written (``info``: path, rows, chunks_written, computed).
+    """
+    t_start = time.perf_counter()
+    if len(pids) != len(paths):
+        raise ValueError(f"{len(pids)} pids but {len(paths)} paths")
+    n = len(pids)
+    spec = _spec(cfg)
+    d = spec["embedding_dim"]
+    cache = _Cache(_cache_dir(cfg, spec), spec)
+    log.info("feature cache %s: %d images indexed", cache.dir, len(cache.index))
+
+    hc_out = np.full((n, len(HANDCRAFTED)), np.nan, dtype=np.float64)
+    clip_out = np.full((n, d), np.nan, dtype=np.float32)
+    has_image = np.zeros(n, dtype=np.int64)
+    bad_rows: list[tuple[int, str]] = []
+    hits: dict[str, list[int]] = {}
+    pending_keys: list[str] = []
+    pending_hc: list[np.ndarray] = []
+    pending_clip: list[np.ndarray] = []
+    encoder: _Encoder | None = None
+    info = dict(spec, cache_dir=str(cache.dir), device=_resolve_device(cfg))
+    computed = chunks = 0
+    t_first_done = None
+    computed_after_first = 0
+
+    n_with_path = sum(p is not None and str(p) != "" for p in paths)
+    compile_mode = cfg.compile
+    if compile_mode == "auto":
+        compile_mode = "inductor" if n_with_path - len(cache.index) >= _COMPILE_MIN_IMAGES else "none"
+
+    def flush(final: bool) -> None:
+        nonlocal chunks, pending_keys, pending_hc, pending_clip
+        while len(pending_keys) >= cfg.chunk_size or (final and pending_keys):
+            m = min(cfg.chunk_size, len(pending_keys))
+            path = cache.write(
+                pending_keys[:m], np.stack(pending_hc[:m]), np.stack(pending_clip[:m]), spec
+            )
+            pending_keys, pending_hc, pending_clip = (
+                pending_keys[m:], pending_hc[m:], pending_clip[m:],
+            )
+            chunks += 1
+            if on_chunk is not None:
+                on_chunk({"path": str(path), "rows": m, "chunks_written": chunks, "computed": computed})
+
+    dataset = _Images(list(paths), frozenset(cache.index), _preprocess_from_spec(cfg))
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=False,
+        num_workers=cfg.num_workers,
+        collate_fn=_collate,
+        worker_init_fn=_worker_init if cfg.num_workers > 0 else None,
+        pin_memory=info["device"].startswith("cuda"),
+        prefetch_factor=4 if cfg.num_workers > 0 else None,
+    )
+    bar = tqdm(total=n, unit="img", desc="embed", disable=not cfg.progress, smoothing=0.1)
+    t_loop = time.perf_counter()
+    try:
+        for batch in loader:
+            for i, reason in batch["bad"]:
+                bad_rows.append((i, reason))
+            for i, key in batch["cached"]:
+                hits.setdefault(key, []).append(i)
+            if batch["todo"]:
+                if encoder is None:
+                    model, _, model_info = load_clip(cfg)
+                    info.update(model_info)
+                    encoder = _Encoder(model, info["device"], cfg.batch_size, compile_mode)
+                t_b = time.perf_counter()
+                emb = encoder(batch["pixels"])
+                rows = [i for i, _ in batch["todo"]]
+                hc_out[rows], clip_out[rows], has_image[rows] = batch["hc"], emb, 1
+                computed += len(rows)
+                if t_first_done is None:
+                    t_first_done = time.perf_counter()
+                    log.info("first batch of %d took %.1fs (model load%s)", len(rows),
+                             t_first_done - t_b, " + compile" if encoder.mode != "eager" else "")
+                else:
+                    computed_after_first += len(rows)
+                pending_keys += [k for _, k in batch["todo"]]
+                pending_hc += list(batch["hc"])
+                pending_clip += list(emb)
+                flush(final=False)
+                bar.set_postfix(computed=computed, cached=sum(map(len, hits.values())))
+            bar.update(batch["n"])
+        flush(final=True)
+    finally:
+        bar.close()
+    t_end = time.perf_counter()
+
+    if hits:
+        cache.read(hits, hc_out, clip_out)
+        for rows in hits.values():
+            has_image[rows] = 1
+    n_hits = sum(map(len, hits.values()))
+    if computed == 0 and n_hits:
+        log.info("all %d images served from cache (%s)", n_hits, cache.dir)
+    elif n_hits:
+        log.info("%d images served from cache, %d computed", n_hits, computed)
+    if bad_rows:
+        log.warning("%d of %d posts have no usable image (kept with NaN features)", len(bad_rows), n)
+
+    pid_col = pd.Series([str(p) for p in pids], name="Pid", dtype=object)
+    features = pd.concat(
+        [
+            pid_col.to_frame(),
+            pd.DataFrame({"has_image": has_image}),
+            pd.DataFrame(hc_out, columns=list(HANDCRAFTED)),
+            pd.DataFrame(clip_out, columns=[f"clip_{j}" for j in range(d)]),
+        ],
+        axis=1,
+    )
+    bad_rows.sort()
+    bad = pd.DataFrame(
+        {
+            "Pid": pd.Series([str(pids[i]) for i, _ in bad_rows], dtype=object),
+            "path": pd.Series([None if paths[i] is None else str(paths[i]) for i, _ in bad_rows], dtype=object),
+            "reason": pd.Series([r for _, r in bad_rows], dtype=object),
+        }
+    )
+    loop_s = t_end - t_loop
+    steady_s = t_end - t_first_done if t_first_done is not None else 0.0
+    stats = {
+        "images": float(n),
+        "bad_images": float(len(bad_rows)),
+        "cache_hits": float(n_hits),
+        "computed": float(computed),
+        "seconds": time.perf_counter() - t_start,
+        "images_per_s": computed / loop_s if computed and loop_s > 0 else 0.0,
+        "steady_images_per_s": computed_after_first / steady_s if computed_after_first and steady_s > 0 else 0.0,
+        "embedding_dim": float(d),
+    }
+    info["compile"] = encoder.mode if encoder is not None else "not loaded (nothing to compute)"
+    return EmbedResult(features=features, bad=bad, stats=stats, info=info)

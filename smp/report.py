@@ -1,0 +1,94 @@
+"""Stage 6: the paper's results table rebuilt from the MLflow runs of one experiment and split."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+
+from smp import plots
+from smp.tracking import flat_params, job_run, log_figure
+
+log = logging.getLogger("smp.report")
+
+FAMILIES = ("benchmark", "pca_boost", "ensemble_mlp", "ensemble_conv1d")
+# The paper's test figures (SMPD 2019, 80k random subsample): RMSE, mean error, error variance.
+PAPER = {
+    "benchmark": (1.178, 0.01, 1.37),
+    "pca_boost": (1.238, 0.02, 1.77),
+    "ensemble_mlp": (1.168, -0.19, 1.33),
+    "ensemble_conv1d": (1.176, 0.07, 1.38),
+}
+COLUMNS = ("test_rmse", "test_bias", "test_error_var", "test_mae", "test_spearman", "test_rmse_baseline")
+
+
+@dataclass(frozen=True)
+class CompareJob:
+    split: str = "random"   # compare runs made with this split protocol
+    data_hash: str = ""     # compare runs on this data ("" = the data of the newest model run)
+    experiment: str = ""    # "" = MLflow's default (or the one `mlflow run --experiment-name` gives)
+
+
+def compare_table(experiment_id: str, split: str, data_hash: str = "") -> pd.DataFrame:
+    """One row per model family: its newest finished run's test metrics beside the paper's figures."""
+    runs = mlflow.search_runs(
+        [experiment_id], filter_string=f"attributes.status = 'FINISHED' and tags.`smp.split` = '{split}'",
+        order_by=["attributes.start_time DESC"], output_format="list")
+    runs = [r for r in runs if r.data.tags.get("smp.model") in FAMILIES and "test_rmse" in r.data.metrics]
+    if not runs:
+        return pd.DataFrame(columns=["model", "run_id", *COLUMNS, "paper_rmse", "paper_bias", "paper_error_var"])
+    data_hash = data_hash or runs[0].data.tags.get("smp.data_hash", "")
+    rows, seen = [], set()
+    for r in runs:
+        family = r.data.tags["smp.model"]
+        if family in seen or r.data.tags.get("smp.data_hash", "") != data_hash:
+            continue
+        seen.add(family)
+        paper = PAPER[family]
+        rows.append({"model": family, "run_id": r.info.run_id,
+                     **{c: r.data.metrics.get(c, float("nan")) for c in COLUMNS},
+                     "stacking": r.data.tags.get("smp.stacking", ""),
+                     "paper_rmse": paper[0], "paper_bias": paper[1], "paper_error_var": paper[2]})
+    table = pd.DataFrame(rows)
+    table["model"] = pd.Categorical(table["model"], FAMILIES, ordered=True)
+    table = table.sort_values("model").reset_index(drop=True)
+    table["model"] = table["model"].astype(str)
+    table.attrs["data_hash"] = data_hash
+    return table
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """The table as GitHub Markdown (numbers to 3 decimals)."""
+    cols = ["model", *COLUMNS, "paper_rmse", "paper_bias", "paper_error_var"]
+    head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+    body = ""
+    for _, row in table.iterrows():
+        cells = [row[c] if isinstance(row[c], str) else f"{row[c]:.3f}" for c in cols]
+        body += "| " + " | ".join(cells) + " |\n"
+    return head + body
+
+
+def run_compare(cfg: CompareJob = CompareJob()) -> dict[str, float]:
+    """Build, print and log (Markdown, CSV, bar chart) the comparison table."""
+    with job_run("compare", cfg.experiment, flat_params(cfg), {"smp.job": "compare", "smp.split": cfg.split}) as run:
+        table = compare_table(run.info.experiment_id, cfg.split, cfg.data_hash)
+        if table.empty:
+            log.warning("no finished model runs with split=%s in this experiment", cfg.split)
+        text = to_markdown(table)
+        print(text)
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "compare.md").write_text(text)
+            table.to_csv(Path(tmp) / "compare.csv", index=False)
+            mlflow.log_artifact(str(Path(tmp) / "compare.md"))
+            mlflow.log_artifact(str(Path(tmp) / "compare.csv"))
+        if not table.empty:
+            log_figure(plots.compare_bars(table), "compare.png")
+            mlflow.set_tag("smp.data_hash", table.attrs["data_hash"])
+        metrics = {f"{row.model}_test_rmse": float(row.test_rmse) for row in table.itertuples()}
+        if metrics:
+            mlflow.log_metrics(metrics)
+    return metrics
