@@ -17,7 +17,7 @@ from dataclasses import fields, is_dataclass, replace
 
 def jobs() -> dict:
     """``{name: (run_fn, default_cfg, help)}`` for every job (imported lazily)."""
-    from smp import embed, report, synth, train
+    from smp import embed, report, synth, train, tune
 
     table = {
         "synth": (synth.run_synth, synth.SynthJob(), "write a synthetic SMPD dataset (official layout, JPEGs)"),
@@ -29,6 +29,7 @@ def jobs() -> dict:
         "ensemble_conv1d": (train.run_ensemble_conv1d, train.EnsembleConv1DJob(),
                             "benchmark prediction + PCA'd image features -> Conv1D net"),
         "compare": (report.run_compare, report.CompareJob(), "the paper's results table from this experiment's runs"),
+        "tune": (tune.run_tune, tune.TuneJob(), "an Optuna study (nested MLflow runs) for one model family"),
     }
     return table
 

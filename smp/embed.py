@@ -183,8 +183,8 @@ def load_clip(cfg: EmbedCfg):
     weights drawn with seed 0 (deterministic, global RNG state untouched).
     OpenAI's original ``.pt`` files are TorchScript archives that open_clip's
     ``torch.load(weights_only=True)`` refuses; their ``state_dict`` is then read
-    with ``torch.jit.load`` and loaded strictly, as ``open_clip.load_checkpoint``
-    does for such archives.
+    with ``torch.jit.load`` (dropping input_resolution/context_length/vocab_size as
+    ``open_clip.factory.load_state_dict`` does) and must match the model's keys.
     """
     spec = _spec(cfg)
     kw = dict(force_quick_gelu=cfg.force_quick_gelu, device="cpu")
@@ -209,7 +209,16 @@ def load_clip(cfg: EmbedCfg):
         state = torch.jit.load(cfg.checkpoint, map_location="cpu").state_dict()
         for key in _TORCHSCRIPT_KEYS_TO_DROP:
             state.pop(key, None)
-        model.load_state_dict(state, strict=True)
+        result = model.load_state_dict(state, strict=False)
+        # buffers open_clip keeps non-persistent (attn_mask) may be stored in an archive
+        non_persistent = {k for k in result.unexpected_keys if k.rsplit(".", 1)[-1] == "attn_mask"}
+        unexpected = sorted(set(result.unexpected_keys) - non_persistent)
+        if result.missing_keys or unexpected:
+            raise RuntimeError(
+                f"checkpoint {cfg.checkpoint} does not fit open_clip model {cfg.clip_model!r}: "
+                f"missing {result.missing_keys[:5]}..., unexpected {unexpected[:5]}... "
+                f"(is clip_model the architecture the checkpoint was trained with?)"
+            )
     elif cfg.checkpoint:
         model, _, preprocess = open_clip.create_model_and_transforms(
             cfg.clip_model, pretrained=cfg.checkpoint, **kw

@@ -2,14 +2,29 @@
 
 A fitted smp model (any entry in ``smp.models.MODELS``) is pickled as an
 artifact and wrapped by ``PopularityModel``.  ``predict`` validates the request
-(missing columns, wrong types, undecodable images) and raises an
-``MlflowException`` with ``INVALID_PARAMETER_VALUE`` so that ``mlflow models
-serve`` answers 400 with a message naming the problem, never a stack trace.
+first (``coerce_request``: rows present, ``Pid`` on every row, numbers where
+numbers belong, decodable ``image_b64``, ``image_path`` confined to
+``SMP_SERVE_IMAGE_ROOT``) and refuses a malformed one with ``RequestRejected``.
+
+What ``mlflow models serve`` does with errors raised from ``predict`` (MLflow
+3.17, ``mlflow/pyfunc/scoring_server``): an ``MlflowException`` is answered
+with ``get_http_status_code()`` (``INVALID_PARAMETER_VALUE`` -> 400) and the
+body ``{"error_code", "message", ...}``, no ``stack_trace`` field -- but the
+server first rewrites ``e.message`` to ``"Failed to predict data '<the whole
+request>'. Error: ..."``, echoing the request (image bytes included) back.
+Any other exception becomes a 400 whose body carries the full traceback in
+``stack_trace``.  Hence ``RequestRejected`` keeps its own message, and an
+unexpected model failure is re-raised as ``PredictionFailed`` (500, no
+traceback in the body; the traceback goes to the server log).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import logging
+import os
 import pickle
 import tempfile
 from pathlib import Path
@@ -17,14 +32,46 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
 log = logging.getLogger("smp.serving")
 
 MODEL_ARTIFACT = "smp_model.pkl"
+IMAGE_ROOT_ENV = "SMP_SERVE_IMAGE_ROOT"  # image_path in requests is read only under this directory
+_SERVING_ENV = "_MLFLOW_IS_IN_SERVING_ENVIRONMENT"  # set to "true" by MLflow's scoring server
+IMAGE_INPUTS = ("image_b64", "image_path")
 
 
 class RequestError(ValueError):
     """A malformed prediction request; the message names the problem."""
+
+
+class _PinnedMessage(MlflowException):
+    """An ``MlflowException`` whose message the scoring server cannot rewrite (see the module docstring)."""
+
+    @property
+    def message(self) -> str:
+        return self._message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if not hasattr(self, "_message"):  # set once, by MlflowException.__init__
+            self._message = value
+
+
+class RequestRejected(_PinnedMessage):
+    """A malformed request: HTTP 400 from ``mlflow models serve``, body = the problem, no traceback."""
+
+    def __init__(self, message: str):
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+class PredictionFailed(_PinnedMessage):
+    """The model failed on a well-formed request: HTTP 500, no traceback in the body (it is logged)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, error_code=INTERNAL_ERROR)
 
 
 class PopularityModel(mlflow.pyfunc.PythonModel):
@@ -35,20 +82,27 @@ class PopularityModel(mlflow.pyfunc.PythonModel):
             self.model = pickle.load(fh)
 
     def predict(self, context, model_input: pd.DataFrame, params=None):
-        from mlflow.exceptions import MlflowException
-        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-
         try:
-            frame = coerce_request(model_input, required=("Pid",))
-            return self.model.predict(frame)
+            frame = coerce_request(model_input, decode_images=getattr(self.model, "needs_images", False))
         except RequestError as exc:
-            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
+            raise RequestRejected(str(exc)) from None
+        try:
+            return self.model.predict(frame)
+        except Exception as exc:
+            log.exception("prediction failed on a well-formed request of %d rows", len(frame))
+            raise PredictionFailed(f"prediction failed: {type(exc).__name__}: {exc}") from exc
 
 
-def coerce_request(model_input, required=("Pid",)) -> pd.DataFrame:
-    """Return the request as a posts DataFrame or raise ``RequestError`` naming the problem."""
+def coerce_request(model_input, required=("Pid",), decode_images: bool = False) -> pd.DataFrame:
+    """Return the request as a posts DataFrame (numbers parsed, image paths resolved) or raise ``RequestError``.
+
+    ``decode_images``: decode every ``image_b64`` fully (image models), not only its base64 and header.
+    """
     if isinstance(model_input, dict):
-        model_input = pd.DataFrame(model_input)
+        try:
+            model_input = pd.DataFrame(model_input)
+        except ValueError as exc:
+            raise RequestError(f"the request is not a table of posts: {exc}") from None
     if not isinstance(model_input, pd.DataFrame):
         raise RequestError(f"expected a table of posts, got {type(model_input).__name__}")
     if len(model_input) == 0:
@@ -56,19 +110,96 @@ def coerce_request(model_input, required=("Pid",)) -> pd.DataFrame:
     missing = [c for c in required if c not in model_input.columns]
     if missing:
         raise RequestError(f"missing required column(s): {missing}")
-    frame = model_input.copy()
-    frame["Pid"] = frame["Pid"].astype(str)
+    frame = model_input.reset_index(drop=True)  # a copy: the caller's frame is never changed
+    if "Pid" in frame.columns:
+        blank = frame["Pid"].isna() | (frame["Pid"].astype(str).str.strip() == "")
+        if blank.any():
+            raise RequestError(f"column 'Pid': empty in {int(blank.sum())} row(s) (row {int(blank.idxmax())} first)")
+        frame["Pid"] = frame["Pid"].astype(str)
     from smp.data import NUMERIC_FIELDS
 
     for col in NUMERIC_FIELDS:
         if col in frame.columns and not pd.api.types.is_numeric_dtype(frame[col]):
-            parsed = pd.to_numeric(frame[col], errors="coerce")
-            bad = parsed.isna() & frame[col].notna() & (frame[col].astype(str).str.strip() != "")
-            if bad.any():
-                raise RequestError(f"column {col!r}: {int(bad.sum())} value(s) are not numbers, "
-                                   f"e.g. {frame.loc[bad, col].iloc[0]!r}")
-            frame[col] = parsed
+            frame[col] = _numeric_column(frame, col)
+    if "image_b64" in frame.columns:
+        _check_images(frame, decode_images)
+    if "image_path" in frame.columns:
+        frame["image_path"] = _confined_paths(frame)
     return frame
+
+
+def _row_name(frame: pd.DataFrame, i: int) -> str:
+    return f"Pid {frame['Pid'].iloc[i]!r}" if "Pid" in frame.columns else f"row {i}"
+
+
+def _numeric_column(frame: pd.DataFrame, col: str) -> pd.Series:
+    text = frame[col].map(lambda v: float(v) if isinstance(v, bool) else v)  # JSON true/false: 1/0
+    nested = text.map(lambda v: isinstance(v, (list, dict, tuple, set)))
+    if nested.any():
+        i = int(np.flatnonzero(nested.to_numpy())[0])
+        raise RequestError(f"column {col!r}: expected a number, got a {type(text.iloc[i]).__name__} "
+                           f"({_row_name(frame, i)})")
+    parsed = pd.to_numeric(text, errors="coerce")
+    blank = text.isna() | (text.astype(str).str.strip() == "")
+    bad = (parsed.isna() & ~blank).to_numpy()
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise RequestError(f"column {col!r}: {int(bad.sum())} value(s) are not numbers, "
+                           f"e.g. {text.iloc[i]!r} ({_row_name(frame, i)})")
+    return parsed.astype(float)
+
+
+def _check_images(frame: pd.DataFrame, decode: bool) -> None:
+    """Every non-empty ``image_b64`` must be base64 of an image (fully decodable when ``decode``)."""
+    from PIL import Image
+
+    from smp.image_features import BadImage, decode_image
+
+    for i, value in enumerate(frame["image_b64"]):
+        if value is None or (isinstance(value, float) and np.isnan(value)) or value == "":
+            continue
+        if not isinstance(value, str):
+            raise RequestError(f"column 'image_b64': expected a base64 string, got {type(value).__name__} "
+                               f"({_row_name(frame, i)})")
+        try:
+            data = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError(f"column 'image_b64': not valid base64 ({_row_name(frame, i)})") from None
+        try:
+            if decode:
+                decode_image(data)
+            else:
+                Image.open(io.BytesIO(data)).close()  # header only: enough to tell an image from junk
+        except (BadImage, OSError, ValueError) as exc:
+            reason = str(exc) if isinstance(exc, BadImage) else "not an image / cannot decode"
+            raise RequestError(f"column 'image_b64': {reason} ({_row_name(frame, i)})") from None
+
+
+def _confined_paths(frame: pd.DataFrame) -> list:
+    """``image_path`` resolved under ``SMP_SERVE_IMAGE_ROOT``; refused in a server that has no such root.
+
+    In-process use (``smp predict``, a notebook) reads any path the caller can;
+    a scoring server reads only below the configured root and never follows
+    ``../`` or absolute paths out of it.
+    """
+    from smp.data import DataError, resolve_image_path
+
+    root = os.environ.get(IMAGE_ROOT_ENV, "")
+    paths = frame["image_path"]
+    given = paths.notna() & (paths.astype(str).str.strip() != "")
+    if not root:
+        if given.any() and os.environ.get(_SERVING_ENV, "").lower() == "true":
+            raise RequestError(f"column 'image_path': this server reads no server-side files (set {IMAGE_ROOT_ENV} "
+                               "to allow paths below a directory); send the image bytes as 'image_b64'")
+        return list(paths)
+    out = []
+    for i, p in enumerate(paths):
+        try:
+            out.append(resolve_image_path(p, root))
+        except DataError:
+            raise RequestError(f"column 'image_path': {p!r} is outside the image root ({_row_name(frame, i)})") \
+                from None
+    return out
 
 
 def example_input(posts: pd.DataFrame, fields, n: int = 5) -> pd.DataFrame:
@@ -77,19 +208,22 @@ def example_input(posts: pd.DataFrame, fields, n: int = 5) -> pd.DataFrame:
     return posts[cols].head(n).reset_index(drop=True)
 
 
-def input_schema(example: pd.DataFrame, image_inputs: bool = False):
-    """Raw-rows input schema: ``Pid`` required, every other field optional.
+def input_schema(example: pd.DataFrame, image_inputs: bool = True):
+    """Raw-rows input schema: the example's columns plus ``image_b64`` / ``image_path``, all optional.
 
-    Columns are typed ``Any`` so that an integer where a float is expected (or
-    the reverse) is not refused by MLflow; ``coerce_request`` checks the
-    values and names any column that does not hold numbers.
+    Columns are typed ``Any`` and none is ``required`` in MLflow's sense, so
+    that MLflow's own schema check (whose message repeats the whole request)
+    never answers first: ``coerce_request`` checks ``Pid`` is present, the
+    values are numbers, and the images decode, and names the problem.  Every
+    family accepts the image columns, so a client sends the same request
+    whichever model is champion (a tabular model ignores the image).
     """
     from mlflow.types.schema import AnyType, ColSpec, Schema
 
     cols = list(example.columns)
     if image_inputs:
-        cols += [c for c in ("image_b64", "image_path") if c not in cols]
-    return Schema([ColSpec(AnyType(), c, required=(c == "Pid")) for c in cols])
+        cols += [c for c in IMAGE_INPUTS if c not in cols]
+    return Schema([ColSpec(AnyType(), c, required=False) for c in cols])
 
 
 def log_model(model, posts_example: pd.DataFrame, name: str = "model"):
@@ -103,7 +237,7 @@ def log_model(model, posts_example: pd.DataFrame, name: str = "model"):
             example[col] = example[col].astype(float)
     example["Pid"] = example["Pid"].astype(str)
     np.asarray(model.predict(example), dtype=float)  # the example must predict before it is logged
-    signature = ModelSignature(inputs=input_schema(example, getattr(model, "needs_images", False)),
+    signature = ModelSignature(inputs=input_schema(example),
                                outputs=Schema([ColSpec("double", "popularity")]))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / MODEL_ARTIFACT

@@ -8,6 +8,7 @@ MLflow at import time.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import json
 import logging
@@ -23,6 +24,8 @@ import pandas as pd
 log = logging.getLogger("smp.tracking")
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+# Set by `tune` around each trial: the parent run id and extra tags for the job's run.
+RUN_CONTEXT: contextvars.ContextVar[dict] = contextvars.ContextVar("smp_run_context", default={})
 
 
 def configure_tracking() -> str:
@@ -62,31 +65,36 @@ def job_run(job: str, experiment: str, params: dict, tags: dict | None = None, n
     the new run is nested.  A failure marks the run FAILED (KILLED on Ctrl-C).
     """
     configure_tracking()
+    context = RUN_CONTEXT.get()
     launched = bool(os.environ.get("MLFLOW_RUN_ID"))  # made by `mlflow run`; start_run joins it
-    nested = nested or mlflow.active_run() is not None
+    parent = context.get("parent_run_id") if mlflow.active_run() is None else None
+    nested = nested or mlflow.active_run() is not None or bool(parent)
     if not nested and not launched and experiment:
         mlflow.set_experiment(experiment)  # "" = MLflow's own choice (MLFLOW_EXPERIMENT_NAME or Default)
-    run = mlflow.start_run(run_name=job if (nested or not launched) else None, nested=nested)
+    if parent:
+        mlflow.set_experiment(experiment_id=mlflow.get_run(parent).info.experiment_id)
+    run = mlflow.start_run(run_name=job if (nested or not launched) else None, nested=nested and not parent,
+                           parent_run_id=parent or None)
+    if parent:
+        context["run_id"] = run.info.run_id  # tells `tune` which run this trial made
     try:
-        all_tags = {"smp.job": job, "smp.params_hash": params_hash(params), **(tags or {})}
+        all_tags = {"smp.job": job, "smp.params_hash": params_hash(params), **(tags or {}),
+                    **(context.get("tags", {}) if parent else {})}
         commit = git_commit()
         if commit:
             all_tags.setdefault("mlflow.source.git.commit", commit)
         mlflow.set_tags(all_tags)
         log_params(params)
         yield run
-    except BaseException:
-        mlflow.end_run(status="KILLED" if _interrupted() else "FAILED")
+    except BaseException as exc:
+        if type(exc).__name__ == "TrialPruned":  # optuna pruned this trial: visible as such in MLflow
+            mlflow.set_tag("smp.trial_state", "PRUNED")
+            mlflow.end_run(status="KILLED")
+        else:
+            mlflow.end_run(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     else:
         mlflow.end_run()
-
-
-def _interrupted() -> bool:
-    import sys
-
-    exc = sys.exc_info()[1]
-    return isinstance(exc, KeyboardInterrupt)
 
 
 def log_params(params: dict) -> None:

@@ -103,7 +103,7 @@ def evaluate_and_log(model, prep: Prepared, preds: dict[str, np.ndarray] | None 
     return metrics
 
 
-def run_benchmark(cfg: BenchmarkJob = BenchmarkJob()) -> dict[str, float]:
+def run_benchmark(cfg: BenchmarkJob = BenchmarkJob(), callbacks=None) -> dict[str, float]:
     """Train the paper's tabular XGBoost benchmark and log it; return the metrics."""
     prep = prepare(cfg.source, cfg.splitting)
     tags = {"smp.model": "benchmark", "smp.reuse_key": reuse_key(cfg.splitting, cfg.xgb, cfg.tabular)}
@@ -111,7 +111,7 @@ def run_benchmark(cfg: BenchmarkJob = BenchmarkJob()) -> dict[str, float]:
         log_prepared(prep, cfg.splitting)
         t0 = time.perf_counter()
         model = BenchmarkModel(cfg.xgb, cfg.tabular, cfg.splitting.seed).fit(
-            prep.rows("train"), prep.y("train"), prep.rows("val"), prep.y("val"))
+            prep.rows("train"), prep.y("train"), prep.rows("val"), prep.y("val"), callbacks)
         mlflow.log_metrics({"fit_seconds": time.perf_counter() - t0, "best_iteration": model.best_iteration_,
                             "n_features": float(len(model.featurizer_.feature_names_))})
         metrics = evaluate_and_log(model, prep)

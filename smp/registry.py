@@ -1,0 +1,287 @@
+"""Stage 8: the best model run -> a registered model version -> the ``@champion`` alias.
+
+``run_promote`` picks the best finished model run by ``val_rmse`` (or the run
+it is given), registers its logged model once (a second promote of the same
+run reuses its version), and compares it with the current ``@champion`` on the
+same test posts: both pyfunc models predict the rows that neither trained on
+(the candidate's test split, intersected with the champion's when the two runs
+were split differently).  The candidate takes ``@champion`` only when its test
+RMSE beats the champion's by more than ``margin``; otherwise it is
+``@challenger``.  When the two runs were trained on different data (their
+``smp.data_hash`` differ) or the data can no longer be read, the logged
+``test_rmse`` values are compared instead and the description says so.  The
+comparison is kept as model-version tags and a description, and the decision
+as a ``promote`` run.  Aliases only, no stages.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from smp.data import DataCfg, DataError
+from smp.evaluate import regression_metrics
+from smp.splits import SplitCfg
+from smp.tracking import flat_params, job_run
+
+log = logging.getLogger("smp.registry")
+
+FAMILIES = ("benchmark", "pca_boost", "ensemble_mlp", "ensemble_conv1d")
+CHAMPION, CHALLENGER = "champion", "challenger"
+MIN_SHARED_TEST_ROWS = 30  # fewer common unseen test rows than this: compare the logged test_rmse instead
+
+
+@dataclass(frozen=True)
+class PromoteJob:
+    model_name: str = "smp-popularity"  # registered model name
+    family: str = ""       # only runs of this model family ("" = any of benchmark, pca_boost, ensemble_*)
+    split: str = ""        # only runs with this split protocol ("" = any)
+    margin: float = 0.0    # the candidate takes @champion only if its test RMSE < champion's - margin
+    run_id: str = ""       # promote this run instead of searching for the best
+    experiment: str = ""   # "" = MLflow's default (or the one `mlflow run --experiment-name` gives)
+
+
+@dataclass
+class Comparison:
+    """Candidate vs champion test RMSE and how they were obtained."""
+
+    candidate_rmse: float
+    champion_rmse: float
+    method: str   # "same_rows" (both models predicted the same posts) or "logged_metrics"
+    rows: int     # posts both models predicted (0 for logged_metrics)
+    note: str     # one sentence for the description
+
+
+def run_promote(cfg: PromoteJob = PromoteJob()) -> dict[str, float]:
+    """Register the best (or given) model run and move ``@champion`` if it beats the champion; return the outcome."""
+    if cfg.family and cfg.family not in FAMILIES:
+        raise DataError(f"family={cfg.family!r}: expected one of {FAMILIES} or ''")
+    with job_run("promote", cfg.experiment, flat_params(cfg), {"smp.registered_model": cfg.model_name}) as run:
+        client = MlflowClient()  # job_run configured the tracking URI
+        cand_run = given_run(client, cfg.run_id) if cfg.run_id else best_model_run(
+            run.info.experiment_id, cfg.family, cfg.split)
+        cand_id = cand_run.info.run_id
+        version, created = register_run(client, cfg.model_name, cand_id)
+        champ = current_alias(client, cfg.model_name, CHAMPION)
+        cand_logged = cand_run.data.metrics.get("test_rmse", math.nan)
+
+        if champ is None or champ.version == version.version:
+            comp = Comparison(cand_logged, math.nan, "logged_metrics", 0,
+                              "no champion yet" if champ is None else "this version is already the champion")
+            decision = CHAMPION
+        else:
+            comp = compare(cand_run, client.get_run(champ.run_id), cfg.model_name, version.version, champ.version)
+            decision = CHAMPION if comp.candidate_rmse < comp.champion_rmse - cfg.margin else CHALLENGER
+
+        set_alias(client, cfg.model_name, decision, version.version)
+        record(client, cfg, cand_run, version.version, champ, comp, decision)
+        outcome = {"version": float(version.version), "new_version": float(created),
+                   "champion": float(decision == CHAMPION), "candidate_test_rmse": comp.candidate_rmse,
+                   "champion_test_rmse": comp.champion_rmse, "eval_rows": float(comp.rows)}
+        mlflow.set_tags({"smp.decision": decision, "smp.candidate_run": cand_id,
+                         "smp.registered_version": str(version.version), "smp.comparison": comp.method,
+                         "smp.compared_against_version": str(champ.version) if champ else ""})
+        mlflow.log_metrics({k: v for k, v in outcome.items() if np.isfinite(v)})
+    log.info("%s v%s (run %s) -> @%s: %s", cfg.model_name, version.version, cand_id, decision, comp.note)
+    return outcome
+
+
+# --------------------------------------------------------------------------- finding and registering
+def best_model_run(experiment_id: str, family: str = "", split: str = ""):
+    """The FINISHED model run with the lowest ``val_rmse`` that has a logged model; ``DataError`` if none."""
+    filt = ["attributes.status = 'FINISHED'"]
+    if family:
+        filt.append(f"tags.`smp.model` = '{family}'")
+    if split:
+        filt.append(f"tags.`smp.split` = '{split}'")
+    runs = mlflow.search_runs([experiment_id], filter_string=" and ".join(filt),
+                              order_by=["metrics.val_rmse ASC", "attributes.start_time DESC"], output_format="list")
+    for r in runs:
+        val = r.data.metrics.get("val_rmse")
+        if r.data.tags.get("smp.model") not in FAMILIES or val is None or not np.isfinite(val):
+            continue
+        if has_logged_model(r.info.run_id):
+            return r
+        log.warning("run %s (val_rmse %.4f) has no logged model; skipped", r.info.run_id, val)
+    what = " and ".join(x for x in (f"family={family}" if family else "", f"split={split}" if split else "") if x)
+    raise DataError(f"experiment {experiment_id}: no finished model run with val_rmse and a logged model"
+                    + (f" ({what})" if what else ""))
+
+
+def given_run(client: MlflowClient, run_id: str):
+    """The run ``run_id`` if it exists and logged a model; ``DataError`` otherwise."""
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as exc:
+        raise DataError(f"run_id={run_id!r}: no such run ({exc.message})") from None
+    if not has_logged_model(run_id):
+        raise DataError(f"run {run_id} has no logged model 'model' to register")
+    return run
+
+
+def has_logged_model(run_id: str) -> bool:
+    """True when ``runs:/<run_id>/model`` resolves to a logged model."""
+    try:
+        mlflow.models.get_model_info(f"runs:/{run_id}/model")
+        return True
+    except (MlflowException, OSError):
+        return False
+
+
+def versions_of_run(client: MlflowClient, name: str, run_id: str) -> list:
+    """Versions of ``name`` registered from ``run_id``, lowest first."""
+    found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    return sorted(found, key=lambda v: int(v.version))
+
+
+def register_run(client: MlflowClient, name: str, run_id: str) -> tuple[object, bool]:
+    """The version of ``name`` for ``run_id``'s model, registered now only if none exists; ``(version, created)``.
+
+    Two promoters racing on the same run may both register; each re-checks
+    afterwards, keeps the lowest version and deletes the others, so one
+    version survives and both return it.
+    """
+    existing = versions_of_run(client, name, run_id)
+    if existing:
+        return existing[0], False
+    mine = mlflow.register_model(f"runs:/{run_id}/model", name)
+    versions = versions_of_run(client, name, run_id) or [mine]
+    for extra in versions[1:]:
+        try:
+            client.delete_model_version(name, extra.version)
+            log.warning("%s: deleted duplicate version %s of run %s (kept %s)", name, extra.version, run_id,
+                        versions[0].version)
+        except MlflowException:
+            pass  # the other promoter deleted it first
+    keep = versions[0]
+    return keep, int(keep.version) == int(mine.version)
+
+
+def current_alias(client: MlflowClient, name: str, alias: str):
+    """The model version behind ``name@alias``, or None when the alias (or the model) does not exist."""
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def set_alias(client: MlflowClient, name: str, alias: str, version) -> None:
+    """Point ``alias`` at ``version``; a new champion stops being the challenger."""
+    client.set_registered_model_alias(name, alias, str(version))
+    if alias == CHAMPION:
+        challenger = current_alias(client, name, CHALLENGER)
+        if challenger is not None and challenger.version == str(version):
+            client.delete_registered_model_alias(name, CHALLENGER)
+
+
+# --------------------------------------------------------------------------- comparing on the same test posts
+SPLIT_PARAMS = ("sample_size", "split", "seed", "val_frac", "test_frac")
+
+
+def split_cfg(params: dict) -> SplitCfg:
+    """The ``SplitCfg`` a run was trained with, from its logged params."""
+    d = SplitCfg()
+    return SplitCfg(sample_size=int(float(params.get("sample_size", d.sample_size))),
+                    split=params.get("split", d.split), seed=int(float(params.get("seed", d.seed))),
+                    val_frac=float(params.get("val_frac", d.val_frac)),
+                    test_frac=float(params.get("test_frac", d.test_frac)))
+
+
+def compare(cand_run, champ_run, name: str, cand_version, champ_version) -> Comparison:
+    """Test RMSE of the candidate and the champion on the same unseen posts (or their logged figures)."""
+    cand_hash = cand_run.data.tags.get("smp.data_hash", "")
+    champ_hash = champ_run.data.tags.get("smp.data_hash", "")
+    logged = (cand_run.data.metrics.get("test_rmse", math.nan), champ_run.data.metrics.get("test_rmse", math.nan))
+    if not cand_hash or cand_hash != champ_hash:
+        return Comparison(*logged, "logged_metrics", 0,
+                          f"the runs were trained on different data (data hash {cand_hash or '?'} vs "
+                          f"{champ_hash or '?'}), so their logged test RMSEs (on different test posts) are compared")
+    try:
+        rows, y = shared_test_rows(cand_run, champ_run)
+    except (DataError, OSError) as exc:
+        return Comparison(*logged, "logged_metrics", 0,
+                          f"the training data could not be read again ({exc}); logged test RMSEs compared")
+    if len(rows) < MIN_SHARED_TEST_ROWS:
+        return Comparison(*logged, "logged_metrics", 0,
+                          f"only {len(rows)} test posts are unseen by both models (different splits); "
+                          "logged test RMSEs compared")
+    rmse = []
+    for run, version in ((cand_run, cand_version), (champ_run, champ_version)):
+        model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+        pred = np.asarray(model.predict(model_rows(rows, run)), dtype=float)
+        rmse.append(regression_metrics(y, pred, "test")["test_rmse"])
+    same = split_cfg(cand_run.data.params) == split_cfg(champ_run.data.params)
+    where = "the candidate's test split" if same else "the posts in both runs' test splits"
+    return Comparison(rmse[0], rmse[1], "same_rows", len(rows),
+                      f"both models predicted the same {len(rows)} posts ({where})")
+
+
+def shared_test_rows(cand_run, champ_run) -> tuple[pd.DataFrame, np.ndarray]:
+    """Raw test rows (and labels) that neither run trained on: the candidate's test split, less any post
+    that is not also in the champion's test split when the two were split differently."""
+    from smp.train import prepare
+
+    params = cand_run.data.params
+    source = DataCfg(data=params.get("data", DataCfg.data), images=params.get("images", ""))
+    prep = prepare(source, split_cfg(params))
+    if prep.digest != cand_run.data.tags.get("smp.data_hash"):
+        raise DataError(f"{source.data} has changed since run {cand_run.info.run_id} was trained "
+                        f"(data hash {prep.digest}, run has {cand_run.data.tags.get('smp.data_hash')})")
+    rows, y = prep.rows("test"), prep.y("test")
+    champ_split = split_cfg(champ_run.data.params)
+    if champ_split != split_cfg(params):
+        other = prepare(source, champ_split)
+        keep = rows["Pid"].isin(other.rows("test")["Pid"]).to_numpy()
+        rows, y = rows.loc[keep].reset_index(drop=True), y[keep]
+    return rows.drop(columns=["label"]), y
+
+
+def model_rows(rows: pd.DataFrame, run) -> pd.DataFrame:
+    """The rows a run's model predicts from: raw fields plus, for image models, its embed run's features."""
+    embed_run = run.data.tags.get("smp.embed_run")
+    if not embed_run:
+        return rows
+    from smp.models import image_columns
+
+    path = mlflow.artifacts.download_artifacts(run_id=embed_run, artifact_path="features.parquet")
+    feats = pd.read_parquet(path)
+    feats["Pid"] = feats["Pid"].astype(str)
+    cols = [c for c in image_columns(feats) if c not in rows.columns]
+    merged = rows.merge(feats[["Pid", *cols]], on="Pid", how="left", validate="one_to_one")
+    return merged.drop(columns=[c for c in ("image_path",) if c in merged.columns])
+
+
+# --------------------------------------------------------------------------- recording the decision
+def record(client: MlflowClient, cfg: PromoteJob, cand_run, version, champ, comp: Comparison,
+           decision: str) -> None:
+    """Keep the comparison on the model version: tags and a description."""
+    tags = cand_run.data.tags
+    rmse = lambda v: "nan" if not np.isfinite(v) else f"{v:.4f}"  # noqa: E731
+    version_tags = {
+        "decision": decision, "comparison": comp.method, "eval_rows": str(comp.rows),
+        "candidate_test_rmse": rmse(comp.candidate_rmse), "champion_test_rmse": rmse(comp.champion_rmse),
+        "compared_against_version": str(champ.version) if champ else "", "margin": str(cfg.margin),
+        "family": tags.get("smp.model", ""), "split": tags.get("smp.split", ""),
+        "data_hash": tags.get("smp.data_hash", ""),
+    }
+    for key, value in version_tags.items():
+        client.set_model_version_tag(cfg.model_name, str(version), key, value)
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    head = (f"{tags.get('smp.model', '?')} model from run {cand_run.info.run_id} "
+            f"(split {tags.get('smp.split', '?')}, data {tags.get('smp.data_hash', '?')}, "
+            f"val RMSE {rmse(cand_run.data.metrics.get('val_rmse', math.nan))}).")
+    if champ is None or champ.version == str(version):
+        body = f"@{CHAMPION}: {comp.note} (logged test RMSE {rmse(comp.candidate_rmse)})."
+    else:
+        verb = "beats" if decision == CHAMPION else "does not beat"
+        body = (f"@{decision}: test RMSE {rmse(comp.candidate_rmse)} {verb} champion v{champ.version}'s "
+                f"{rmse(comp.champion_rmse)} by more than the margin {cfg.margin}; {comp.note}.")
+    client.update_model_version(cfg.model_name, str(version), description=f"{head}\n{body}\nPromoted {when}.")

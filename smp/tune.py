@@ -1,0 +1,365 @@
+"""Optuna studies in place of the paper's grid searches, recorded in MLflow.
+
+One parent MLflow run per study; each trial is a nested child run made by the
+same job function as the entry point (``run_benchmark``, ``run_pca_boost``,
+``run_ensemble_mlp``, ``run_ensemble_conv1d``): the objective only turns a
+plain dict of ``trial.suggest_*`` values into that job's config.
+
+Search spaces (each covers the paper's grid and goes beyond it):
+
+* ``benchmark`` / ``pca_boost`` (XGBoost, early stopping on val): ``max_depth``
+  3-18, ``learning_rate`` 0.005-0.3 (log), ``n_estimators`` 200-3000,
+  ``min_child_weight`` 1-50 (log), ``subsample`` 0.5-1, ``colsample_bytree``
+  0.3-1, ``reg_lambda`` 1e-3-10 (log), ``reg_alpha`` 1e-3-10 (log); plus
+  ``n_components`` 20-400 for ``pca_boost``.
+* ``ensemble_mlp``: ``hidden`` (first width 64-512, second 16-128), ``dropout``
+  0-0.7, ``lr`` 1e-4-1e-2 (log), ``weight_decay`` 1e-6-1e-2 (log),
+  ``batch_size`` 32-256, ``epochs`` 10-50 with early stopping.
+* ``ensemble_conv1d``: ``n_pca`` 8-40, ``channels`` (8-32, 16-64),
+  ``kernel_sizes`` 3 or 5, ``dropout`` 0.3-0.85, ``lr`` 1e-4-3e-3 (log),
+  ``weight_decay`` 1e-6-1e-2 (log), ``batch_size`` 32-256, ``epochs`` 10-40.
+
+Pruning: XGBoost reports its validation RMSE every round through
+optuna-integration's ``XGBoostPruningCallback``; the nets report per epoch
+(``trial.report``).  A pruned trial's run ends KILLED with the tag
+``smp.trial_state=PRUNED``.
+
+Storage: ``storage=""`` keeps the study in ``optuna.db`` beside the MLflow
+store (sqlite); any Optuna storage URL works (``postgresql://...``), and
+``journal:PATH`` uses a journal file, safe for several processes on one
+machine.  The study's ``mlflow_parent_run_id`` user attribute holds the parent
+run so every worker logs its trials under it.  Several workers on one study:
+create the study and its parent first (``n_trials=0``), then start each worker
+with ``parent_run=<id>`` (``scripts/tune_workers.sh`` does both).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import mlflow
+import optuna
+
+from smp.data import DataCfg, DataError
+from smp.splits import SplitCfg
+from smp.tracking import RUN_CONTEXT, configure_tracking, log_figure, log_params
+
+log = logging.getLogger("smp.tune")
+
+PARENT_ATTR = "mlflow_parent_run_id"
+
+
+@dataclass(frozen=True)
+class StudyCfg:
+    model: str = "benchmark"  # benchmark | pca_boost | ensemble_mlp | ensemble_conv1d
+    n_trials: int = 20        # trials this process runs (-1 = until timeout; 0 = only create study + parent run)
+    max_trials: int = 0       # stop once the study holds this many finished trials, all workers together (0 = no cap)
+    timeout: int = 0          # seconds for this process (0 = none)
+    study_name: str = ""      # "" = smp-{model}-{split}; the same name continues the study
+    storage: str = ""         # Optuna storage URL; "" = sqlite optuna.db beside the MLflow store
+    sampler_seed: int = 0     # seeds the TPE sampler (reproducible studies)
+    pruner: str = "median"    # median | hyperband | none
+    startup_trials: int = 5   # trials before the median pruner prunes
+    heartbeat: int = 0        # seconds between trial heartbeats (RDB storage; 0 = off): stale trials fail
+    parent_run: str = ""      # MLflow run to log trials under ("" = the study's, created by its first worker)
+
+
+@dataclass(frozen=True)
+class TuneJob:
+    source: DataCfg = field(default_factory=DataCfg)
+    splitting: SplitCfg = field(default_factory=SplitCfg)
+    study: StudyCfg = field(default_factory=StudyCfg)
+    experiment: str = ""  # "" = MLflow's default (or the one `mlflow run --experiment-name` gives)
+
+
+def _xgb_space(trial) -> dict:
+    return {
+        "max_depth": trial.suggest_int("max_depth", 3, 18),
+        "learning_rate": trial.suggest_float("learning_rate", 0.005, 0.3, log=True),
+        "n_estimators": trial.suggest_int("n_estimators", 200, 3000, step=100),
+        "min_child_weight": trial.suggest_float("min_child_weight", 1.0, 50.0, log=True),
+        "subsample": trial.suggest_float("subsample", 0.5, 1.0),
+        "colsample_bytree": trial.suggest_float("colsample_bytree", 0.3, 1.0),
+        "reg_lambda": trial.suggest_float("reg_lambda", 1e-3, 10.0, log=True),
+        "reg_alpha": trial.suggest_float("reg_alpha", 1e-3, 10.0, log=True),
+    }
+
+
+def _pca_boost_space(trial) -> dict:
+    return {**_xgb_space(trial), "n_components": trial.suggest_int("n_components", 20, 400, log=True)}
+
+
+def _mlp_space(trial) -> dict:
+    return {
+        "hidden": (trial.suggest_categorical("hidden_1", [64, 128, 256, 512]),
+                   trial.suggest_categorical("hidden_2", [16, 32, 64, 128])),
+        "dropout": trial.suggest_float("dropout", 0.0, 0.7),
+        "lr": trial.suggest_float("lr", 1e-4, 1e-2, log=True),
+        "weight_decay": trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True),
+        "batch_size": trial.suggest_categorical("batch_size", [32, 64, 128, 256]),
+        "epochs": trial.suggest_int("epochs", 10, 50),
+    }
+
+
+def _conv1d_space(trial) -> dict:
+    return {
+        "n_pca": trial.suggest_int("n_pca", 8, 40),
+        "channels": (trial.suggest_categorical("channels_1", [8, 16, 32]),
+                     trial.suggest_categorical("channels_2", [16, 32, 64])),
+        "kernel_sizes": (trial.suggest_categorical("kernel_1", [3, 5]),) * 2,
+        "dropout": trial.suggest_float("dropout", 0.3, 0.85),
+        "lr": trial.suggest_float("lr", 1e-4, 3e-3, log=True),
+        "weight_decay": trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True),
+        "batch_size": trial.suggest_categorical("batch_size", [32, 64, 128, 256]),
+        "epochs": trial.suggest_int("epochs", 10, 40),
+    }
+
+
+SPACES = {"benchmark": _xgb_space, "pca_boost": _pca_boost_space,
+          "ensemble_mlp": _mlp_space, "ensemble_conv1d": _conv1d_space}
+
+
+def default_storage() -> str:
+    """``optuna.db`` beside the MLflow store when that is a sqlite file, else in the working directory."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri.startswith("sqlite:///"):
+        return f"sqlite:///{Path(uri[len('sqlite:///'):]).parent / 'optuna.db'}"
+    return "sqlite:///optuna.db"
+
+
+def make_storage(url: str, heartbeat: int = 0):
+    """An Optuna storage from a URL (``journal:PATH`` for a journal file)."""
+    url = url or default_storage()
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        return JournalStorage(JournalFileBackend(url[len("journal:"):]))
+    if heartbeat > 0:
+        return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
+                                          failed_trial_callback=_mark_stale_run_failed)
+    return url
+
+
+def _mark_stale_run_failed(study, trial) -> None:
+    """A trial whose worker died (no heartbeat): end its MLflow run as FAILED instead of RUNNING forever."""
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if run_id:
+        try:
+            mlflow.MlflowClient().set_terminated(run_id, status="FAILED")
+            mlflow.MlflowClient().set_tag(run_id, "smp.trial_state", "STALE")
+        except Exception as exc:  # noqa: BLE001 - the study must go on
+            log.warning("could not mark run %s failed: %s", run_id, exc)
+
+
+def make_pruner(cfg: StudyCfg):
+    if cfg.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=cfg.startup_trials, n_warmup_steps=5)
+    if cfg.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner()
+    if cfg.pruner == "none":
+        return optuna.pruners.NopPruner()
+    raise DataError(f"pruner={cfg.pruner!r}: expected median, hyperband or none")
+
+
+def job_for(model: str, source: DataCfg, splitting: SplitCfg, experiment: str):
+    """The entry point's run function and its default config with this data and split."""
+    from smp import train
+
+    table = {
+        "benchmark": (train.run_benchmark, train.BenchmarkJob()),
+        "pca_boost": (train.run_pca_boost, train.PCABoostJob()),
+        "ensemble_mlp": (train.run_ensemble_mlp, train.EnsembleMLPJob()),
+        "ensemble_conv1d": (train.run_ensemble_conv1d, train.EnsembleConv1DJob()),
+    }
+    if model not in table:
+        raise DataError(f"model={model!r}: expected one of {sorted(table)}")
+    run_fn, cfg = table[model]
+    return run_fn, replace(cfg, source=source, splitting=splitting, experiment=experiment)
+
+
+def objective_for(cfg: TuneJob, parent_run_id: str):
+    """The Optuna objective: suggested values -> the entry point's config -> its run() -> val RMSE."""
+    from smp.cli import apply
+
+    run_fn, base = job_for(cfg.study.model, cfg.source, cfg.splitting, cfg.experiment)
+    space = SPACES[cfg.study.model]
+
+    def objective(trial: optuna.Trial) -> float:
+        params = space(trial)
+        job_cfg = apply(base, params)
+        context = {"parent_run_id": parent_run_id, "tags": {
+            "optuna.study": trial.study.study_name, "optuna.trial_number": str(trial.number)}}
+        token = RUN_CONTEXT.set(context)
+        try:
+            if cfg.study.model in ("benchmark", "pca_boost"):
+                from optuna_integration import XGBoostPruningCallback
+
+                callbacks = [XGBoostPruningCallback(trial, "validation_0-rmse"), _run_id_recorder(trial)]
+                metrics = run_fn(job_cfg, callbacks=callbacks)
+            else:
+                def on_epoch(epoch, train_loss, val_rmse):
+                    _record_run_id(trial)
+                    trial.report(val_rmse, epoch)
+                    if trial.should_prune():
+                        raise optuna.TrialPruned(f"pruned at epoch {epoch} (val RMSE {val_rmse:.4f})")
+
+                metrics = run_fn(job_cfg, on_epoch=on_epoch)
+        finally:
+            RUN_CONTEXT.reset(token)
+        trial.set_user_attr("mlflow_run_id", context["run_id"])
+        for key in ("val_mae", "val_spearman", "test_rmse"):
+            if key in metrics:
+                trial.set_user_attr(key, metrics[key])
+        return metrics["val_rmse"]
+
+    return objective
+
+
+def _run_id_recorder(trial):
+    """An XGBoost callback that stores the trial's MLflow run id as soon as training starts."""
+    import xgboost as xgb
+
+    class RunIdRecorder(xgb.callback.TrainingCallback):
+        def before_training(self, model):
+            _record_run_id(trial)
+            return model
+
+    return RunIdRecorder()
+
+
+def _record_run_id(trial) -> None:
+    """Store the active MLflow run id on the trial (so a dead worker's run can be marked FAILED)."""
+    run = mlflow.active_run()
+    if run is not None and "mlflow_run_id" not in trial.user_attrs:
+        trial.set_user_attr("mlflow_run_id", run.info.run_id)
+
+
+def open_study(cfg: TuneJob) -> optuna.Study:
+    """Create or load the study (seeded TPE sampler, the chosen pruner)."""
+    name = cfg.study.study_name or f"smp-{cfg.study.model}-{cfg.splitting.split}"
+    return optuna.create_study(
+        study_name=name, storage=make_storage(cfg.study.storage, cfg.study.heartbeat), direction="minimize",
+        sampler=optuna.samplers.TPESampler(seed=cfg.study.sampler_seed), pruner=make_pruner(cfg.study),
+        load_if_exists=True)
+
+
+def parent_run(study: optuna.Study, cfg: TuneJob) -> str:
+    """The study's parent MLflow run id (created by the first worker, found by the others)."""
+    from smp.tracking import flat_params
+
+    run_id = cfg.study.parent_run or study.user_attrs.get(PARENT_ATTR)
+    if run_id:
+        if PARENT_ATTR not in study.user_attrs:
+            study.set_user_attr(PARENT_ATTR, run_id)
+        return run_id
+    if cfg.experiment:
+        mlflow.set_experiment(cfg.experiment)
+    run = mlflow.MlflowClient().create_run(
+        experiment_id=_experiment_id(cfg.experiment), run_name=f"tune-{study.study_name}",
+        tags={"smp.job": "tune", "smp.model": f"tune:{cfg.study.model}", "optuna.study": study.study_name,
+              "smp.split": cfg.splitting.split})
+    study.set_user_attr(PARENT_ATTR, run.info.run_id)
+    # another worker may have raced us: the first value stored wins
+    winner = optuna.load_study(study_name=study.study_name, storage=study._storage).user_attrs[PARENT_ATTR]
+    if winner != run.info.run_id:
+        mlflow.MlflowClient().delete_run(run.info.run_id)
+        return winner
+    with mlflow.start_run(run_id=run.info.run_id):
+        log_params(flat_params(cfg))
+    return run.info.run_id
+
+
+def _experiment_id(name: str) -> str:
+    if name:
+        return mlflow.get_experiment_by_name(name).experiment_id
+    env_id = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    if env_id:
+        return env_id
+    env_name = os.environ.get("MLFLOW_EXPERIMENT_NAME")
+    if env_name:
+        exp = mlflow.get_experiment_by_name(env_name)
+        return exp.experiment_id if exp else mlflow.create_experiment(env_name)
+    return "0"
+
+
+def run_tune(cfg: TuneJob = TuneJob()) -> dict[str, float]:
+    """Run (or continue) the study for ``cfg.study.model``; log the summary on the parent run."""
+    configure_tracking()
+    launched = os.environ.pop("MLFLOW_RUN_ID", None)  # under `mlflow run`: that run becomes the parent
+    study = open_study(cfg)
+    if launched and PARENT_ATTR not in study.user_attrs:
+        study.set_user_attr(PARENT_ATTR, launched)
+        with mlflow.start_run(run_id=launched):
+            from smp.tracking import flat_params
+
+            log_params(flat_params(cfg))
+            mlflow.set_tags({"smp.job": "tune", "smp.model": f"tune:{cfg.study.model}",
+                             "optuna.study": study.study_name, "smp.split": cfg.splitting.split})
+    parent = parent_run(study, cfg)
+    callbacks = []
+    if cfg.study.max_trials > 0:
+        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        callbacks.append(optuna.study.MaxTrialsCallback(cfg.study.max_trials, states=states))
+    log.info("study %s: parent run %s, %d trials so far", study.study_name, parent, len(study.trials))
+    print(f"study {study.study_name}: parent run {parent}")
+    if cfg.study.n_trials == 0:
+        return {"trials": float(len(study.trials))}
+    study.optimize(objective_for(cfg, parent), n_trials=cfg.study.n_trials if cfg.study.n_trials > 0 else None,
+                   timeout=cfg.study.timeout or None, callbacks=callbacks, catch=(RuntimeError, FloatingPointError),
+                   gc_after_trial=True)
+    return summarise(study, parent)
+
+
+def summarise(study: optuna.Study, parent: str) -> dict[str, float]:
+    """Log best params/value, the study's figures and the best trial's model on the parent run."""
+    states = [t.state for t in study.trials]
+    counts = {s.name.lower(): float(states.count(s)) for s in optuna.trial.TrialState}
+    try:
+        best = study.best_trial
+    except ValueError:
+        log.warning("study %s has no completed trial yet", study.study_name)
+        return {"trials_" + k: v for k, v in counts.items()}
+    client = mlflow.MlflowClient()
+    with mlflow.start_run(run_id=parent):
+        mlflow.log_metrics({"best_val_rmse": best.value, "best_trial": float(best.number),
+                            **{"trials_" + k: v for k, v in counts.items()}})
+        mlflow.log_dict(best.params, "best_params.json")
+        mlflow.set_tags({f"best.{k}": str(v) for k, v in best.params.items()})
+        best_run = best.user_attrs.get("mlflow_run_id")
+        if best_run:
+            mlflow.set_tag("smp.best_run_id", best_run)
+            with tempfile.TemporaryDirectory() as tmp:
+                try:
+                    local = mlflow.artifacts.download_artifacts(f"runs:/{best_run}/model", dst_path=tmp)
+                    mlflow.log_artifacts(local, "best_model")
+                except Exception as exc:  # noqa: BLE001 - the summary still gets logged
+                    log.warning("could not copy the best trial's model: %s", exc)
+        _log_study_figures(study)
+    del client
+    return {"best_val_rmse": best.value, "best_trial": float(best.number),
+            **{"trials_" + k: v for k, v in counts.items()}}
+
+
+def _log_study_figures(study: optuna.Study) -> None:
+    import warnings
+
+    from optuna.visualization import matplotlib as ovm
+
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    figures = [("optimization_history.png", ovm.plot_optimization_history)]
+    if len(complete) >= 2:
+        figures += [("param_importances.png", ovm.plot_param_importances),
+                    ("parallel_coordinate.png", ovm.plot_parallel_coordinate)]
+    for name, plot in figures:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # optuna marks its matplotlib backend experimental
+            try:
+                ax = plot(study)
+                fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+                log_figure(fig, name)
+            except Exception as exc:  # noqa: BLE001 - a figure must not fail the study
+                log.warning("could not plot %s: %s", name, exc)

@@ -1,0 +1,85 @@
+"""Optuna studies: nested runs, resume, pruning, two processes on one storage."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import mlflow
+import optuna
+import pytest
+
+from smp.data import DataCfg
+from smp.splits import SplitCfg
+from smp.tune import StudyCfg, TuneJob, open_study, run_tune
+
+pytestmark = pytest.mark.slow
+
+GOOD = {"max_depth": 3, "learning_rate": 0.3, "n_estimators": 200, "min_child_weight": 1.0, "subsample": 1.0,
+        "colsample_bytree": 1.0, "reg_lambda": 1.0, "reg_alpha": 0.001}
+SLOW = {**GOOD, "learning_rate": 0.005}  # barely moves in the first rounds: the median pruner stops it
+
+
+def _job(smpd_dir, tmp_path, **study) -> TuneJob:
+    study = {"model": "benchmark", "n_trials": 3, "study_name": "t", "startup_trials": 1,
+             "storage": f"sqlite:///{tmp_path}/optuna.db", **study}
+    return TuneJob(source=DataCfg(data=str(smpd_dir)), splitting=SplitCfg(sample_size=0),
+                   study=StudyCfg(**study), experiment="tune")
+
+
+def _children(parent_id):
+    exp = mlflow.get_experiment_by_name("tune").experiment_id
+    return mlflow.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", output_format="list")
+
+
+def test_study_parent_nested_runs_resume_and_pruning(smpd_dir, tmp_path):
+    cfg = _job(smpd_dir, tmp_path)
+    study = open_study(cfg)
+    study.enqueue_trial(GOOD)
+    study.enqueue_trial(SLOW)
+    result = run_tune(cfg)
+    study = optuna.load_study(study_name="t", storage=cfg.study.storage)
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    children = _children(parent)
+    assert len(study.trials) == 3 and len(children) == 3
+    states = {t.number: t.state for t in study.trials}
+    assert states[0] == optuna.trial.TrialState.COMPLETE
+    assert states[1] == optuna.trial.TrialState.PRUNED
+    pruned_run = next(r for r in children if r.data.tags.get("optuna.trial_number") == "1")
+    assert pruned_run.info.status == "KILLED" and pruned_run.data.tags["smp.trial_state"] == "PRUNED"
+    done = [r for r in children if r.info.status == "FINISHED"]
+    assert min(r.data.metrics["val_rmse"] for r in done) == pytest.approx(study.best_value)
+    assert result["best_val_rmse"] == pytest.approx(study.best_value)
+    # the parent holds the summary: best value/params, figures, the best trial's model
+    p = mlflow.get_run(parent)
+    assert p.data.metrics["best_val_rmse"] == pytest.approx(study.best_value)
+    arts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent, "plots")}
+    assert "plots/optimization_history.png" in arts
+    assert mlflow.pyfunc.load_model(f"runs:/{parent}/best_model") is not None
+    # the same name continues the study under the same parent run
+    run_tune(_job(smpd_dir, tmp_path, n_trials=1))
+    study = optuna.load_study(study_name="t", storage=cfg.study.storage)
+    assert len(study.trials) == 4 and study.user_attrs["mlflow_parent_run_id"] == parent
+    assert len(_children(parent)) == 4
+
+
+def test_two_processes_share_one_study(smpd_dir, tmp_path):
+    storage = f"journal:{tmp_path}/study.log"
+    args = [sys.executable, "-m", "smp.cli", "tune", "--data", str(smpd_dir), "--sample-size", "0",
+            "--model", "benchmark", "--study-name", "shared", "--storage", storage, "--experiment", "tune"]
+    init = subprocess.run(args + ["--n-trials", "0"], capture_output=True, text=True, timeout=300)
+    assert init.returncode == 0, init.stderr
+    parent = init.stdout.split("parent run ")[1].split()[0]
+    args += ["--n-trials", "2", "--parent-run", parent]
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    from smp.tune import make_storage
+
+    study = optuna.load_study(study_name="shared", storage=make_storage(storage))
+    assert len(study.trials) == 4
+    assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for t in study.trials)
+    assert study.user_attrs["mlflow_parent_run_id"] == parent
+    children = _children(parent)
+    assert len(children) == 4
+    assert sorted(r.data.tags["optuna.trial_number"] for r in children) == ["0", "1", "2", "3"]
