@@ -156,13 +156,18 @@ def _composition_geometry(gray: np.ndarray) -> float:
     h, w = smooth.shape
     gx = cv2.Sobel(smooth, cv2.CV_32F, 1, 0, ksize=3, borderType=cv2.BORDER_REPLICATE)
     gy = cv2.Sobel(smooth, cv2.CV_32F, 0, 1, ksize=3, borderType=cv2.BORDER_REPLICATE)
-    mag = cv2.magnitude(gx, gy)
-    floor = cv2.mean(mag)[0]  # weak gradients (texture, noise) at or below the mean do not count
+    # IEEE sqrt in numpy: cv2.magnitude gave last-bit differences once torch (oneDNN) had run
+    mag = np.sqrt(gx * gx + gy * gy)
+    # numpy float64 sums, not cv2.moments (thread-dependent) or BLAS dot (alignment-dependent):
+    # bit-identical values in every process
+    floor = mag.mean(dtype=np.float64)  # weak gradients (texture, noise) at or below the mean do not count
     _, weight = cv2.threshold(mag, floor, 0, cv2.THRESH_TOZERO)
-    m = cv2.moments(weight)
-    if m["m00"] <= 1e-6:  # no edges: defined as centred
+    m00 = weight.sum(dtype=np.float64)
+    if m00 <= 1e-6:  # no edges: defined as centred
         return 0.0
-    dx, dy = m["m10"] / m["m00"] - (w - 1) / 2.0, m["m01"] / m["m00"] - (h - 1) / 2.0
+    cx = (weight.sum(axis=0, dtype=np.float64) * np.arange(w)).sum() / m00
+    cy = (weight.sum(axis=1, dtype=np.float64) * np.arange(h)).sum() / m00
+    dx, dy = cx - (w - 1) / 2.0, cy - (h - 1) / 2.0
     return float(min(1.0, np.hypot(dx, dy) / (np.hypot(w, h) / 2.0)))
 
 

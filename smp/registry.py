@@ -29,6 +29,7 @@ from mlflow.exceptions import MlflowException
 
 from smp.data import DataCfg, DataError
 from smp.evaluate import regression_metrics
+from smp.serving import model_input
 from smp.splits import SplitCfg
 from smp.tracking import flat_params, job_run
 
@@ -36,7 +37,7 @@ log = logging.getLogger("smp.registry")
 
 FAMILIES = ("benchmark", "pca_boost", "ensemble_mlp", "ensemble_conv1d")
 CHAMPION, CHALLENGER = "champion", "challenger"
-MIN_SHARED_TEST_ROWS = 30  # fewer common unseen test rows than this: compare the logged test_rmse instead
+MIN_SHARED_TEST_ROWS = 30  # runs split differently sharing fewer unseen test posts: compare logged test_rmse
 
 
 @dataclass(frozen=True)
@@ -72,17 +73,16 @@ def run_promote(cfg: PromoteJob = PromoteJob()) -> dict[str, float]:
         version, created = register_run(client, cfg.model_name, cand_id)
         champ = current_alias(client, cfg.model_name, CHAMPION)
         cand_logged = cand_run.data.metrics.get("test_rmse", math.nan)
-
-        if champ is None or champ.version == version.version:
-            comp = Comparison(cand_logged, math.nan, "logged_metrics", 0,
-                              "no champion yet" if champ is None else "this version is already the champion")
-            decision = CHAMPION
+        if champ is None:
+            comp, decision = Comparison(cand_logged, math.nan, "logged_metrics", 0, "there was no champion"), CHAMPION
+        elif str(champ.version) == str(version.version):
+            comp, decision = Comparison(cand_logged, cand_logged, "unchanged", 0, "already the champion"), CHAMPION
         else:
             comp = compare(cand_run, client.get_run(champ.run_id), cfg.model_name, version.version, champ.version)
             decision = CHAMPION if comp.candidate_rmse < comp.champion_rmse - cfg.margin else CHALLENGER
-
-        set_alias(client, cfg.model_name, decision, version.version)
-        record(client, cfg, cand_run, version.version, champ, comp, decision)
+        if comp.method != "unchanged":  # a champion promoted again keeps the record of how it won
+            set_alias(client, cfg.model_name, decision, version.version)
+            record(client, cfg, cand_run, version.version, champ, comp, decision)
         outcome = {"version": float(version.version), "new_version": float(created),
                    "champion": float(decision == CHAMPION), "candidate_test_rmse": comp.candidate_rmse,
                    "champion_test_rmse": comp.champion_rmse, "eval_rows": float(comp.rows)}
@@ -129,11 +129,17 @@ def given_run(client: MlflowClient, run_id: str):
 
 def has_logged_model(run_id: str) -> bool:
     """True when ``runs:/<run_id>/model`` resolves to a logged model."""
+    return logged_model_uri(run_id) is not None
+
+
+def logged_model_uri(run_id: str) -> str | None:
+    """``models:/<model_id>`` of the run's logged model "model" (MLflow 3), ``runs:/`` for an older layout."""
     try:
-        mlflow.models.get_model_info(f"runs:/{run_id}/model")
-        return True
+        info = mlflow.models.get_model_info(f"runs:/{run_id}/model")
     except (MlflowException, OSError):
-        return False
+        return None
+    model_id = getattr(info, "model_id", None)
+    return f"models:/{model_id}" if model_id else f"runs:/{run_id}/model"
 
 
 def versions_of_run(client: MlflowClient, name: str, run_id: str) -> list:
@@ -152,7 +158,7 @@ def register_run(client: MlflowClient, name: str, run_id: str) -> tuple[object, 
     existing = versions_of_run(client, name, run_id)
     if existing:
         return existing[0], False
-    mine = mlflow.register_model(f"runs:/{run_id}/model", name)
+    mine = mlflow.register_model(logged_model_uri(run_id) or f"runs:/{run_id}/model", name)
     versions = versions_of_run(client, name, run_id) or [mine]
     for extra in versions[1:]:
         try:
@@ -178,14 +184,11 @@ def set_alias(client: MlflowClient, name: str, alias: str, version) -> None:
     client.set_registered_model_alias(name, alias, str(version))
     if alias == CHAMPION:
         challenger = current_alias(client, name, CHALLENGER)
-        if challenger is not None and challenger.version == str(version):
+        if challenger is not None and str(challenger.version) == str(version):
             client.delete_registered_model_alias(name, CHALLENGER)
 
 
 # --------------------------------------------------------------------------- comparing on the same test posts
-SPLIT_PARAMS = ("sample_size", "split", "seed", "val_frac", "test_frac")
-
-
 def split_cfg(params: dict) -> SplitCfg:
     """The ``SplitCfg`` a run was trained with, from its logged params."""
     d = SplitCfg()
@@ -209,16 +212,21 @@ def compare(cand_run, champ_run, name: str, cand_version, champ_version) -> Comp
     except (DataError, OSError) as exc:
         return Comparison(*logged, "logged_metrics", 0,
                           f"the training data could not be read again ({exc}); logged test RMSEs compared")
-    if len(rows) < MIN_SHARED_TEST_ROWS:
+    same = split_cfg(cand_run.data.params) == split_cfg(champ_run.data.params)
+    if len(rows) == 0 or (not same and len(rows) < MIN_SHARED_TEST_ROWS):
         return Comparison(*logged, "logged_metrics", 0,
-                          f"only {len(rows)} test posts are unseen by both models (different splits); "
-                          "logged test RMSEs compared")
+                          f"the runs were split differently and only {len(rows)} test posts are unseen by both "
+                          "models, so their logged test RMSEs are compared")
     rmse = []
     for run, version in ((cand_run, cand_version), (champ_run, champ_version)):
-        model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
-        pred = np.asarray(model.predict(model_rows(rows, run)), dtype=float)
+        try:
+            model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+            pred = np.asarray(model.predict(model_input(model, model_rows(rows, run))), dtype=float)
+        except Exception as exc:  # noqa: BLE001 - recorded in the description; the logged figures decide
+            log.exception("v%s could not predict the shared test posts", version)
+            return Comparison(*logged, "logged_metrics", 0, f"v{version} could not predict the shared test posts "
+                              f"({type(exc).__name__}: {exc}); logged test RMSEs compared")
         rmse.append(regression_metrics(y, pred, "test")["test_rmse"])
-    same = split_cfg(cand_run.data.params) == split_cfg(champ_run.data.params)
     where = "the candidate's test split" if same else "the posts in both runs' test splits"
     return Comparison(rmse[0], rmse[1], "same_rows", len(rows),
                       f"both models predicted the same {len(rows)} posts ({where})")
@@ -262,7 +270,7 @@ def model_rows(rows: pd.DataFrame, run) -> pd.DataFrame:
 # --------------------------------------------------------------------------- recording the decision
 def record(client: MlflowClient, cfg: PromoteJob, cand_run, version, champ, comp: Comparison,
            decision: str) -> None:
-    """Keep the comparison on the model version: tags and a description."""
+    """Keep the comparison on the candidate's model version: tags and a description."""
     tags = cand_run.data.tags
     rmse = lambda v: "nan" if not np.isfinite(v) else f"{v:.4f}"  # noqa: E731
     version_tags = {
@@ -278,7 +286,7 @@ def record(client: MlflowClient, cfg: PromoteJob, cand_run, version, champ, comp
     head = (f"{tags.get('smp.model', '?')} model from run {cand_run.info.run_id} "
             f"(split {tags.get('smp.split', '?')}, data {tags.get('smp.data_hash', '?')}, "
             f"val RMSE {rmse(cand_run.data.metrics.get('val_rmse', math.nan))}).")
-    if champ is None or champ.version == str(version):
+    if champ is None:
         body = f"@{CHAMPION}: {comp.note} (logged test RMSE {rmse(comp.candidate_rmse)})."
     else:
         verb = "beats" if decision == CHAMPION else "does not beat"

@@ -6,16 +6,32 @@ first (``coerce_request``: rows present, ``Pid`` on every row, numbers where
 numbers belong, decodable ``image_b64``, ``image_path`` confined to
 ``SMP_SERVE_IMAGE_ROOT``) and refuses a malformed one with ``RequestRejected``.
 
-What ``mlflow models serve`` does with errors raised from ``predict`` (MLflow
-3.17, ``mlflow/pyfunc/scoring_server``): an ``MlflowException`` is answered
-with ``get_http_status_code()`` (``INVALID_PARAMETER_VALUE`` -> 400) and the
-body ``{"error_code", "message", ...}``, no ``stack_trace`` field -- but the
-server first rewrites ``e.message`` to ``"Failed to predict data '<the whole
-request>'. Error: ..."``, echoing the request (image bytes included) back.
-Any other exception becomes a 400 whose body carries the full traceback in
-``stack_trace``.  Hence ``RequestRejected`` keeps its own message, and an
-unexpected model failure is re-raised as ``PredictionFailed`` (500, no
-traceback in the body; the traceback goes to the server log).
+What ``mlflow models serve`` does with errors (MLflow 3.17,
+``mlflow/pyfunc/scoring_server/__init__.py``):
+
+* an ``MlflowException`` raised from ``predict`` is answered with
+  ``get_http_status_code()`` (``INVALID_PARAMETER_VALUE`` -> 400) and the body
+  ``{"error_code", "message", "sqlstate", "error_class"}`` -- no
+  ``stack_trace`` -- but the server first rewrites ``e.message`` to ``"Failed
+  to predict data '<the whole request>'. Error: ..."``, echoing the request
+  (image bytes included) back.  ``RequestRejected`` keeps its own message.
+* any other exception from ``predict`` becomes a 400 whose body carries the
+  full traceback in ``stack_trace``; so an unexpected model failure is
+  re-raised as ``PredictionFailed`` (500, no traceback in the body; the
+  traceback goes to the server log).
+* errors before ``predict`` are MLflow's own: a body that is not JSON or has
+  no ``dataframe_records`` / ``dataframe_split`` / ``inputs`` key gets a 400
+  naming that; a CSV body that pandas cannot parse gets a 400 *with* a
+  ``stack_trace`` (``parse_csv_input``), which no model code can prevent.
+
+The logged model has no input schema on purpose: MLflow enforces a column
+typed ``Any`` one value at a time in Python (0.6 s per 10,000 posts, more
+than the model itself), refuses CSV requests outright for such a schema
+(400 with a traceback: no pandas dtype for ``Any``), and answers its own
+schema errors with the request echoed; a typed schema would refuse a
+``Pid`` sent as a number.  ``coerce_request`` does the checking instead and
+the accepted columns are listed in the MLmodel metadata
+(``smp_input_columns``, ``smp_required_columns``) beside the input example.
 """
 
 from __future__ import annotations
@@ -202,28 +218,63 @@ def _confined_paths(frame: pd.DataFrame) -> list:
     return out
 
 
+def model_input(model, posts: pd.DataFrame) -> pd.DataFrame:
+    """The columns of ``posts`` that a loaded pyfunc reads (its ``smp_input_columns``, else its schema's names)."""
+    names = (model.metadata.metadata or {}).get("smp_input_columns")
+    schema = model.metadata.get_input_schema()
+    if not names and schema is not None and schema.has_input_names():
+        names = schema.input_names()  # a model logged with an input schema (before smp_input_columns)
+    if not names:
+        return posts.drop(columns=[c for c in ("label",) if c in posts.columns])
+    keep = set(names) | {"Pid"}
+    return posts[[c for c in posts.columns if c in keep]]
+
+
 def example_input(posts: pd.DataFrame, fields, n: int = 5) -> pd.DataFrame:
     """A small raw-rows input example with the columns the model reads."""
     cols = [c for c in fields if c in posts.columns]
     return posts[cols].head(n).reset_index(drop=True)
 
 
-def input_schema(example: pd.DataFrame, image_inputs: bool = True):
-    """Raw-rows input schema: the example's columns plus ``image_b64`` / ``image_path``, all optional.
+def input_columns(example: pd.DataFrame) -> list[str]:
+    """The raw-rows columns a model reads: the example's plus ``image_b64`` / ``image_path``.
 
-    Columns are typed ``Any`` and none is ``required`` in MLflow's sense, so
-    that MLflow's own schema check (whose message repeats the whole request)
-    never answers first: ``coerce_request`` checks ``Pid`` is present, the
-    values are numbers, and the images decode, and names the problem.  Every
-    family accepts the image columns, so a client sends the same request
-    whichever model is champion (a tabular model ignores the image).
+    Every family accepts the image columns, so a client sends the same request
+    whichever model is champion (a tabular model checks the image and ignores it).
     """
-    from mlflow.types.schema import AnyType, ColSpec, Schema
+    return list(example.columns) + [c for c in IMAGE_INPUTS if c not in example.columns]
 
-    cols = list(example.columns)
-    if image_inputs:
-        cols += [c for c in IMAGE_INPUTS if c not in cols]
-    return Schema([ColSpec(AnyType(), c, required=False) for c in cols])
+
+NOT_AT_PREDICT_TIME = ("optuna", "matplotlib")  # smp dependencies no logged model imports
+IMAGE_ONLY = ("torch", "torchvision", "open_clip_torch", "tqdm")  # needed only by models that read images
+
+
+def pip_requirements(needs_images: bool) -> list[str] | None:
+    """smp's own dependencies pinned to the installed versions, or None (MLflow infers) when smp isn't installed.
+
+    MLflow's inference loads the model in a subprocess to see what it imports
+    (~15 s a model on a small machine); the package metadata gives the answer
+    at once, and the bundled ``smp`` code needs exactly these.
+    """
+    from importlib.metadata import PackageNotFoundError, requires, version
+
+    from packaging.requirements import Requirement
+
+    try:
+        specs = requires("smp") or []
+    except PackageNotFoundError:
+        return None
+    skip = set(NOT_AT_PREDICT_TIME) | (set() if needs_images else set(IMAGE_ONLY))
+    out = []
+    for spec in specs:
+        req = Requirement(spec)
+        if (req.marker is not None and not req.marker.evaluate({"extra": ""})) or req.name in skip:
+            continue  # an extra (test, team, dev) or not needed to predict
+        try:
+            out.append(f"{req.name}=={version(req.name)}")
+        except PackageNotFoundError:
+            out.append(str(req))
+    return out
 
 
 def log_model(model, posts_example: pd.DataFrame, name: str = "model"):
@@ -237,8 +288,8 @@ def log_model(model, posts_example: pd.DataFrame, name: str = "model"):
             example[col] = example[col].astype(float)
     example["Pid"] = example["Pid"].astype(str)
     np.asarray(model.predict(example), dtype=float)  # the example must predict before it is logged
-    signature = ModelSignature(inputs=input_schema(example),
-                               outputs=Schema([ColSpec("double", "popularity")]))
+    # No input schema on purpose (see the module docstring): the columns are listed in the MLmodel metadata.
+    signature = ModelSignature(inputs=None, outputs=Schema([ColSpec("double", "popularity")]))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / MODEL_ARTIFACT
         with open(path, "wb") as fh:
@@ -246,5 +297,8 @@ def log_model(model, posts_example: pd.DataFrame, name: str = "model"):
         return mlflow.pyfunc.log_model(
             name=name, python_model=PopularityModel(), artifacts={"smp_model": str(path)},
             signature=signature, input_example=example,
+            metadata={"smp_family": getattr(model, "family", ""), "smp_input_columns": input_columns(example),
+                      "smp_required_columns": ["Pid"]},
+            pip_requirements=pip_requirements(getattr(model, "needs_images", False)),
             code_paths=[str(Path(__file__).resolve().parent)],
         )

@@ -26,6 +26,8 @@ log = logging.getLogger("smp.tracking")
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 # Set by `tune` around each trial: the parent run id and extra tags for the job's run.
 RUN_CONTEXT: contextvars.ContextVar[dict] = contextvars.ContextVar("smp_run_context", default={})
+# The run id of the last job run started in this context (nested runs included).
+LAST_JOB_RUN: contextvars.ContextVar[str] = contextvars.ContextVar("smp_last_job_run", default="")
 
 
 def configure_tracking() -> str:
@@ -75,6 +77,7 @@ def job_run(job: str, experiment: str, params: dict, tags: dict | None = None, n
         mlflow.set_experiment(experiment_id=mlflow.get_run(parent).info.experiment_id)
     run = mlflow.start_run(run_name=job if (nested or not launched) else None, nested=nested and not parent,
                            parent_run_id=parent or None)
+    LAST_JOB_RUN.set(run.info.run_id)
     if parent:
         context["run_id"] = run.info.run_id  # tells `tune` which run this trial made
     try:
@@ -95,6 +98,12 @@ def job_run(job: str, experiment: str, params: dict, tags: dict | None = None, n
         raise
     else:
         mlflow.end_run()
+
+
+def last_job_run_id() -> str:
+    """Id of the run made by the last ``job_run`` in this context (``mlflow.last_active_run``
+    returns the parent instead when the job ran nested)."""
+    return LAST_JOB_RUN.get()
 
 
 def log_params(params: dict) -> None:

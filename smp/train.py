@@ -28,7 +28,7 @@ from smp.models import (BenchmarkModel, EnsembleModel, ImageFeatureSource, PCABo
 from smp.nets import Conv1DCfg, MLPCfg, create_net
 from smp.serving import example_input, log_model
 from smp.splits import SplitCfg, split_indices, subsample
-from smp.tracking import find_finished_run, flat_params, job_run, log_data_inputs, log_figure
+from smp.tracking import find_finished_run, flat_params, last_job_run_id, job_run, log_data_inputs, log_figure
 
 log = logging.getLogger("smp.train")
 
@@ -160,7 +160,7 @@ def upstream_embed(prep: Prepared, source: DataCfg, up: UpstreamCfg, experiment_
         log.info("reusing embed run %s", run_id)
     else:
         run_embed(EmbedJob(source=source, embed=embed_cfg))
-        run_id = mlflow.last_active_run().info.run_id
+        run_id = last_job_run_id()
     tags = mlflow.get_run(run_id).data.tags
     effective = EmbedCfg(clip_model=up.clip_model, clip_pretrained=tags.get("smp.clip_effective_pretrained",
                                                                              up.clip_pretrained),
@@ -200,7 +200,7 @@ def upstream_benchmark(prep: Prepared, cfg, experiment_id: str) -> tuple[str, Be
         log.info("reusing benchmark run %s", run_id)
     else:
         run_benchmark(BenchmarkJob(source=cfg.source, splitting=cfg.splitting, xgb=cfg.xgb, tabular=cfg.tabular))
-        run_id = mlflow.last_active_run().info.run_id
+        run_id = last_job_run_id()
     model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model").unwrap_python_model().model
     mlflow.set_tag("smp.benchmark_run", run_id)
     return run_id, model

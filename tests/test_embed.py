@@ -52,7 +52,7 @@ def images(tmp_path_factory) -> tuple[list[str], list[str | None]]:
 
 def _cfg(cache_dir, **kw) -> EmbedCfg:
     base = dict(clip_pretrained="none", batch_size=4, num_workers=0, chunk_size=4,
-                cache_dir=str(cache_dir), progress=False)
+                cache_dir=str(cache_dir), progress=False, compile="none")  # eager: no graph build
     return EmbedCfg(**{**base, **kw})
 
 
@@ -81,6 +81,7 @@ def test_rows_shape_and_bad_images(images, baseline):
     assert res.stats["computed"] == N_GOOD and res.stats["cache_hits"] == 0
     assert res.stats["embedding_dim"] == 1024 and res.stats["images_per_s"] > 0
     assert res.info["random_weights"] is True and res.info["embedding_dim"] == 1024
+    assert res.info["compile"] == "eager"
     chunk_files = list(Path(res.info["cache_dir"]).glob("chunk-*.npz"))
     assert len(chunk_files) == N_GOOD // 4
     assert not list(Path(res.info["cache_dir"]).glob(".tmp-*"))
@@ -129,7 +130,7 @@ def test_changed_model_or_preprocess_never_reuses_vectors(images, baseline, monk
 
 def test_interrupted_run_resumes(images, baseline, tmp_path):
     _, first = baseline
-    pids, paths = images[0][:6], images[1][:6]
+    pids, paths = images[0][:5], images[1][:5]
     cfg = _cfg(tmp_path, batch_size=2, chunk_size=2)
 
     def stop_after_first_chunk(info):
@@ -138,11 +139,12 @@ def test_interrupted_run_resumes(images, baseline, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         embed_images(pids, paths, cfg, on_chunk=stop_after_first_chunk)
     resumed = embed_images(pids, paths, cfg)
-    assert resumed.stats["cache_hits"] == 2 and resumed.stats["computed"] == 4
+    assert resumed.stats["cache_hits"] == 2 and resumed.stats["computed"] == 3
     np.testing.assert_allclose(resumed.features[CLIP_COLS].to_numpy(),
-                               first.features[CLIP_COLS].to_numpy()[:6], rtol=1e-4, atol=1e-6)
+                               first.features[CLIP_COLS].to_numpy()[:5], rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(resumed.features[list(HANDCRAFTED)].to_numpy(),
-                                  first.features[list(HANDCRAFTED)].to_numpy()[:6])
+                                  first.features[list(HANDCRAFTED)].to_numpy()[:5])
+    assert len(list(Path(resumed.info["cache_dir"]).glob("chunk-*.npz"))) == 3  # 2 + 2 + final 1
 
 
 def test_offline_tag_download_explains_local_checkpoint(monkeypatch, tmp_path):
@@ -157,19 +159,19 @@ def test_offline_tag_download_explains_local_checkpoint(monkeypatch, tmp_path):
     assert "checkpoint=" in msg and "quickgelu" in msg
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 def test_local_checkpoints_state_dict_and_torchscript(tmp_path):
     """A plain state_dict file and an OpenAI-style fp16 TorchScript archive both load."""
     source, _, _ = load_clip(EmbedCfg(clip_pretrained="none", device="cpu"))
-    source = source.float().eval()
-    for p in source.parameters():  # weights unlike the seeded random init
+    half = source.eval().half()  # fp16 like OpenAI's files (and half the bytes to write)
+    for p in half.parameters():  # weights unlike the seeded random init
         p.data.mul_(1.5)
     plain = tmp_path / "plain.pt"
-    torch.save(source.state_dict(), plain)
+    torch.save(half.state_dict(), plain)
     model, _, info = load_clip(EmbedCfg(checkpoint=str(plain), device="cpu"))
     assert info["checkpoint_sha256"] and not info["random_weights"]
-    assert torch.equal(model.visual.conv1.weight, source.visual.conv1.weight)
+    assert torch.equal(model.visual.conv1.weight, half.visual.conv1.weight.float())
 
-    half = source.half()
     with torch.no_grad():
         archive = torch.jit.trace_module(half, {"encode_text": torch.zeros(1, 77, dtype=torch.long)})
     scripted = tmp_path / "RN50-openai-style.pt"
@@ -179,17 +181,25 @@ def test_local_checkpoints_state_dict_and_torchscript(tmp_path):
     assert info["force_quick_gelu"] is True
 
 
-def test_compile_failure_falls_back_to_eager(images, baseline, monkeypatch, tmp_path):
+def test_default_cpu_graph_is_frozen_and_matches_eager(images, baseline, tmp_path):
+    _, first = baseline
+    pids, paths = images[0][:3], images[1][:3]
+    res = embed_images(pids, paths, _cfg(tmp_path, compile="auto", batch_size=2))
+    assert res.info["compile"] == "freeze"  # CPU default: jit trace + freeze
+    np.testing.assert_allclose(res.features[CLIP_COLS].to_numpy(),
+                               first.features[CLIP_COLS].to_numpy()[:3], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode, module, attr", [("inductor", torch, "compile"), ("freeze", torch.jit, "trace")])
+def test_graph_failure_falls_back_to_eager(images, baseline, monkeypatch, tmp_path, mode, module, attr):
     _, first = baseline
 
-    def broken_compile(module, **kwargs):
-        def run(x):
-            raise RuntimeError("no C++ compiler")
-        return run
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler / cannot trace")
 
-    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(module, attr, broken)
     pids, paths = images[0][:3], images[1][:3]
-    res = embed_images(pids, paths, _cfg(tmp_path, compile="inductor"))
+    res = embed_images(pids, paths, _cfg(tmp_path, compile=mode))
     assert res.info["compile"] == "eager" and res.stats["computed"] == 3
     np.testing.assert_allclose(res.features[CLIP_COLS].to_numpy(),
                                first.features[CLIP_COLS].to_numpy()[:3], rtol=1e-4, atol=1e-6)

@@ -189,3 +189,17 @@ def test_decode_errors_have_reasons():
 def test_jpeg_with_trailing_bytes_after_eoi_is_accepted():
     data = _jpeg(_scene(60, 80)) + b"\x00\x00garbage-after-EOI"
     assert decode_image(data).shape == (60, 80, 3)
+
+
+def test_features_do_not_depend_on_opencv_thread_count():
+    """DataLoader workers run OpenCV serially, the main process in parallel: same values."""
+    img = _scene(seed=3)
+    before = cv2.getNumThreads()
+    try:
+        values = set()
+        for threads in (1, 2, 4):
+            cv2.setNumThreads(threads)
+            values.add(tuple(handcrafted_features(img).values()))
+    finally:
+        cv2.setNumThreads(before)
+    assert len(values) == 1

@@ -1,0 +1,166 @@
+"""Model behaviour: the image models, leakage-free stacking, upstream reuse, compare, pyfuncs."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from smp.data import DataCfg, load_data
+from smp.models import XGBCfg, out_of_fold
+from smp.features import TabularCfg
+from smp.nets import Conv1DCfg, MLPCfg
+from smp.report import CompareJob, compare_table, run_compare
+from smp.splits import SplitCfg
+from smp.train import (BenchmarkJob, EnsembleConv1DJob, EnsembleMLPJob, PCABoostJob, StackingCfg, UpstreamCfg,
+                       run_benchmark, run_ensemble_conv1d, run_ensemble_mlp, run_pca_boost)
+from smp.models import PCACfg
+
+pytestmark = pytest.mark.slow
+
+XGB = XGBCfg(n_estimators=60, max_depth=4, learning_rate=0.1, early_stopping_rounds=10)
+UP = UpstreamCfg(clip_pretrained="none")
+
+
+def _common(smpd_dir):
+    return dict(source=DataCfg(data=str(smpd_dir)), splitting=SplitCfg(sample_size=0), xgb=XGB, upstream=UP,
+                experiment="img")
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, smpd_bad):
+    """One tracking store in which all four models were trained on the same tiny data."""
+    root = tmp_path_factory.mktemp("chain")
+    mp = pytest.MonkeyPatch()
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db", "SMP_CACHE_DIR": str(root / "cache")}
+    for k, v in env.items():
+        mp.setenv(k, v)
+    mp.chdir(root)
+    common = _common(smpd_bad)
+    out = {"env": env}
+    out["ensemble_mlp"] = run_ensemble_mlp(EnsembleMLPJob(net=MLPCfg(epochs=4, batch_size=16), stacking=StackingCfg(
+        stacking_folds=3), **common))
+    out["runs_after_first"] = _count_jobs()
+    out["ensemble_mlp_2"] = run_ensemble_mlp(EnsembleMLPJob(net=MLPCfg(epochs=3, batch_size=16),
+                                                            stacking=StackingCfg(stacking_folds=3), **common))
+    out["runs_after_second"] = _count_jobs()
+    out["ensemble_conv1d"] = run_ensemble_conv1d(EnsembleConv1DJob(
+        net=Conv1DCfg(n_pca=8, epochs=3, batch_size=16), stacking=StackingCfg(stacking_folds=3), **common))
+    out["pca_boost"] = run_pca_boost(PCABoostJob(pca=PCACfg(n_components=10), **common))
+    mp.undo()
+    return out
+
+
+@pytest.fixture(scope="module")
+def smpd_bad(tmp_path_factory):
+    """Tiny synthetic SMPD with broken images (zero-byte, truncated, not-an-image, missing)."""
+    from smp.synth import SynthCfg, generate
+
+    return generate(tmp_path_factory.mktemp("bad") / "smpd", SynthCfg(n=120, seed=5, bad_images=4))
+
+
+def _count_jobs():
+    exp = mlflow.get_experiment_by_name("img")
+    runs = mlflow.search_runs([exp.experiment_id], output_format="list")
+    jobs = [r.data.tags.get("smp.job") for r in runs]
+    return {j: jobs.count(j) for j in set(jobs)}
+
+
+def _use(chain, monkeypatch):
+    for k, v in chain["env"].items():
+        monkeypatch.setenv(k, v)
+
+
+def test_upstream_runs_are_reused(chain):
+    assert chain["runs_after_first"]["embed"] == 1 and chain["runs_after_first"]["benchmark"] == 1
+    # the second ensemble run started no embed or benchmark run
+    assert chain["runs_after_second"]["embed"] == 1 and chain["runs_after_second"]["benchmark"] == 1
+    assert chain["runs_after_second"]["ensemble_mlp"] == 2
+
+
+def test_ensemble_runs_log_epochs_and_stacking(chain, monkeypatch):
+    _use(chain, monkeypatch)
+    exp = mlflow.get_experiment_by_name("img").experiment_id
+    run = mlflow.search_runs([exp], filter_string="tags.`smp.job` = 'ensemble_mlp'", output_format="list")[-1]
+    hist = mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_rmse_epoch")
+    assert [m.step for m in hist] == [1, 2, 3, 4]
+    assert run.data.tags["smp.stacking"] == "oof" and run.data.params["stacking_folds"] == "3"
+    assert run.data.tags["smp.clip_random_weights"] == "true"
+    for m in ("test_rmse", "test_mae", "test_bias", "test_error_var", "test_spearman", "test_rmse_baseline"):
+        assert np.isfinite(run.data.metrics[m])
+
+
+def test_each_pyfunc_predicts_raw_rows_and_missing_images(chain, monkeypatch, smpd_bad):
+    _use(chain, monkeypatch)
+    exp = mlflow.get_experiment_by_name("img").experiment_id
+    posts = load_data(str(smpd_bad)).drop(columns=["label"])
+    bad_pids = set(posts.loc[[0, 1, 2, 3], "Pid"])  # not necessarily the broken ones: use image_path below
+    for family in ("pca_boost", "ensemble_mlp", "ensemble_conv1d"):
+        run = mlflow.search_runs([exp], filter_string=f"tags.`smp.job` = '{family}'", output_format="list")[0]
+        model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+        rows = posts.head(12).copy()
+        pred = model.predict(rows)  # features computed from image_path inside the pipeline
+        assert len(pred) == 12 and np.isfinite(pred).all(), family
+        no_image = rows.drop(columns=["image_path"]).head(3)  # no image at all -> still a finite prediction
+        assert np.isfinite(model.predict(no_image)).all(), family
+    assert bad_pids
+
+
+def test_broken_images_kept_and_logged(chain, monkeypatch):
+    _use(chain, monkeypatch)
+    exp = mlflow.get_experiment_by_name("img").experiment_id
+    run = mlflow.search_runs([exp], filter_string="tags.`smp.job` = 'embed'", output_format="list")[0]
+    assert run.data.metrics["bad_images"] == 4 and run.data.metrics["images"] == 120
+    bad = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="bad_images.csv"))
+    assert len(bad) == 4 and bad["reason"].notna().all()
+    feats = pd.read_parquet(mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
+                                                                artifact_path="features.parquet"))
+    assert len(feats) == 120 and int((feats["has_image"] == 0).sum()) == 4
+
+
+def test_compare_table(chain, monkeypatch):
+    _use(chain, monkeypatch)
+    exp = mlflow.get_experiment_by_name("img").experiment_id
+    table = compare_table(exp, "random")
+    assert list(table["model"]) == ["benchmark", "pca_boost", "ensemble_mlp", "ensemble_conv1d"]
+    assert table.loc[table.model == "ensemble_mlp", "paper_rmse"].item() == 1.168
+    latest_mlp = mlflow.search_runs([exp], filter_string="tags.`smp.job` = 'ensemble_mlp'",
+                                    order_by=["attributes.start_time DESC"], output_format="list")[0]
+    assert table.loc[table.model == "ensemble_mlp", "test_rmse"].item() == pytest.approx(
+        latest_mlp.data.metrics["test_rmse"])
+    metrics = run_compare(CompareJob(experiment="img"))
+    assert set(metrics) == {f"{m}_test_rmse" for m in table["model"]}
+    run = mlflow.last_active_run()
+    arts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"compare.md", "compare.csv"} <= arts
+
+
+def test_out_of_fold_never_uses_own_label():
+    """Labels are pure noise and each row has a unique id feature a deep booster memorises."""
+    rng = np.random.default_rng(0)
+    n = 400
+    posts = pd.DataFrame({"Pid": [str(i) for i in range(n)], "Postdate": rng.permutation(n).astype(float) * 1e5 + 1.4e9,
+                          "photo_count": rng.permutation(n).astype(float)})
+    y = rng.normal(6, 2, n)
+    val, y_val = posts.head(50), y[:50]
+    cfg = XGBCfg(n_estimators=150, max_depth=12, learning_rate=0.3, early_stopping_rounds=0)
+    from smp.models import BenchmarkModel
+
+    in_sample = BenchmarkModel(cfg, TabularCfg(), 0).fit(posts, y, val, y_val).predict(posts)
+    oof = out_of_fold(posts, y, val, y_val, cfg, TabularCfg(), seed=0, folds=5)
+    assert np.corrcoef(in_sample, y)[0, 1] > 0.9  # memorised: in-sample stacking would leak the label
+    assert abs(np.corrcoef(oof, y)[0, 1]) < 0.25  # out-of-fold: no trace of the row's own label
+    with pytest.raises(ValueError, match="at least 2 folds"):
+        out_of_fold(posts, y, val, y_val, cfg, TabularCfg(), seed=0, folds=1)
+
+
+def test_image_models_refuse_data_without_images(tmp_path):
+    df = pd.DataFrame({"Pid": range(60), "Category": "A", "Postdate": np.linspace(1.4e9, 1.5e9, 60),
+                       "label": np.linspace(1, 10, 60)})
+    df.to_csv(tmp_path / "posts.csv", index=False)
+    from smp.data import DataError
+
+    with pytest.raises(DataError, match="no images"):
+        run_pca_boost(PCABoostJob(source=DataCfg(data=str(tmp_path / "posts.csv")),
+                                  splitting=SplitCfg(sample_size=0), xgb=XGB, upstream=UP))

@@ -1,0 +1,131 @@
+"""Promotion by alias: the best run becomes @champion, a worse one @challenger, one version per run."""
+
+from __future__ import annotations
+
+import math
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from smp import registry
+from smp.data import DataCfg, DataError
+from smp.models import XGBCfg
+from smp.registry import PromoteJob, run_promote
+from smp.splits import SplitCfg
+from smp.train import BenchmarkJob, run_benchmark
+
+pytestmark = pytest.mark.slow
+
+NAME = "smp-popularity"
+GOOD = XGBCfg(n_estimators=60, max_depth=4, learning_rate=0.1, early_stopping_rounds=10)
+WORSE = XGBCfg(n_estimators=1, max_depth=2, learning_rate=0.01, early_stopping_rounds=10)
+
+
+def train(data, xgb: XGBCfg = GOOD, **split) -> str:
+    """Train a tiny benchmark in experiment "t"; return its run id."""
+    run_benchmark(BenchmarkJob(source=DataCfg(data=str(data)), splitting=SplitCfg(sample_size=0, **split), xgb=xgb,
+                               experiment="t"))
+    return mlflow.last_active_run().info.run_id
+
+
+def versions() -> list:
+    return sorted(mlflow.MlflowClient().search_model_versions(f"name = '{NAME}'"), key=lambda v: int(v.version))
+
+
+def alias(name: str):
+    return registry.current_alias(mlflow.MlflowClient(), NAME, name)
+
+
+def test_champion_then_challenger_and_one_version_per_run(smpd_dir):
+    good = train(smpd_dir)
+    first = run_promote(PromoteJob(experiment="t"))
+    assert first["version"] == 1 and first["champion"] == 1.0 and first["new_version"] == 1.0
+    assert alias("champion").run_id == good
+
+    again = run_promote(PromoteJob(experiment="t"))  # the same best run: reuse its version
+    assert again["version"] == 1 and again["new_version"] == 0.0 and again["champion"] == 1.0
+    assert len(versions()) == 1
+
+    worse = train(smpd_dir, WORSE)
+    out = run_promote(PromoteJob(experiment="t", run_id=worse))
+    assert out["version"] == 2 and out["champion"] == 0.0
+    assert out["eval_rows"] > 0 and out["candidate_test_rmse"] > out["champion_test_rmse"]
+    assert str(alias("champion").version) == "1" and str(alias("challenger").version) == "2"
+
+    # the comparison is kept on the version: tags and description; both models saw the same test posts
+    v2 = mlflow.MlflowClient().get_model_version(NAME, "2")
+    assert v2.run_id == worse
+    assert v2.tags["decision"] == "challenger" and v2.tags["compared_against_version"] == "1"
+    assert v2.tags["comparison"] == "same_rows" and v2.tags["family"] == "benchmark"
+    assert float(v2.tags["champion_test_rmse"]) == pytest.approx(out["champion_test_rmse"], abs=1e-4)
+    assert "does not beat champion v1" in v2.description and worse in v2.description
+    # re-evaluated on the rebuilt test split, each model's RMSE matches the one its run logged
+    logged = {r: mlflow.get_run(r).data.metrics["test_rmse"] for r in (good, worse)}
+    assert out["champion_test_rmse"] == pytest.approx(logged[good], rel=1e-5)
+    assert out["candidate_test_rmse"] == pytest.approx(logged[worse], rel=1e-5)
+
+    # the decision is also a `promote` run
+    runs = mlflow.search_runs(experiment_names=["t"], filter_string="tags.`smp.job` = 'promote'",
+                              order_by=["attributes.start_time DESC"], output_format="list")
+    assert len(runs) == 3 and runs[0].data.tags["smp.decision"] == "challenger"
+    assert runs[0].data.tags["smp.candidate_run"] == worse and runs[0].data.metrics["version"] == 2
+
+
+def test_margin_keeps_champion_until_beaten_by_enough(smpd_dir):
+    worse = train(smpd_dir, WORSE)
+    run_promote(PromoteJob(experiment="t", run_id=worse))
+    better = train(smpd_dir)
+    held = run_promote(PromoteJob(experiment="t", run_id=better, margin=100.0))
+    assert held["champion"] == 0.0 and alias("challenger").run_id == better
+    taken = run_promote(PromoteJob(experiment="t", run_id=better))  # same version, margin 0: now it wins
+    assert taken["champion"] == 1.0 and taken["new_version"] == 0.0
+    assert alias("champion").run_id == better and alias("challenger") is None  # a champion is not also challenger
+    assert len(versions()) == 2
+
+
+def test_racing_promoters_leave_one_version(smpd_dir, monkeypatch):
+    run_id = train(smpd_dir)
+    run_promote(PromoteJob(experiment="t"))  # v1
+    real = registry.versions_of_run
+    calls = {"n": 0}
+
+    def late_view(client, name, rid):  # the first look misses v1, as a promoter racing another would
+        calls["n"] += 1
+        return [] if calls["n"] == 1 else real(client, name, rid)
+
+    monkeypatch.setattr(registry, "versions_of_run", late_view)
+    out = run_promote(PromoteJob(experiment="t"))
+    assert out["version"] == 1 and out["new_version"] == 0.0
+    assert [str(v.version) for v in versions()] == ["1"] and versions()[0].run_id == run_id
+
+
+def test_different_data_falls_back_to_logged_metrics(smpd_dir, tmp_path):
+    train(smpd_dir)
+    run_promote(PromoteJob(experiment="t"))
+    rng = np.random.default_rng(0)
+    n = 200
+    df = pd.DataFrame({"Pid": np.arange(n), "Category": rng.choice(["Fashion", "Travel"], n),
+                       "Postdate": rng.uniform(1.42e9, 1.46e9, n), "tag_count": rng.integers(0, 40, n)})
+    df["label"] = 5 + 0.1 * df["tag_count"] + rng.normal(0, 0.3, n)
+    df.to_csv(tmp_path / "posts.csv", index=False)
+    other = train(tmp_path / "posts.csv")
+    out = run_promote(PromoteJob(experiment="t", run_id=other))
+    v = mlflow.MlflowClient().get_model_version(NAME, str(int(out["version"])))
+    assert v.tags["comparison"] == "logged_metrics" and "different data" in v.description
+    assert out["candidate_test_rmse"] == pytest.approx(mlflow.get_run(other).data.metrics["test_rmse"])
+    assert out["champion"] == float(out["candidate_test_rmse"] < out["champion_test_rmse"])
+
+
+def test_filters_and_nothing_to_promote(smpd_dir):
+    with pytest.raises(DataError, match="no finished model run"):
+        run_promote(PromoteJob(experiment="t"))
+    train(smpd_dir)
+    with pytest.raises(DataError, match="family=pca_boost"):
+        run_promote(PromoteJob(experiment="t", family="pca_boost"))
+    with pytest.raises(DataError, match="split=chrono"):
+        run_promote(PromoteJob(experiment="t", split="chrono"))
+    with pytest.raises(DataError, match="no such run"):
+        run_promote(PromoteJob(experiment="t", run_id="0" * 32))
+    assert math.isfinite(run_promote(PromoteJob(experiment="t", family="benchmark", split="random"))["version"])

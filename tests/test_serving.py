@@ -1,0 +1,298 @@
+"""Serving: request validation, `mlflow models serve` of @champion, and `smp predict` on raw rows."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.exceptions import MlflowException
+
+from smp import serving
+from smp.data import DataCfg, load_data
+from smp.models import XGBCfg
+from smp.predict import PredictJob, predict_rows, run_predict
+from smp.registry import PromoteJob, run_promote
+from smp.serving import PopularityModel, RequestError, RequestRejected, coerce_request
+from smp.splits import SplitCfg
+from smp.train import BenchmarkJob, run_benchmark
+
+CHAMPION = "models:/smp-popularity@champion"
+
+
+def jpeg_b64(colour=(200, 30, 30)) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), colour).save(buf, format="JPEG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+# --------------------------------------------------------------------------- request validation (unit)
+@pytest.mark.parametrize("request_rows, problem", [
+    ([], "no rows"),
+    ([{"photo_count": 3}], "missing required column(s): ['Pid']"),
+    ([{"Pid": "1", "photo_count": "abc"}], "'photo_count'"),
+    ([{"Pid": "1", "photo_count": [1, 2]}], "'photo_count': expected a number"),
+    ([{"Pid": None, "photo_count": 1}], "'Pid': empty"),
+    ([{"Pid": "1", "image_b64": "@@@ not base64"}], "'image_b64': not valid base64 (Pid '1')"),
+    ([{"Pid": "1", "image_b64": base64.b64encode(b"hello").decode()}], "'image_b64': not an image"),
+    ([{"Pid": "1", "image_b64": 42}], "'image_b64': expected a base64 string"),
+])
+def test_malformed_requests_name_the_problem(request_rows, problem):
+    with pytest.raises(RequestError) as err:
+        coerce_request(pd.DataFrame(request_rows))
+    assert problem in str(err.value)
+
+
+def test_valid_request_is_coerced_not_changed():
+    raw = pd.DataFrame([{"Pid": 7, "photo_count": "3", "ispro": True, "Postdate": " ", "image_b64": jpeg_b64()}])
+    frame = coerce_request(raw, decode_images=True)
+    assert frame.loc[0, "Pid"] == "7" and frame.loc[0, "photo_count"] == 3.0 and frame.loc[0, "ispro"] == 1.0
+    assert np.isnan(frame.loc[0, "Postdate"])  # blank = missing, not an error
+    assert raw.loc[0, "photo_count"] == "3"  # the caller's frame is left alone
+
+
+def test_image_paths_confined_to_the_serving_root(tmp_path, monkeypatch):
+    root = tmp_path / "images"
+    (root / "a").mkdir(parents=True)
+    rows = pd.DataFrame([{"Pid": "1", "image_path": "a/x.jpg"}])
+    escape = pd.DataFrame([{"Pid": "2", "image_path": "../secret.jpg"}])
+    absolute = pd.DataFrame([{"Pid": "3", "image_path": "/etc/passwd"}])
+    # in-process (a notebook, `smp predict`): paths are the caller's own
+    assert coerce_request(escape).loc[0, "image_path"] == "../secret.jpg"
+    # a scoring server without a root reads no files at all
+    monkeypatch.setenv("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", "true")
+    with pytest.raises(RequestError, match="reads no server-side files"):
+        coerce_request(rows)
+    # with a root: relative paths resolve below it, escapes are refused
+    monkeypatch.setenv(serving.IMAGE_ROOT_ENV, str(root))
+    assert coerce_request(rows).loc[0, "image_path"] == str((root / "a/x.jpg").resolve())
+    for bad in (escape, absolute):
+        with pytest.raises(RequestError, match="outside the image root"):
+            coerce_request(bad)
+
+
+def test_errors_keep_their_message_and_status():
+    """MLflow's scoring server rewrites ``e.message`` (echoing the request); ours stays the problem."""
+    exc = RequestRejected("column 'photo_count': not a number")
+    exc.message = "Failed to predict data '<the whole request>'. \nError: " + exc.message
+    body = json.loads(exc.serialize_as_json())
+    assert body["message"] == "column 'photo_count': not a number" and "stack_trace" not in body
+    assert exc.get_http_status_code() == 400
+    assert serving.PredictionFailed("boom").get_http_status_code() == 500
+
+    class Broken:
+        needs_images = False
+
+        def predict(self, posts):
+            raise RuntimeError("the booster is gone")
+
+    model = PopularityModel()
+    model.model = Broken()
+    with pytest.raises(MlflowException, match="prediction failed: RuntimeError: the booster is gone") as err:
+        model.predict(None, pd.DataFrame([{"Pid": "1"}]))
+    assert err.value.get_http_status_code() == 500
+    with pytest.raises(RequestRejected, match="no rows"):
+        model.predict(None, pd.DataFrame())
+
+
+def test_predict_rows_isolates_the_rows_a_model_refuses():
+    class Picky:
+        calls = 0
+
+        def predict(self, rows):
+            Picky.calls += 1
+            if (rows["x"] < 0).any():
+                raise RequestRejected(f"column 'x': negative (Pid {rows.loc[rows['x'] < 0, 'Pid'].iloc[0]!r})")
+            return rows["x"].to_numpy(dtype=float)
+
+    rows = pd.DataFrame({"Pid": [str(i) for i in range(64)], "x": np.arange(64.0)})
+    rows.loc[[5, 40], "x"] = -1.0
+    pred, status = predict_rows(Picky(), rows, batch_size=32)
+    assert [i for i, s in enumerate(status) if s != "ok"] == [5, 40]
+    assert status[5] == "error: column 'x': negative (Pid '5')"
+    assert np.isnan(pred[[5, 40]]).all() and np.array_equal(np.delete(pred, [5, 40]), np.delete(np.arange(64.0), [5, 40]))
+    assert Picky.calls < 30  # halving, not one call per row
+
+
+def test_image_features_computed_once_with_reasons(monkeypatch):
+    """`smp predict` embeds the images of an image model's posts once and says which could not be used."""
+    from types import SimpleNamespace
+
+    import smp.embed
+    from smp.models import ImageFeatureSource
+    from smp.predict import with_image_features
+
+    cols = ["hue_count", "clip_0"]
+    seen = {}
+
+    def fake_features(rows, cfg):
+        seen["rows"], seen["cfg"] = len(rows), cfg
+        feats = pd.DataFrame({"Pid": rows["Pid"].to_numpy(), "hue_count": np.arange(len(rows), dtype=float),
+                              "clip_0": 0.5, "has_image": 1.0})
+        feats.loc[1, ["hue_count", "clip_0", "has_image"]] = [np.nan, np.nan, 0.0]
+        feats.attrs["bad"] = pd.DataFrame({"Pid": ["b"], "reason": ["truncated JPEG"]})
+        return feats
+
+    monkeypatch.setattr(smp.embed, "features_for_rows", fake_features)
+    model = SimpleNamespace(unwrap_python_model=lambda: SimpleNamespace(
+        model=SimpleNamespace(images=ImageFeatureSource(cols, embed_cfg="the training settings"))))
+    rows = pd.DataFrame({"Pid": ["a", "b", "c"], "image_b64": [jpeg_b64(), "x", None],
+                         "image_path": [None, None, None]}, index=[7, 8, 9])
+    out, notes = with_image_features(model, rows)
+    assert seen == {"rows": 3, "cfg": "the training settings"}
+    assert list(out["Pid"]) == ["a", "b", "c"] and list(out["hue_count"].fillna(-1)) == [0.0, -1.0, 2.0]
+    assert notes == {"b": "partial: image unusable (truncated JPEG); scored without image features",
+                     "c": "partial: no image given; scored without image features"}
+    # features sent with the posts are used as they are; a tabular model gets the rows untouched
+    given = pd.DataFrame({"Pid": ["a"], "hue_count": [1.0], "clip_0": [0.0]})
+    assert with_image_features(model, given)[0] is given
+    tabular = SimpleNamespace(unwrap_python_model=lambda: SimpleNamespace(model=SimpleNamespace()))
+    assert with_image_features(tabular, rows) == (rows, {})
+
+
+# --------------------------------------------------------------------------- end to end
+def train_and_promote(smpd_dir) -> None:
+    run_benchmark(BenchmarkJob(source=DataCfg(data=str(smpd_dir)), splitting=SplitCfg(sample_size=0),
+                               xgb=XGBCfg(n_estimators=60, max_depth=4, learning_rate=0.1, early_stopping_rounds=10),
+                               experiment="t"))
+    run_promote(PromoteJob(experiment="t"))
+
+
+@pytest.mark.slow
+def test_smp_predict_reports_every_post(smpd_dir, tmp_path):
+    train_and_promote(smpd_dir)
+    posts = load_data(str(smpd_dir)).drop(columns=["label", "image_path"]).head(12).astype({"photo_count": object})
+    posts.loc[3, "photo_count"] = "abc"                 # unparseable: scored as missing, and said so
+    posts["image_b64"] = None
+    posts.loc[7, "image_b64"] = "this is not base64!"   # refused by the model: reported, not dropped
+    posts.loc[8, "image_b64"] = jpeg_b64()              # a tabular model ignores a good image
+    posts.to_csv(tmp_path / "raw.csv", index=False)
+
+    out_path = tmp_path / "out" / "pred.csv"
+    metrics = run_predict(PredictJob(input=str(tmp_path / "raw.csv"), output=str(out_path), batch_size=5))
+    out = pd.read_csv(out_path, dtype={"Pid": str})
+    assert list(out.columns) == ["Pid", "popularity", "status"]
+    assert list(out["Pid"]) == list(posts["Pid"].astype(str))  # every post, in input order
+    status = dict(zip(out["Pid"], out["status"]))
+    pid = posts["Pid"].astype(str)
+    assert status[pid[3]].startswith("partial: unparseable photo_count='abc'")
+    assert status[pid[7]] == f"error: column 'image_b64': not valid base64 (Pid '{pid[7]}')"
+    assert np.isnan(out.loc[7, "popularity"])  # not scored
+    assert (out.drop(index=[3, 7])["status"] == "ok").all() and np.isfinite(out.drop(index=7)["popularity"]).all()
+    assert metrics["rows"] == 12 and metrics["error_rows"] == 1 and metrics["partial_rows"] == 1
+    assert metrics["scored_rows"] == 11
+
+    # the same rows straight through the registered pyfunc, as a notebook would
+    model = mlflow.pyfunc.load_model(CHAMPION)
+    ok = load_data(tmp_path / "raw.csv").drop(index=7).drop(columns=["image_b64"]).reset_index(drop=True)
+    assert np.allclose(model.predict(ok), out.drop(index=7)["popularity"], rtol=1e-6)
+    run = mlflow.last_active_run()
+    assert run.data.tags["smp.job"] == "predict" and run.data.tags["smp.model_version"] == "1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(port: int, payload, content_type="application/json") -> tuple[int, str]:
+    import requests
+
+    data = payload if isinstance(payload, str) else json.dumps(payload)
+    r = requests.post(f"http://127.0.0.1:{port}/invocations", data=data, headers={"Content-Type": content_type},
+                      timeout=60)
+    return r.status_code, r.text
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_champion(smpd_dir, tmp_path):
+    import requests
+
+    train_and_promote(smpd_dir)
+    raw = load_data(str(smpd_dir)).drop(columns=["label", "image_path"]).head(4)
+    records = json.loads(raw.to_json(orient="records"))
+    records[1]["image_b64"] = jpeg_b64()  # the same request shape serves image models
+
+    # a plain Python session resolves the alias (only the tracking URI is set)
+    code = ("import json, sys, mlflow, pandas as pd; model = mlflow.pyfunc.load_model(%r); "
+            "print(json.dumps([float(p) for p in model.predict(pd.read_json(sys.stdin, dtype={'Pid': str}))]))"
+            % CHAMPION)
+    plain = subprocess.run([sys.executable, "-c", code], input=raw.to_json(orient="records"), text=True,
+                           capture_output=True, timeout=120, cwd=tmp_path,
+                           env={k: v for k, v in os.environ.items() if not k.startswith("SMP_")})
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    expected = mlflow.pyfunc.load_model(CHAMPION).predict(raw)
+    assert np.allclose(json.loads(plain.stdout.strip().splitlines()[-1]), expected, rtol=1e-6)
+
+    port = free_port()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop(serving.IMAGE_ROOT_ENV, None)
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log_file:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "models", "serve", "-m", CHAMPION, "--env-manager", "local",
+             "-h", "127.0.0.1", "-p", str(port)],
+            env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert server.poll() is None, f"server exited: {log_path.read_text()[-3000:]}"
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, f"no /ping answer in 90 s: {log_path.read_text()[-3000:]}"
+            time.sleep(0.5)
+
+        status, body = post(port, {"dataframe_records": records})
+        assert status == 200, body
+        served = np.array(json.loads(body)["predictions"], dtype=float)
+        assert np.isfinite(served).all() and np.allclose(served, expected, rtol=1e-5)
+
+        malformed = {
+            "missing Pid": ({"dataframe_records": [{"photo_count": 3}]}, "'Pid'"),
+            "not a number": ({"dataframe_records": [{"Pid": "1", "photo_count": "abc"}]}, "'photo_count'"),
+            "bad image": ({"dataframe_records": [{"Pid": "1", "image_b64": "%%%"}]}, "'image_b64'"),
+            "not an image": ({"dataframe_records": [{"Pid": "1", "image_b64": base64.b64encode(b"hi").decode()}]},
+                             "not an image"),
+            "server path": ({"dataframe_records": [{"Pid": "1", "image_path": "../../etc/passwd"}]},
+                            "'image_path'"),
+            "empty": ({"dataframe_records": []}, "no rows"),
+            "no table": ({}, "dataframe_records"),
+            "not JSON": ("{oops", "JSON"),
+        }
+        for what, (payload, problem) in malformed.items():
+            status, body = post(port, payload)
+            assert 400 <= status < 500, (what, status, body)
+            assert problem in body and "Traceback" not in body and "stack_trace" not in body, (what, body)
+        assert "Failed to predict data" not in post(port, malformed["not a number"][0])[1]  # no echo of the request
+
+        # CSV bodies work too (no input schema for MLflow to turn into pandas dtypes)
+        csv_text = raw.to_csv(index=False)  # (CSV turns an empty Title into a missing one, hence its own expectation)
+        status, body = post(port, csv_text, "text/csv")
+        in_process = mlflow.pyfunc.load_model(CHAMPION).predict(pd.read_csv(io.StringIO(csv_text)))
+        assert status == 200 and np.allclose(json.loads(body)["predictions"], in_process, rtol=1e-5), body
+        status, body = post(port, "Pid,photo_count\n1,abc\n", "text/csv")
+        assert status == 400 and "'photo_count'" in body and "stack_trace" not in body, body
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=15)

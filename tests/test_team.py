@@ -1,0 +1,361 @@
+"""Team mode under faults: PostgreSQL + `mlflow server`, several tuning workers, promotes racing.
+
+One PostgreSQL (``scripts/pg.sh``) and one ``mlflow server`` (runs and registry in PostgreSQL,
+artifacts served from a directory) on free 127.0.0.1 ports for the whole module; the Optuna studies
+live in the same PostgreSQL.  Workers are real ``smp tune`` processes, as on a team's machines.
+Skipped only when PostgreSQL's server binaries cannot be found (``apt-get install -y postgresql``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+
+from smp.data import DataCfg
+from smp.splits import SplitCfg
+from smp.tune import StudyCfg, TuneJob, open_study, run_tune
+
+pytestmark = pytest.mark.integration
+
+HEARTBEAT = 3  # seconds; a trial without a heartbeat for 3x this is stale (smp.tune.make_storage)
+# Bounded client retries: rides out a server restart (0+2+4+...+64 s, about two minutes), then a clear error.
+RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "7", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+             "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+# A trial that runs for minutes on the tiny data (every round is also reported to Optuna): killed mid-way.
+SLOW = {"max_depth": 6, "learning_rate": 0.005, "n_estimators": 3000, "min_child_weight": 1.0, "subsample": 1.0,
+        "colsample_bytree": 1.0, "reg_lambda": 1.0, "reg_alpha": 0.001}
+DONE = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+@pytest.fixture(autouse=True)
+def _forget_tracking_uri():
+    """In-process jobs here set MLflow's global tracking URI to the team server: drop it afterwards."""
+    yield
+    mlflow.set_tracking_uri(None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition, timeout: float, what: str, every: float = 0.5):
+    """Poll ``condition()`` until it returns something truthy (returned) or fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def healthy(url: str) -> bool:
+    import requests
+
+    try:
+        return requests.get(f"{url}/health", timeout=5).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+@dataclass
+class Team:
+    """A PostgreSQL and an `mlflow server` on loopback, plus the tiny data the workers tune on."""
+
+    root: Path        # the repository (scripts/)
+    work: Path        # throwaway: pg/, artifacts/, logs, data
+    pg: str           # postgresql+psycopg2://smp@127.0.0.1:PORT (databases smp and optuna)
+    url: str          # http://127.0.0.1:PORT of the tracking server
+    data: Path        # synthetic SMPD, 160 posts
+    server: subprocess.Popen | None = None
+
+    @property
+    def storage(self) -> str:
+        return f"{self.pg}/optuna"
+
+    def env(self, **extra) -> dict:
+        """The environment of a team member's process: the server as tracking URI, bounded retries."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        return {**env, "MLFLOW_TRACKING_URI": self.url, "SMP_CACHE_DIR": str(self.work / "cache"), **RETRY_ENV,
+                **extra}
+
+    def client(self) -> mlflow.MlflowClient:
+        return mlflow.MlflowClient(tracking_uri=self.url, registry_uri=self.url)
+
+    def start_server(self, timeout: float = 300) -> None:
+        port = self.url.rsplit(":", 1)[1]
+        log = open(self.work / "mlflow-server.log", "ab")
+        self.server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"{self.pg}/smp",
+             "--artifacts-destination", str(self.work / "artifacts"), "--host", "127.0.0.1", "--port", port,
+             "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=self.env())
+        log.close()
+        deadline = time.monotonic() + timeout
+        while not healthy(self.url):
+            if self.server.poll() is not None or time.monotonic() > deadline:
+                tail = (self.work / "mlflow-server.log").read_text(errors="replace")[-3000:]
+                self.stop_server()
+                pytest.fail(f"mlflow server did not come up on {self.url}:\n{tail}")
+            time.sleep(1)
+
+    def stop_server(self) -> None:
+        """SIGTERM the server's process group (uvicorn workers included), SIGKILL after 60 s."""
+        if self.server is None:
+            return
+        for sig, grace in ((signal.SIGTERM, 60), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(self.server.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.server.wait(grace)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        self.server = None
+
+
+@pytest.fixture(scope="module")
+def team(pytestconfig):
+    """PostgreSQL + mlflow server on free loopback ports for this module; everything stopped afterwards."""
+    root = pytestconfig.rootpath
+    pg_sh = root / "scripts" / "pg.sh"
+    found = subprocess.run(["bash", str(pg_sh), "bindir"], capture_output=True, text=True)
+    if found.returncode != 0:
+        pytest.skip("PostgreSQL server binaries not found ($PG_BIN, `pg_config --bindir`, "
+                    "/usr/lib/postgresql/*/bin); install them with `apt-get install -y postgresql`")
+    try:
+        import psycopg2  # noqa: F401
+    except ImportError:
+        pytest.fail("psycopg2 is missing: `pip install -e .[team]` (or psycopg2-binary)")
+    work = Path(tempfile.mkdtemp(prefix="smp-team-"))  # not under pytest's private tmp: postgres must reach it
+    work.chmod(0o755)
+    started = subprocess.run(["bash", str(pg_sh), "start", str(work / "pg"), str(free_port())], capture_output=True,
+                             text=True, timeout=120)
+    if started.returncode != 0:
+        shutil.rmtree(work, ignore_errors=True)
+        pytest.fail(f"scripts/pg.sh start failed:\n{started.stdout}\n{started.stderr}")
+    from smp.synth import SynthCfg, generate
+
+    t = Team(root=root, work=work, pg=started.stdout.strip().splitlines()[-1],
+             url=f"http://127.0.0.1:{free_port()}", data=generate(work / "smpd", SynthCfg(n=160, seed=3)))
+    try:
+        t.start_server()
+        yield t
+    finally:
+        t.stop_server()
+        subprocess.run(["bash", str(pg_sh), "stop", str(work / "pg")], timeout=120)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- helpers
+def tune_args(team: Team, study: str, *extra: str) -> list[str]:
+    return ["--data", str(team.data), "--sample-size", "0", "--model", "benchmark", "--study-name", study,
+            "--storage", team.storage, "--experiment", study, *extra]
+
+
+def worker(team: Team, study: str, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    """One `smp tune` worker process (output in work/<study>-<pid>.log)."""
+    log = open(team.work / f"{study}-{time.monotonic_ns()}.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "smp.cli", "tune", *tune_args(team, study, *extra)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env or team.env(), cwd=team.work)
+    proc.log_path = log.name
+    log.close()
+    return proc
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    """Wait for a worker; its output.  Fails the test (and kills the worker) if it overruns."""
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"worker {proc.pid} ran over {timeout} s:\n{Path(proc.log_path).read_text()[-3000:]}")
+    return Path(proc.log_path).read_text(errors="replace")
+
+
+def create_study(team: Team, study: str, monkeypatch, enqueue=()) -> str:
+    """Create the study and its parent run here (as `--n-trials 0` does); enqueue trials; the parent id."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", team.url)
+    cfg = TuneJob(source=DataCfg(data=str(team.data)), splitting=SplitCfg(sample_size=0),
+                  study=StudyCfg(n_trials=0, study_name=study, storage=team.storage), experiment=study)
+    for params in enqueue:
+        open_study(cfg).enqueue_trial(params)
+    run_tune(cfg)
+    return load(team, study).user_attrs["mlflow_parent_run_id"]
+
+
+def load(team: Team, study: str) -> optuna.Study:
+    return optuna.load_study(study_name=study, storage=team.storage)
+
+
+def trial_runs(team: Team, study: str, parent: str) -> list:
+    exp = team.client().get_experiment_by_name(study).experiment_id
+    return team.client().search_runs([exp], f"tags.mlflow.parentRunId = '{parent}'", max_results=1000)
+
+
+def check_one_run_per_trial(team: Team, study: optuna.Study, parent: str) -> dict:
+    """No trial lost or run twice: numbers 0..n-1, each with exactly one nested run; ``{number: run}``."""
+    numbers = sorted(t.number for t in study.trials)
+    assert numbers == list(range(len(numbers)))
+    runs = trial_runs(team, study.study_name, parent)
+    by_trial = {}
+    for r in runs:
+        n = int(r.data.tags["optuna.trial_number"])
+        assert n not in by_trial, f"trial {n} has two runs: {by_trial[n].info.run_id}, {r.info.run_id}"
+        by_trial[n] = r
+    assert sorted(by_trial) == numbers
+    for t in study.trials:
+        assert t.user_attrs.get("mlflow_run_id") in (None, by_trial[t.number].info.run_id)
+    return by_trial
+
+
+# --------------------------------------------------------------------------- the study four workers share
+@pytest.fixture(scope="module")
+def four_workers(team):
+    """`scripts/tune_workers.sh 4`: one study, 4 worker processes x 2 trials; (study name, parent, output)."""
+    t0 = time.monotonic()
+    out = subprocess.run(["bash", str(team.root / "scripts" / "tune_workers.sh"), "4",
+                          *tune_args(team, "four", "--n-trials", "2", "--heartbeat", str(HEARTBEAT))],
+                         capture_output=True, text=True, env={**team.env(), "PYTHON": sys.executable},
+                         cwd=team.work, timeout=600)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    parent = out.stdout.split("parent run ")[1].split()[0]
+    print(f"4 workers x 2 trials: {time.monotonic() - t0:.0f} s")
+    return "four", parent, out.stdout
+
+
+def test_four_workers_lose_no_trial_and_run_none_twice(team, four_workers):
+    name, parent, output = four_workers
+    study = load(team, name)
+    assert len(study.trials) == 8 and all(t.state in DONE for t in study.trials), output[-3000:]
+    assert study.user_attrs["mlflow_parent_run_id"] == parent
+    by_trial = check_one_run_per_trial(team, study, parent)
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in by_trial.values())  # KILLED = pruned
+    assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 8  # seeds differ per worker
+    finished = [r for r in by_trial.values() if r.info.status == "FINISHED"]
+    assert min(r.data.metrics["val_rmse"] for r in finished) == pytest.approx(study.best_value)
+    assert by_trial[study.best_trial.number].data.metrics["val_rmse"] == pytest.approx(study.best_value)
+    for w in range(4):
+        assert f"[w{w}]" in output
+
+
+def test_two_promotes_at_once_make_one_champion(team, four_workers):
+    name = four_workers[0]
+    cmd = [sys.executable, "-m", "smp.cli", "promote", "--experiment", name, "--model-name", "smp-team-race"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=team.env(),
+                              cwd=team.work) for _ in range(2)]
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=300)[0])
+        except subprocess.TimeoutExpired:
+            p.kill()
+            outs.append(p.communicate()[0])
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+    client = team.client()
+    versions = client.search_model_versions("name = 'smp-team-race'")
+    assert len(versions) == 1, [(v.version, v.run_id) for v in versions]
+    champion = client.get_model_version_by_alias("smp-team-race", "champion")
+    assert champion.version == versions[0].version
+    best = load(team, name).best_trial.user_attrs["mlflow_run_id"]
+    assert champion.run_id == best
+
+
+# --------------------------------------------------------------------------- a worker killed mid-trial
+def test_killed_worker_fails_its_trial_and_the_study_goes_on(team, monkeypatch):
+    name = "killed"
+    parent = create_study(team, name, monkeypatch, enqueue=[SLOW])
+    hb = ["--heartbeat", str(HEARTBEAT), "--pruner", "none"]
+    victim = worker(team, name, "--n-trials", "1", *hb)
+
+    def slow_trial_training():
+        trials = load(team, name).trials
+        run_id = trials[0].user_attrs.get("mlflow_run_id") if trials else None
+        return run_id if run_id and team.client().get_run(run_id).info.status == "RUNNING" else None
+
+    killed_run = wait_for(slow_trial_training, 240, "the victim's trial 0 to train (RUNNING in MLflow)")
+    other = worker(team, name, "--n-trials", "2", *hb)
+    wait_for(lambda: len(load(team, name).trials) >= 2, 240, "another worker's trial")
+    assert load(team, name).trials[0].state == optuna.trial.TrialState.RUNNING, "trial 0 ended before the kill"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(30)
+    killed_at = time.monotonic()
+    time.sleep(max(0.0, 3 * HEARTBEAT + 1 - (time.monotonic() - killed_at)))  # trial 0 is stale now
+    restarted = worker(team, name, "--n-trials", "1", *hb)  # the killed worker, restarted
+    for proc in (other, restarted):
+        out = finish(proc)
+        assert proc.returncode == 0, out[-3000:]
+
+    study = load(team, name)
+    assert study.trials[0].state == optuna.trial.TrialState.FAIL
+    assert len(study.trials) == 4 and all(t.state in DONE for t in study.trials[1:])
+    by_trial = check_one_run_per_trial(team, study, parent)
+    stale = team.client().get_run(killed_run)
+    assert by_trial[0].info.run_id == killed_run
+    assert stale.info.status == "FAILED" and stale.data.tags["smp.trial_state"] == "STALE"
+    assert not [r.info.run_id for r in by_trial.values() if r.info.status == "RUNNING"]
+
+
+# --------------------------------------------------------------------------- the tracking server restarted
+def test_tracking_server_restart_mid_study_loses_nothing(team, monkeypatch):
+    name = "restart"
+    parent = create_study(team, name, monkeypatch)
+    proc = worker(team, name, "--n-trials", "3", "--pruner", "none")
+
+    def first_done_second_started():
+        trials = load(team, name).trials
+        return len(trials) >= 2 and trials[0].state in DONE
+
+    wait_for(first_done_second_started, 300, "trial 0 to finish and trial 1 to start")
+    before = {r.info.run_id: r for r in trial_runs(team, name, parent)}
+    before[parent] = team.client().get_run(parent)
+    team.stop_server()
+    assert not healthy(team.url)
+    time.sleep(2)  # the worker meets a dead server
+    team.start_server()
+    out = finish(proc, timeout=400)
+    assert proc.returncode == 0, out[-3000:]
+
+    study = load(team, name)
+    assert len(study.trials) == 3 and all(t.state in DONE for t in study.trials)
+    by_trial = check_one_run_per_trial(team, study, parent)
+    assert all(r.info.status == "FINISHED" for r in by_trial.values())
+    for run_id, old in before.items():  # what was logged before the restart is all still there
+        new = team.client().get_run(run_id)
+        assert old.data.params.items() <= new.data.params.items()
+        assert old.data.metrics.items() <= new.data.metrics.items()
+        assert old.data.tags.items() <= new.data.tags.items() or run_id == parent  # parent: summary tags added
+        if old.info.status == "FINISHED" and run_id != parent:
+            assert new.info.status == "FINISHED"
+            assert mlflow.models.get_model_info(f"runs:/{run_id}/model").model_uri
+
+
+def test_a_server_that_stays_down_fails_clearly(smpd_dir, tmp_path, monkeypatch):
+    dead = f"127.0.0.1:{free_port()}"
+    for key, value in {"MLFLOW_TRACKING_URI": f"http://{dead}", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+                       "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}.items():
+        monkeypatch.setenv(key, value)
+    cfg = TuneJob(source=DataCfg(data=str(smpd_dir)), splitting=SplitCfg(sample_size=0),
+                  study=StudyCfg(n_trials=1, study_name="down", storage=f"sqlite:///{tmp_path}/optuna.db"))
+    t0 = time.monotonic()
+    with pytest.raises(mlflow.exceptions.MlflowException, match="Max retries exceeded") as err:
+        run_tune(cfg)
+    assert time.monotonic() - t0 < 60
+    assert dead in str(err.value)
