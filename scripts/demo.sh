@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
-exec mlflow run . -e benchmark --env-manager local "$@"
+exec mlflow run . -e ensemble_mlp --env-manager local "$@"

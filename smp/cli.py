@@ -17,7 +17,7 @@ from dataclasses import fields, is_dataclass, replace
 
 def jobs() -> dict:
     """``{name: (run_fn, default_cfg, help)}`` for every job (imported lazily)."""
-    from smp import embed, report, synth, train, tune
+    from smp import embed, predict, registry, report, synth, train, tune
 
     table = {
         "synth": (synth.run_synth, synth.SynthJob(), "write a synthetic SMPD dataset (official layout, JPEGs)"),
@@ -30,6 +30,9 @@ def jobs() -> dict:
                             "benchmark prediction + PCA'd image features -> Conv1D net"),
         "compare": (report.run_compare, report.CompareJob(), "the paper's results table from this experiment's runs"),
         "tune": (tune.run_tune, tune.TuneJob(), "an Optuna study (nested MLflow runs) for one model family"),
+        "promote": (registry.run_promote, registry.PromoteJob(),
+                    "register the best run; alias champion only if it beats the current champion"),
+        "predict": (predict.run_predict, predict.PredictJob(), "predict popularity for raw posts with a model URI"),
     }
     return table
 

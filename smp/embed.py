@@ -355,7 +355,7 @@ def _cache_dir(cfg: EmbedCfg, spec: dict) -> Path:
 class _Cache:
     """Chunk files ``chunk-*.npz`` (keys, handcrafted, clip) in one spec directory."""
 
-    def __init__(self, directory: Path, spec: dict):
+    def __init__(self, directory: Path):
         self.dir = directory
         self.index: dict[str, tuple[str, int]] = {}  # image sha256 -> (chunk file, row)
         if not directory.is_dir():
@@ -417,6 +417,11 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 # ----------------------------------------------------------------------------- dataset
 
 
+def _no_path(path) -> bool:
+    """True for None, NaN (a missing value from pandas) and ""."""
+    return path is None or (isinstance(path, float) and np.isnan(path)) or str(path) == ""
+
+
 class _Images:
     """Map-style dataset over paths: read -> sha256 -> (cached: key only | decode ->
     handcrafted -> preprocess). Never raises for a bad image: it returns a reason."""
@@ -429,7 +434,7 @@ class _Images:
 
     def __getitem__(self, i: int) -> dict:
         path = self.paths[i]
-        if path is None or (isinstance(path, float) and np.isnan(path)) or str(path) == "":
+        if _no_path(path):
             return {"i": i, "bad": "no image path"}
         try:
             data = Path(path).read_bytes()
@@ -493,14 +498,20 @@ def embed_images(
     n = len(pids)
     spec = _spec(cfg)
     d = spec["embedding_dim"]
-    cache = _Cache(_cache_dir(cfg, spec), spec)
+    if loaded is not None:
+        same = ("model", "weights_id", "precision", "force_quick_gelu", "preprocess_version")
+        if any(loaded[2].get(k) != spec[k] for k in same):
+            raise ValueError(f"`loaded` was built for {[loaded[2].get(k) for k in same]}, "
+                             f"cfg asks for {[spec[k] for k in same]}")
+    cache = _Cache(_cache_dir(cfg, spec))
     log.info("feature cache %s: %d images indexed", cache.dir, len(cache.index))
 
     hc_out = np.full((n, len(HANDCRAFTED)), np.nan, dtype=np.float64)
     clip_out = np.full((n, d), np.nan, dtype=np.float32)
     has_image = np.zeros(n, dtype=np.int64)
     bad_rows: list[tuple[int, str]] = []
-    hits: dict[str, list[int]] = {}
+    hits: dict[str, list[int]] = {}  # cached image key -> output rows
+    n_hits = 0
     pending_keys: list[str] = []
     pending_hc: list[np.ndarray] = []
     pending_clip: list[np.ndarray] = []
@@ -510,7 +521,7 @@ def embed_images(
     t_first_done = None
     computed_after_first = 0
 
-    graph_mode = _graph_mode(cfg, info["device"], sum(p is not None and str(p) != "" for p in paths))
+    graph_mode = _graph_mode(cfg, info["device"], sum(not _no_path(p) for p in paths))
 
     def flush(final: bool) -> None:
         nonlocal chunks, pending_keys, pending_hc, pending_clip
@@ -547,12 +558,13 @@ def embed_images(
                 bad_rows.append((i, reason))
             for i, key in batch["cached"]:
                 hits.setdefault(key, []).append(i)
+            n_hits += len(batch["cached"])
             if batch["todo"]:
+                t_b = time.perf_counter()
                 if encoder is None:
                     model, _, model_info = loaded if loaded is not None else load_clip(cfg)
                     info.update(model_info)
                     encoder = _Encoder(model, info["device"], cfg.batch_size, graph_mode)
-                t_b = time.perf_counter()
                 emb = encoder(batch["pixels"])
                 rows = [i for i, _ in batch["todo"]]
                 hc_out[rows], clip_out[rows], has_image[rows] = batch["hc"], emb, 1
@@ -567,7 +579,7 @@ def embed_images(
                 pending_hc += list(batch["hc"])
                 pending_clip += list(emb)
                 flush(final=False)
-                bar.set_postfix(computed=computed, cached=sum(map(len, hits.values())))
+                bar.set_postfix(computed=computed, cached=n_hits)
             bar.update(batch["n"])
         flush(final=True)
     finally:
@@ -578,7 +590,6 @@ def embed_images(
         cache.read(hits, hc_out, clip_out)
         for rows in hits.values():
             has_image[rows] = 1
-    n_hits = sum(map(len, hits.values()))
     if computed == 0 and n_hits:
         log.info("all %d images served from cache (%s)", n_hits, cache.dir)
     elif n_hits:
@@ -600,7 +611,7 @@ def embed_images(
     bad = pd.DataFrame(
         {
             "Pid": pd.Series([str(pids[i]) for i, _ in bad_rows], dtype=object),
-            "path": pd.Series([None if paths[i] is None else str(paths[i]) for i, _ in bad_rows], dtype=object),
+            "path": pd.Series([None if _no_path(paths[i]) else str(paths[i]) for i, _ in bad_rows], dtype=object),
             "reason": pd.Series([r for _, r in bad_rows], dtype=object),
         }
     )

@@ -158,8 +158,7 @@ def _composition_geometry(gray: np.ndarray) -> float:
     gy = cv2.Sobel(smooth, cv2.CV_32F, 0, 1, ksize=3, borderType=cv2.BORDER_REPLICATE)
     # IEEE sqrt in numpy: cv2.magnitude gave last-bit differences once torch (oneDNN) had run
     mag = np.sqrt(gx * gx + gy * gy)
-    # numpy float64 sums, not cv2.moments (thread-dependent) or BLAS dot (alignment-dependent):
-    # bit-identical values in every process
+    # float64 numpy sums (no BLAS dot, whose result can depend on memory alignment)
     floor = mag.mean(dtype=np.float64)  # weak gradients (texture, noise) at or below the mean do not count
     _, weight = cv2.threshold(mag, floor, 0, cv2.THRESH_TOZERO)
     m00 = weight.sum(dtype=np.float64)
@@ -178,11 +177,14 @@ def clarity_contrast(img: np.ndarray) -> float:
     """Share of the luminance signal energy in the high-frequency band, in [0, 1].
 
     ``sum((Y - G_sigma * Y)^2) / sum((Y - mean(Y))^2)`` with Y the BT.601 luma and
-    G_sigma a Gaussian low-pass (sigma = 1 px). By Parseval this is the share of
-    the image's spectral energy passed by the high-pass filter 1 - G_sigma: the
-    spatial-domain form of Ke et al.'s blur measure (the fraction of
-    high-frequency Fourier content). Sharp, well-contrasted edges score high, a
-    blurred copy of the same image scores lower; a flat image scores 0.
+    G_sigma a 5x5 Gaussian low-pass (sigma = 1 px). By Parseval this is the share of
+    the image's spectral energy passed by the high-pass filter 1 - G_sigma: a
+    spatial-domain counterpart of Ke et al.'s blur measure (the share of Fourier
+    coefficients above a threshold). Luo & Tang (ECCV 2008) call "clarity
+    contrast" the ratio of such a high-frequency share inside the subject region
+    to the whole image's; without subject detection this is the whole-image
+    share. Sharp, well-contrasted edges score high, a blurred copy of the same
+    image scores lower; a flat image scores 0.
     """
     return _clarity(_gray(to_rgb_uint8(img)))
 
@@ -219,10 +221,14 @@ def color_entropy(img: np.ndarray) -> float:
 def composition_geometry(img: np.ndarray) -> float:
     """Offset of the edge centroid from the image centre, in [0, 1].
 
-    The edge map is the Sobel gradient magnitude |grad Y| of the luma; its
-    magnitude-weighted centroid's distance from the centre is divided by the
-    half-diagonal ``sqrt(W^2 + H^2) / 2``. 0 = edges balanced around the centre;
-    an edge-free (flat) image is defined as 0.
+    Edge map: the Sobel gradient magnitude |grad Y| of the luma's next Gaussian
+    pyramid level (5x5 Gaussian, half resolution), keeping only gradients above
+    the image's mean magnitude (so fine texture and noise do not pull the
+    centroid to the centre). The magnitude-weighted centroid's distance from the
+    centre is divided by the half-diagonal ``sqrt(W^2 + H^2) / 2``. 0 = edges
+    balanced around the centre; an edge-free (flat) image is defined as 0.
+    (Ke et al. use the spatial spread of Laplacian edges; this is the centroid
+    offset the paper describes.)
     """
     return _composition_geometry(_gray(to_rgb_uint8(img)))
 

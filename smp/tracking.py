@@ -87,7 +87,8 @@ def job_run(job: str, experiment: str, params: dict, tags: dict | None = None, n
         if commit:
             all_tags.setdefault("mlflow.source.git.commit", commit)
         mlflow.set_tags(all_tags)
-        log_params(params)
+        already = mlflow.get_run(run.info.run_id).data.params if launched else {}  # `mlflow run` logged some
+        log_params({k: v for k, v in params.items() if k not in already})
         yield run
     except BaseException as exc:
         if type(exc).__name__ == "TrialPruned":  # optuna pruned this trial: visible as such in MLflow
@@ -108,7 +109,10 @@ def last_job_run_id() -> str:
 
 def log_params(params: dict) -> None:
     """Log params (values stringified; MLflow caps a value at 6000 chars)."""
-    clean = {k: (str(v)[:6000] if not isinstance(v, (int, float, str, bool)) else v) for k, v in params.items()}
+    def text(v):
+        return ",".join(map(str, v)) if isinstance(v, tuple) else v if isinstance(v, (int, float, str, bool)) else str(v)
+
+    clean = {k: text(v) for k, v in params.items()}
     items = list(clean.items())
     for i in range(0, len(items), 90):  # MLflow batches at most 100 params per call
         mlflow.log_params(dict(items[i:i + 90]))

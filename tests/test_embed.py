@@ -181,13 +181,27 @@ def test_local_checkpoints_state_dict_and_torchscript(tmp_path):
     assert info["force_quick_gelu"] is True
 
 
-def test_default_cpu_graph_is_frozen_and_matches_eager(images, baseline, tmp_path):
+def test_frozen_graph_and_a_preloaded_model_match_eager(images, baseline, tmp_path):
     _, first = baseline
     pids, paths = images[0][:3], images[1][:3]
-    res = embed_images(pids, paths, _cfg(tmp_path, compile="auto", batch_size=2))
-    assert res.info["compile"] == "freeze"  # CPU default: jit trace + freeze
+    cfg = _cfg(tmp_path, compile="freeze", batch_size=2)
+    loaded = load_clip(cfg)  # reused across calls, e.g. by a server
+    res = embed_images(pids, paths, cfg, loaded=loaded)
+    assert res.info["compile"] == "freeze"
     np.testing.assert_allclose(res.features[CLIP_COLS].to_numpy(),
                                first.features[CLIP_COLS].to_numpy()[:3], rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="loaded"):
+        embed_images(pids, paths, replace(cfg, force_quick_gelu=True), loaded=loaded)
+
+
+def test_auto_graph_mode():
+    cpu, many, few = EmbedCfg(), 10_000, 10
+    assert embed._graph_mode(cpu, "cpu", many) == "freeze"  # tracing pays off
+    assert embed._graph_mode(cpu, "cpu", few) == "eager"
+    assert embed._graph_mode(cpu, "cuda", many) == "eager"
+    assert embed._graph_mode(replace(cpu, compile="inductor"), "cpu", few) == "inductor"
+    with pytest.raises(ValueError):
+        embed._graph_mode(replace(cpu, compile="jit"), "cpu", few)
 
 
 @pytest.mark.parametrize("mode, module, attr", [("inductor", torch, "compile"), ("freeze", torch.jit, "trace")])
