@@ -15,6 +15,10 @@
 # journal:PATH / sqlite on one machine; the default (sqlite beside the MLflow store) is only for one machine.
 # Exit status: 0 when every worker succeeded, else 1 (the failed workers are listed).
 # Python: $PYTHON, else ./.venv/bin/python of this checkout, else python3.
+# Defaults (each only when unset): OMP_NUM_THREADS = cores / N, so N XGBoost workers do not oversubscribe
+# the CPUs (4 workers x all cores ran 4x slower on 2 cores); MLFLOW_DISABLE_TELEMETRY=true (MLflow 3.17's
+# telemetry thread, when it cannot reach its endpoint, deletes an environment variable while requests
+# iterates os.environ: an occasional KeyError '_MLFLOW_TELEMETRY_SESSION_ID' against a tracking server).
 set -euo pipefail
 
 usage() { echo "usage: $0 N [smp tune args...]   (N >= 1 workers)" >&2; exit 2; }
@@ -27,6 +31,12 @@ py=${PYTHON:-}
 if [ -z "$py" ]; then
   if [ -x "$root/.venv/bin/python" ]; then py=$root/.venv/bin/python; else py=python3; fi
 fi
+
+if [ -z "${OMP_NUM_THREADS:-}" ]; then
+  cores=$(nproc 2>/dev/null || echo 1)
+  export OMP_NUM_THREADS=$(( cores / n > 0 ? cores / n : 1 ))
+fi
+export MLFLOW_DISABLE_TELEMETRY=${MLFLOW_DISABLE_TELEMETRY:-true}
 
 # the sampler seed the user asked for (the last --sampler-seed wins, as in argparse)
 seed=0

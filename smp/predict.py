@@ -25,7 +25,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from smp.data import load_data
+from smp.data import DataError, load_data
 from smp.serving import model_input
 from smp.tracking import flat_params, job_run
 
@@ -51,7 +51,11 @@ def run_predict(cfg: PredictJob = PredictJob()) -> dict[str, float]:
     notes = unparseable_notes(posts)
     with job_run("predict", cfg.experiment, flat_params(cfg), {"smp.model_uri": cfg.model}):
         t0 = time.perf_counter()
-        model = mlflow.pyfunc.load_model(cfg.model)
+        try:
+            model = mlflow.pyfunc.load_model(cfg.model)
+        except mlflow.exceptions.MlflowException as exc:
+            raise DataError(f"model {cfg.model!r} cannot be loaded ({exc.message}); register one with "
+                            "`smp promote` or pass a runs:/<run_id>/model URI") from None
         load_seconds = time.perf_counter() - t0
         mlflow.set_tags(model_lineage(cfg.model, model))
         t0 = time.perf_counter()

@@ -20,7 +20,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 from smp import serving
-from smp.data import DataCfg, load_data
+from smp.data import DataCfg, DataError, load_data
 from smp.models import XGBCfg
 from smp.predict import PredictJob, predict_rows, run_predict
 from smp.registry import PromoteJob, run_promote
@@ -129,9 +129,8 @@ def test_predict_rows_isolates_the_rows_a_model_refuses():
 
 def test_image_features_computed_once_with_reasons(monkeypatch):
     """`smp predict` embeds the images of an image model's posts once and says which could not be used."""
-    from types import SimpleNamespace
+    from types import ModuleType, SimpleNamespace
 
-    import smp.embed
     from smp.models import ImageFeatureSource
     from smp.predict import with_image_features
 
@@ -146,7 +145,9 @@ def test_image_features_computed_once_with_reasons(monkeypatch):
         feats.attrs["bad"] = pd.DataFrame({"Pid": ["b"], "reason": ["truncated JPEG"]})
         return feats
 
-    monkeypatch.setattr(smp.embed, "features_for_rows", fake_features)
+    fake_embed = ModuleType("smp.embed")  # stands in for CLIP (and spares this test importing torch)
+    fake_embed.features_for_rows = fake_features
+    monkeypatch.setitem(sys.modules, "smp.embed", fake_embed)
     model = SimpleNamespace(unwrap_python_model=lambda: SimpleNamespace(
         model=SimpleNamespace(images=ImageFeatureSource(cols, embed_cfg="the training settings"))))
     rows = pd.DataFrame({"Pid": ["a", "b", "c"], "image_b64": [jpeg_b64(), "x", None],
@@ -173,6 +174,8 @@ def train_and_promote(smpd_dir) -> None:
 
 @pytest.mark.slow
 def test_smp_predict_reports_every_post(smpd_dir, tmp_path):
+    with pytest.raises(DataError, match="cannot be loaded"):  # nothing promoted yet
+        run_predict(PredictJob(input=str(smpd_dir)))
     train_and_promote(smpd_dir)
     posts = load_data(str(smpd_dir)).drop(columns=["label", "image_path"]).head(12).astype({"photo_count": object})
     posts.loc[3, "photo_count"] = "abc"                 # unparseable: scored as missing, and said so
