@@ -29,6 +29,8 @@ import argparse
 import json
 import os
 import platform
+import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -83,9 +85,22 @@ def main(argv=None) -> dict:
     parser.add_argument("--image-posts", type=int, default=300, help="synthetic posts to train the image model on")
     parser.add_argument("--image-single", type=int, default=20, help="unseen images to time one by one")
     parser.add_argument("--json", default="", help="also write the figures here")
+    parser.add_argument("--keep", action="store_true", help="keep the throw-away tracking store (path printed)")
     args = parser.parse_args(argv)
-
+    args.json = str(Path(args.json).resolve()) if args.json else ""  # the run happens inside the store
+    args.data = str(Path(args.data).resolve()) if Path(args.data).exists() else args.data
     store = tempfile.mkdtemp(prefix="smp-bench-")
+    try:
+        return run(args, store)
+    finally:
+        if args.keep:
+            print(f"tracking store kept in {store}", file=sys.stderr)
+        else:
+            shutil.rmtree(store, ignore_errors=True)
+
+
+def run(args, store: str) -> dict:
+    """Train, promote and time; ``store`` holds the throw-away tracking store and feature cache."""
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store}/mlflow.db"
     os.environ["SMP_CACHE_DIR"] = f"{store}/cache"  # a cold feature cache: "unseen" images really are
     os.chdir(store)  # artifacts (./mlruns) go to the throw-away store too

@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import cv2
 import numpy as np
 import open_clip
 import pandas as pd
@@ -544,14 +545,16 @@ def embed_images(
         shuffle=False,
         num_workers=cfg.num_workers,
         collate_fn=_collate,
-        # fork workers: no re-import. Torch sets 1 thread in each; OpenCV runs serially in a
-        # child forked after the parent used it (calling cv2.setNumThreads there deadlocks)
+        # fork workers: no re-import; torch sets 1 thread in each, OpenCV inherits the 1
+        # thread set below (calling cv2.setNumThreads inside a forked child can deadlock)
         pin_memory=info["device"].startswith("cuda"),
-        prefetch_factor=4 if cfg.num_workers > 0 else None,
+        prefetch_factor=2 if cfg.num_workers > 0 else None,  # bounds memory: 2 batches per worker
         generator=torch.Generator().manual_seed(0),  # worker seeds without touching global RNG
     )
     bar = tqdm(total=n, unit="img", desc="embed", disable=not cfg.progress, smoothing=0.1)
     t_loop = time.perf_counter()
+    cv2_threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)  # parallelism is across images (workers), not inside OpenCV calls
     try:
         for batch in loader:
             for i, reason in batch["bad"]:
@@ -583,6 +586,7 @@ def embed_images(
             bar.update(batch["n"])
         flush(final=True)
     finally:
+        cv2.setNumThreads(cv2_threads)
         bar.close()
     t_end = time.perf_counter()
 

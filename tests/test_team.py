@@ -230,48 +230,91 @@ def check_one_run_per_trial(team: Team, study: optuna.Study, parent: str) -> dic
     return by_trial
 
 
-# --------------------------------------------------------------------------- the study four workers share
+# --------------------------------------------------------------------------- 4 workers, server restarted mid-study
+@dataclass
+class SharedStudy:
+    name: str
+    parent: str
+    output: str          # tune_workers.sh's output, all workers
+    before: dict         # run id -> Run, as read just before the tracking server was restarted
+    downtime: float      # seconds the tracking server was away
+
+
 @pytest.fixture(scope="module")
 def four_workers(team):
-    """`scripts/tune_workers.sh 4`: one study, 4 worker processes x 2 trials; (study name, parent, output)."""
-    cfg = TuneJob(study=StudyCfg(study_name="four", storage=team.storage))
-    for params in FAST:  # the script creates the parent run; the 8 trials are quick ones
+    """`scripts/tune_workers.sh 4` x 2 trials on one study; once trials have finished, the tracking
+    server is stopped and started again while the workers go on."""
+    name = "four"
+    cfg = TuneJob(study=StudyCfg(study_name=name, storage=team.storage))
+    for params in FAST:  # quick trials; the script itself creates the parent run
         open_study(cfg).enqueue_trial(params)
     log = team.work / "four.log"
     t0 = time.monotonic()
     with open(log, "wb") as out:
         proc = subprocess.Popen(["bash", str(team.root / "scripts" / "tune_workers.sh"), "4",
-                                 *tune_args(team, "four", "--n-trials", "2", "--heartbeat", str(HEARTBEAT))],
+                                 *tune_args(team, name, "--n-trials", "2", "--heartbeat", str(HEARTBEAT))],
                                 stdout=out, stderr=subprocess.STDOUT, env={**team.env(), "PYTHON": sys.executable},
                                 cwd=team.work, start_new_session=True)
     try:
-        proc.wait(480)
-    except subprocess.TimeoutExpired:
+        def some_done():
+            trials = load(team, name).trials
+            return sum(t.state in DONE for t in trials) >= 2 or proc.poll() is not None
+
+        wait_for(some_done, 400, "2 trials to finish", every=1)
+        assert proc.poll() is None, log.read_text()[-4000:]
+        study = load(team, name)
+        parent = study.user_attrs["mlflow_parent_run_id"]
+        before = {r.info.run_id: r for r in trial_runs(team, name, parent)}
+        before[parent] = team.client().get_run(parent)
+        down = time.monotonic()
+        team.stop_server()
+        assert not healthy(team.url)
+        time.sleep(2)
+        team.start_server()
+        downtime = time.monotonic() - down
+        proc.wait(max(60.0, 600 - (time.monotonic() - t0)))
+    except BaseException:
         os.killpg(proc.pid, signal.SIGKILL)  # the script and its workers
         proc.wait()
+        raise
     output = log.read_text(errors="replace")
     assert proc.returncode == 0, output[-5000:]
-    print(f"tune_workers.sh 4 x 2 trials: {time.monotonic() - t0:.0f} s")
-    return "four", output.split("parent run ")[1].split()[0], output
+    print(f"tune_workers.sh 4 x 2 trials: {time.monotonic() - t0:.0f} s, tracking server down {downtime:.0f} s")
+    return SharedStudy(name, parent, output, before, downtime)
 
 
 def test_four_workers_lose_no_trial_and_run_none_twice(team, four_workers):
-    name, parent, output = four_workers
-    study = load(team, name)
-    assert len(study.trials) == 8 and all(t.state in DONE for t in study.trials), output[-3000:]
-    assert study.user_attrs["mlflow_parent_run_id"] == parent
-    by_trial = check_one_run_per_trial(team, study, parent)
+    study = load(team, four_workers.name)
+    assert len(study.trials) == 8 and all(t.state in DONE for t in study.trials), four_workers.output[-3000:]
+    assert study.user_attrs["mlflow_parent_run_id"] == four_workers.parent
+    assert f"parent run {four_workers.parent}: starting 4 workers" in four_workers.output
+    by_trial = check_one_run_per_trial(team, study, four_workers.parent)
     assert all(r.info.status in ("FINISHED", "KILLED") for r in by_trial.values())  # KILLED = pruned
     finished = [r for r in by_trial.values() if r.info.status == "FINISHED"]
     assert min(r.data.metrics["val_rmse"] for r in finished) == pytest.approx(study.best_value)
     assert by_trial[study.best_trial.number].data.metrics["val_rmse"] == pytest.approx(study.best_value)
-    for w in range(4):  # every worker ran trials under the one parent
-        assert f"[w{w}]" in output
+    for w in range(4):  # every worker ran trials of this study
+        assert f"[w{w}] study {four_workers.name}: parent run {four_workers.parent}" in four_workers.output
+
+
+def test_tracking_server_restart_mid_study_loses_nothing(team, four_workers):
+    assert "Retrying" in four_workers.output  # workers met the stopped server and retried (urllib3's warning)
+    assert len(four_workers.before) >= 3  # the parent and the finished trials' runs, at least
+    client = team.client()
+    for run_id, old in four_workers.before.items():  # what was logged before the restart is all still there
+        new = client.get_run(run_id)
+        assert old.data.params.items() <= new.data.params.items()
+        assert old.data.tags.keys() <= new.data.tags.keys()
+        if run_id != four_workers.parent:  # (the parent's summary metrics are rewritten by each worker)
+            assert old.data.metrics.items() <= new.data.metrics.items()
+        if old.info.status == "FINISHED" and run_id != four_workers.parent:
+            assert new.info.status == "FINISHED"
+            assert client.get_logged_model(old.outputs.model_outputs[0].model_id).status.name == "READY"
 
 
 def test_two_promotes_at_once_make_one_champion(team, four_workers):
-    name = four_workers[0]
-    cmd = [sys.executable, "-m", "smp.cli", "promote", "--experiment", name, "--model-name", "smp-team-race"]
+    cmd = [sys.executable, "-m", "smp.cli", "promote", "--experiment", four_workers.name,
+           "--model-name", "smp-team-race"]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=team.env(),
                               cwd=team.work) for _ in range(2)]
     outs = []
@@ -287,40 +330,50 @@ def test_two_promotes_at_once_make_one_champion(team, four_workers):
     assert len(versions) == 1, [(v.version, v.run_id) for v in versions]
     champion = client.get_model_version_by_alias("smp-team-race", "champion")
     assert champion.version == versions[0].version
-    best = load(team, name).best_trial.user_attrs["mlflow_run_id"]
-    assert champion.run_id == best
+    assert champion.run_id == load(team, four_workers.name).best_trial.user_attrs["mlflow_run_id"]
 
 
 # --------------------------------------------------------------------------- a worker killed mid-trial
 def test_killed_worker_fails_its_trial_and_the_study_goes_on(team, monkeypatch):
     name = "killed"
-    parent = create_study(team, name, monkeypatch, enqueue=[SLOW, *FAST[:4]])
+    parent = create_study(team, name, monkeypatch, enqueue=[SLOW, *FAST[:3]])
     hb = ["--heartbeat", str(HEARTBEAT), "--pruner", "none"]
-    workers = [worker(team, name, "--n-trials", "3", *hb), worker(team, name, "--n-trials", "3", *hb)]
+    workers = [worker(team, name, "--n-trials", "2", *hb), worker(team, name, "--n-trials", "2", *hb)]
+    try:
+        def slow_trial_training_and_another_done():
+            trials = load(team, name).trials
+            run_id = trials[0].user_attrs.get("mlflow_run_id") if trials else None
+            if not (run_id and trials[1:2] and trials[1].state in DONE):
+                return None
+            return run_id if team.client().get_run(run_id).info.status == "RUNNING" else None
 
-    def slow_trial_training_and_another_done():
-        trials = load(team, name).trials
-        run_id = trials[0].user_attrs.get("mlflow_run_id") if trials else None
-        if not (run_id and trials[1:2] and trials[1].state in DONE):
-            return None
-        return run_id if team.client().get_run(run_id).info.status == "RUNNING" else None
-
-    killed_run = wait_for(slow_trial_training_and_another_done, 300,
-                          "trial 0 (slow) training, RUNNING in MLflow, and trial 1 finished")
-    # the worker holding trial 0 has finished nothing: the other one logged "Trial 1 finished"
-    victim, other = sorted(workers, key=lambda p: "Trial 1 finished" in Path(p.log_path).read_text())
-    assert load(team, name).trials[0].state == optuna.trial.TrialState.RUNNING
-    victim.send_signal(signal.SIGKILL)
-    victim.wait(30)
-    time.sleep(3 * HEARTBEAT + 1)  # trial 0 is stale now
-    restarted = worker(team, name, "--n-trials", "1", *hb)  # the killed worker, started again
-    for proc in (other, restarted):
-        out = finish(proc)
-        assert proc.returncode == 0, out[-3000:]
+        killed_run = wait_for(slow_trial_training_and_another_done, 300,
+                              "trial 0 (slow) training, RUNNING in MLflow, and trial 1 finished")
+        # the worker that holds trial 0 has finished nothing; the other one logs "Trial 1 finished"
+        logged = wait_for(lambda: [p for p in workers if "Trial 1 finished" in Path(p.log_path).read_text()], 30,
+                          "a worker's log line 'Trial 1 finished'")
+        other, victim = logged[0], next(p for p in workers if p is not logged[0])
+        assert load(team, name).trials[0].state == optuna.trial.TrialState.RUNNING
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(30)
+        time.sleep(3 * HEARTBEAT + 1)  # trial 0 is stale from now on
+        # the killed worker, started again (here, in-process): it fails the stale trial, then runs one
+        for key, value in RETRY_ENV.items():
+            monkeypatch.setenv(key, value)
+        run_tune(TuneJob(source=DataCfg(data=str(team.data)), splitting=SplitCfg(sample_size=0), experiment=name,
+                         study=StudyCfg(n_trials=1, study_name=name, storage=team.storage, heartbeat=HEARTBEAT,
+                                        pruner="none", parent_run=parent)))
+        out = finish(other)
+        assert other.returncode == 0, out[-3000:]
+    finally:
+        for p in workers:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
     study = load(team, name)
     assert study.trials[0].state == optuna.trial.TrialState.FAIL
-    assert len(study.trials) == 5 and all(t.state in DONE for t in study.trials[1:])
+    assert len(study.trials) == 4 and all(t.state in DONE for t in study.trials[1:])
     by_trial = check_one_run_per_trial(team, study, parent)
     assert by_trial[0].info.run_id == killed_run
     stale = team.client().get_run(killed_run)
@@ -328,43 +381,7 @@ def test_killed_worker_fails_its_trial_and_the_study_goes_on(team, monkeypatch):
     assert [n for n, r in by_trial.items() if r.info.status == "RUNNING"] == []
 
 
-# --------------------------------------------------------------------------- the tracking server restarted
-def test_tracking_server_restart_mid_study_loses_nothing(team, monkeypatch):
-    name = "restart"
-    parent = create_study(team, name, monkeypatch, enqueue=FAST[:3])
-    proc = worker(team, name, "--n-trials", "3", "--pruner", "none")
-
-    def first_done_second_started():
-        trials = load(team, name).trials
-        return len(trials) >= 2 and trials[0].state in DONE
-
-    wait_for(first_done_second_started, 300, "trial 0 to finish and trial 1 to start")
-    before = {r.info.run_id: r for r in trial_runs(team, name, parent)}
-    before[parent] = team.client().get_run(parent)
-    t0 = time.monotonic()
-    team.stop_server()
-    assert not healthy(team.url)
-    time.sleep(2)
-    team.start_server()
-    print(f"tracking server down for {time.monotonic() - t0:.0f} s")
-    out = finish(proc, timeout=400)
-    assert proc.returncode == 0, out[-3000:]
-    assert "Retrying" in out  # the worker met the dead server and retried (urllib3's warning)
-
-    study = load(team, name)
-    assert len(study.trials) == 3 and all(t.state in DONE for t in study.trials)
-    by_trial = check_one_run_per_trial(team, study, parent)
-    assert all(r.info.status == "FINISHED" for r in by_trial.values())
-    for run_id, old in before.items():  # what was logged before the restart is all still there
-        new = team.client().get_run(run_id)
-        assert old.data.params.items() <= new.data.params.items()
-        assert old.data.metrics.items() <= new.data.metrics.items()
-        assert old.data.tags.keys() <= new.data.tags.keys()
-        if old.info.status == "FINISHED" and run_id != parent:
-            assert new.info.status == "FINISHED"
-            assert mlflow.models.get_model_info(f"runs:/{run_id}/model").model_uri
-
-
+# --------------------------------------------------------------------------- no server at all
 def test_a_server_that_stays_down_fails_clearly(smpd_dir, tmp_path, monkeypatch):
     dead = f"127.0.0.1:{free_port()}"
     for key, value in {"MLFLOW_TRACKING_URI": f"http://{dead}", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
