@@ -122,6 +122,7 @@ def _spec(cfg: EmbedCfg) -> dict:
         "precision": "amp_fp16" if device.startswith("cuda") else "fp32",
         "preprocess_version": PREPROCESS_VERSION,
         "embedding_dim": int(model_cfg["embed_dim"]),
+        "image_size": model_cfg["vision_cfg"]["image_size"],
     }
     if cfg.checkpoint:
         if not os.path.isfile(cfg.checkpoint):
@@ -245,7 +246,7 @@ def load_clip(cfg: EmbedCfg):
     visual = model.visual
     info = {
         **spec,
-        "image_size": getattr(visual, "image_size", None),
+        "image_size": getattr(visual, "image_size", spec["image_size"]),
         "device": device,
         "torch": torch.__version__,
         "open_clip": open_clip.__version__,
