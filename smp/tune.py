@@ -38,6 +38,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -323,15 +324,27 @@ def summarise(study: optuna.Study, parent: str) -> dict[str, float]:
     except ValueError:
         log.warning("study %s has no completed trial yet", study.study_name)
         return {"trials_" + k: v for k, v in counts.items()}
+    for attempt in range(3):  # several workers may summarise at once; the server can refuse a racing write
+        try:
+            _log_summary(study, best, parent, counts)
+            break
+        except mlflow.exceptions.MlflowException as exc:
+            log.warning("summary on parent run %s failed (attempt %d/3): %s", parent, attempt + 1, exc)
+            time.sleep(1.0 + attempt)
+    return {"best_val_rmse": best.value, "best_trial": float(best.number),
+            **{"trials_" + k: v for k, v in counts.items()}}
+
+
+def _log_summary(study, best, parent: str, counts: dict) -> None:
     client = mlflow.MlflowClient()
+    client.log_batch(parent, metrics=[
+        mlflow.entities.Metric(k, v, int(time.time() * 1000), 0)
+        for k, v in {"best_val_rmse": best.value, "best_trial": float(best.number),
+                     **{"trials_" + k: v for k, v in counts.items()}}.items()])
     with mlflow.start_run(run_id=parent):
-        mlflow.log_metrics({"best_val_rmse": best.value, "best_trial": float(best.number),
-                            **{"trials_" + k: v for k, v in counts.items()}})
         mlflow.log_dict(best.params, "best_params.json")
-        mlflow.set_tags({f"best.{k}": str(v) for k, v in best.params.items()})
         best_run = best.user_attrs.get("mlflow_run_id")
         if best_run:
-            mlflow.set_tag("smp.best_run_id", best_run)
             with tempfile.TemporaryDirectory() as tmp:
                 try:
                     local = mlflow.artifacts.download_artifacts(f"runs:/{best_run}/model", dst_path=tmp)
@@ -339,9 +352,12 @@ def summarise(study: optuna.Study, parent: str) -> dict[str, float]:
                 except Exception as exc:  # noqa: BLE001 - the summary still gets logged
                     log.warning("could not copy the best trial's model: %s", exc)
         _log_study_figures(study)
-    del client
-    return {"best_val_rmse": best.value, "best_trial": float(best.number),
-            **{"trials_" + k: v for k, v in counts.items()}}
+    tags = {f"best.{k}": str(v) for k, v in best.params.items()}
+    if best.user_attrs.get("mlflow_run_id"):
+        tags["smp.best_run_id"] = best.user_attrs["mlflow_run_id"]
+    for key, value in tags.items():  # one tag at a time: an upsert that loses a race is retried by the caller
+        if client.get_run(parent).data.tags.get(key) != value:
+            client.set_tag(parent, key, value)
 
 
 def _log_study_figures(study: optuna.Study) -> None:

@@ -8,6 +8,7 @@ Skipped only when PostgreSQL's server binaries cannot be found (``apt-get instal
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -25,7 +26,7 @@ import pytest
 
 from smp.data import DataCfg
 from smp.splits import SplitCfg
-from smp.tune import StudyCfg, TuneJob, open_study, run_tune
+from smp.tune import StudyCfg, TuneJob, run_tune
 
 pytestmark = pytest.mark.integration
 
@@ -90,6 +91,17 @@ class Team:
     def storage(self) -> str:
         return f"{self.pg}/optuna"
 
+    @functools.cached_property
+    def optuna(self) -> optuna.storages.RDBStorage:
+        """One storage (one connection pool) for all the polling done here: a URL per call would open a pool each."""
+        return optuna.storages.RDBStorage(self.storage)
+
+    def enqueue(self, study: str, trials) -> None:
+        """Create the study if needed and enqueue trials with fixed parameters."""
+        s = optuna.create_study(study_name=study, storage=self.optuna, direction="minimize", load_if_exists=True)
+        for params in trials:
+            s.enqueue_trial(params)
+
     def env(self, **extra) -> dict:
         """The environment of a team member's process: the server as tracking URI, bounded retries."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
@@ -117,11 +129,11 @@ class Team:
                 pytest.fail(f"mlflow server did not come up on {self.url}:\n{tail}")
             time.sleep(1)
 
-    def stop_server(self) -> None:
-        """SIGTERM the server's process group (uvicorn workers included), SIGKILL after 60 s."""
+    def stop_server(self, grace: float = 60) -> None:
+        """SIGTERM the server's process group (uvicorn workers included), SIGKILL after ``grace`` s."""
         if self.server is None:
             return
-        for sig, grace in ((signal.SIGTERM, 60), (signal.SIGKILL, 10)):
+        for sig, grace in ((signal.SIGTERM, grace), (signal.SIGKILL, 10)):
             try:
                 os.killpg(self.server.pid, sig)
             except ProcessLookupError:
@@ -162,7 +174,9 @@ def team(pytestconfig):
         t.start_server()
         yield t
     finally:
-        t.stop_server()
+        if "optuna" in t.__dict__:
+            t.optuna.engine.dispose()
+        t.stop_server(grace=5)  # nothing left to flush: PostgreSQL holds the data
         subprocess.run(["bash", str(pg_sh), "stop", str(work / "pg")], timeout=120)
         shutil.rmtree(work, ignore_errors=True)
 
@@ -197,16 +211,14 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
 def create_study(team: Team, study: str, monkeypatch, enqueue=()) -> str:
     """Create the study and its parent run here (as `--n-trials 0` does), enqueue trials; the parent id."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", team.url)
-    cfg = TuneJob(source=DataCfg(data=str(team.data)), splitting=SplitCfg(sample_size=0),
-                  study=StudyCfg(n_trials=0, study_name=study, storage=team.storage), experiment=study)
-    for params in enqueue:
-        open_study(cfg).enqueue_trial(params)
-    run_tune(cfg)
+    team.enqueue(study, enqueue)
+    run_tune(TuneJob(source=DataCfg(data=str(team.data)), splitting=SplitCfg(sample_size=0),
+                     study=StudyCfg(n_trials=0, study_name=study, storage=team.storage), experiment=study))
     return load(team, study).user_attrs["mlflow_parent_run_id"]
 
 
 def load(team: Team, study: str) -> optuna.Study:
-    return optuna.load_study(study_name=study, storage=team.storage)
+    return optuna.load_study(study_name=study, storage=team.optuna)
 
 
 def trial_runs(team: Team, study: str, parent: str) -> list:
@@ -245,9 +257,7 @@ def four_workers(team):
     """`scripts/tune_workers.sh 4` x 2 trials on one study; once trials have finished, the tracking
     server is stopped and started again while the workers go on."""
     name = "four"
-    cfg = TuneJob(study=StudyCfg(study_name=name, storage=team.storage))
-    for params in FAST:  # quick trials; the script itself creates the parent run
-        open_study(cfg).enqueue_trial(params)
+    team.enqueue(name, FAST)  # quick trials; the script itself creates the parent run
     log = team.work / "four.log"
     t0 = time.monotonic()
     with open(log, "wb") as out:
