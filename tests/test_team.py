@@ -188,7 +188,7 @@ def tune_args(team: Team, study: str, *extra: str) -> list[str]:
 
 
 def worker(team: Team, study: str, *extra: str, env: dict | None = None) -> subprocess.Popen:
-    """One `smp tune` worker process (output in work/<study>-<pid>.log)."""
+    """One `smp tune` worker process (its output in a log file under work/)."""
     log = open(team.work / f"{study}-{time.monotonic_ns()}.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "smp.cli", "tune", *tune_args(team, study, *extra)],
                             stdout=log, stderr=subprocess.STDOUT, env=env or team.env(), cwd=team.work)
