@@ -16,9 +16,11 @@ def _isolated(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     monkeypatch.chdir(tmp_path)
+    import mlflow
     import mlflow.tracking.fluent as fluent
 
     monkeypatch.setattr(fluent, "_active_experiment_id", None)  # set_experiment() of an earlier test's store
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")  # an earlier test's set_tracking_uri() sticks
     yield
     import mlflow
 
