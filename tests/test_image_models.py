@@ -70,6 +70,7 @@ def _count_jobs():
 def _use(chain, monkeypatch):
     for k, v in chain["env"].items():
         monkeypatch.setenv(k, v)
+    mlflow.set_tracking_uri(chain["env"]["MLFLOW_TRACKING_URI"])
 
 
 def test_upstream_runs_are_reused(chain):
