@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import functools
 import json
 import logging
 import os
@@ -650,9 +651,9 @@ def embedding_key(cfg: EmbedCfg) -> str:
     """Hash of the settings that change the vectors (model, weights, preprocessing)."""
     from smp.tracking import params_hash
 
-    return params_hash({"clip_model": cfg.clip_model, "clip_pretrained": cfg.clip_pretrained,
-                        "checkpoint": cfg.checkpoint, "force_quick_gelu": cfg.force_quick_gelu,
-                        "preprocess": PREPROCESS_VERSION})
+    spec = _spec(cfg)  # weights by content (a checkpoint's sha256), precision by device (fp32 / CUDA amp)
+    return params_hash({k: spec[k] for k in ("model", "weights_id", "precision", "force_quick_gelu",
+                                             "preprocess_version")})
 
 
 def run_embed(cfg: EmbedJob = EmbedJob()) -> dict[str, float]:
@@ -671,14 +672,15 @@ def run_embed(cfg: EmbedJob = EmbedJob()) -> dict[str, float]:
     tags = {"smp.data_hash": digest, "smp.reuse_key": embedding_key(cfg.embed), "smp.model": "embed"}
     with job_run("embed", cfg.experiment, flat_params(cfg), tags):
         try:
-            load_clip(embed_cfg)
+            loaded = load_clip(embed_cfg)  # loaded once, here: fails early (offline) and is reused below
         except RuntimeError as exc:
             if str(cfg.source.data) not in ("", "demo"):
                 raise
             log.warning("%s -- the built-in demo data falls back to RANDOM CLIP weights "
                         "(clip_pretrained=none); the run is tagged smp.clip_random_weights=true", exc)
             embed_cfg = replace(embed_cfg, clip_pretrained="none", checkpoint="")
-        result = embed_images(posts["Pid"].tolist(), posts["image_path"].tolist(), embed_cfg)
+            loaded = None  # embed_images loads the random-weights model if any image is not cached
+        result = embed_images(posts["Pid"].tolist(), posts["image_path"].tolist(), embed_cfg, loaded=loaded)
         info = result.info
         mlflow.set_tags({"smp.clip_random_weights": str(bool(info.get("random_weights"))).lower(),
                          "smp.clip_effective_pretrained": embed_cfg.clip_pretrained,
@@ -735,10 +737,25 @@ def features_for_rows(posts, cfg: EmbedCfg):
                 paths.append(path)
             else:
                 paths.append(None)
-        result = embed_images(pids, paths, replace(cfg, progress=False, num_workers=0))
+        cfg = replace(cfg, progress=False, num_workers=0)
+        loaded = _shared_clip(_model_cfg(cfg)) if any(p is not None for p in paths) else None
+        result = embed_images(pids, paths, cfg, loaded=loaded)
     features = result.features
     given = {p for p, d, q in zip(pids, b64, paths_in) if (isinstance(d, str) and d) or (isinstance(q, str) and q)}
     bad = [(p, r) for p, r in zip(result.bad["Pid"].astype(str), result.bad["reason"]) if p in given]
     features.attrs["bad"] = pd.DataFrame(undecodable + [b for b in bad if b[0] not in dict(undecodable)],
                                          columns=["Pid", "reason"])
     return features
+
+
+def _model_cfg(cfg: EmbedCfg) -> EmbedCfg:
+    """``cfg`` reduced to the fields that choose the model (the key of :func:`_shared_clip`)."""
+    return EmbedCfg(clip_model=cfg.clip_model, clip_pretrained=cfg.clip_pretrained, checkpoint=cfg.checkpoint,
+                    device=cfg.device, clip_cache_dir=cfg.clip_cache_dir, force_quick_gelu=cfg.force_quick_gelu)
+
+
+@functools.lru_cache(maxsize=2)
+def _shared_clip(cfg: EmbedCfg):
+    """One loaded CLIP model per process and setting, for callers that embed a few rows per call
+    (``smp predict``, the served model): loading RN50 costs seconds, a request should not pay it."""
+    return load_clip(cfg)
