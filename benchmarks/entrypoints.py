@@ -30,6 +30,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -70,9 +71,10 @@ def log_cached_features(data: Path, experiment: str, dim: int = 1024) -> str:
     with mlflow.start_run(run_name="embed (cached stand-in features)") as run:
         mlflow.set_tags({"smp.job": "embed", "smp.data_hash": data_hash(posts), "smp.clip_random_weights": "true",
                          "smp.clip_effective_pretrained": "none", "smp.benchmark_stand_in": "true"})
-        path = data / "stand_in_features.parquet"
-        feats.to_parquet(path, index=False)
-        mlflow.log_artifact(str(path))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "features.parquet"  # the name the model jobs read
+            feats.to_parquet(path, index=False)
+            mlflow.log_artifact(str(path))
     return run.info.run_id
 
 
@@ -90,11 +92,18 @@ def timed(args: list[str], env: dict, log: Path) -> dict:
 
 
 def last_run_metrics(experiment: str) -> dict:
+    """The newest top-level run's metrics, plus ``epochs_run`` (steps of ``val_rmse_epoch``) for the nets."""
     import mlflow
 
     runs = mlflow.search_runs(experiment_names=[experiment], order_by=["attributes.start_time DESC"],
-                              max_results=1, output_format="list")
-    return dict(runs[0].data.metrics) if runs else {}
+                              max_results=20, output_format="list")
+    runs = [r for r in runs if "mlflow.parentRunId" not in r.data.tags and "smp.benchmark_stand_in" not in r.data.tags]
+    if not runs:
+        return {}
+    metrics = dict(runs[0].data.metrics)
+    history = mlflow.MlflowClient().get_metric_history(runs[0].info.run_id, "val_rmse_epoch")
+    metrics["epochs_run"] = len(history) if len(history) > 1 else None
+    return metrics
 
 
 def main() -> None:
@@ -121,11 +130,12 @@ def main() -> None:
                                output_format="list")
     embed_run = found[0].info.run_id if found else log_cached_features(data, exp)
     up = ["--embed-run", embed_run]
+    nets = [*up, "--patience", "1000"]  # no early stop: every epoch runs (30 MLP, 20 Conv1D)
     steps = [
         ("benchmark", ["benchmark", *common]),
-        ("ensemble_mlp (first: computes out-of-fold stacking)", ["ensemble_mlp", *common, *up]),
-        ("ensemble_mlp (upstream cached)", ["ensemble_mlp", *common, *up]),
-        ("ensemble_conv1d (upstream cached)", ["ensemble_conv1d", *common, *up]),
+        ("ensemble_mlp (first: computes out-of-fold stacking)", ["ensemble_mlp", *common, *nets]),
+        ("ensemble_mlp (upstream cached)", ["ensemble_mlp", *common, *nets]),
+        ("ensemble_conv1d (upstream cached)", ["ensemble_conv1d", *common, *nets]),
         ("pca_boost", ["pca_boost", *common, *up]),
     ]
     only = {s.strip() for s in args.only.split(",") if s.strip()}
@@ -136,9 +146,10 @@ def main() -> None:
         r = timed(cmd, env, work / f"{name.split()[0]}-{len(results)}.log")
         m = last_run_metrics(exp)
         r.update(step=name, fit_s=m.get("fit_seconds"), oof_s=m.get("oof_seconds"), test_rmse=m.get("test_rmse"),
-                 best=m.get("best_epoch", m.get("best_iteration")))
+                 best=m.get("best_epoch", m.get("best_iteration")), epochs=m.get("epochs_run"))
         results.append(r)
         fit = f", model fit {r['fit_s']:.0f} s" if r["fit_s"] is not None else ""
+        fit += f" ({r['epochs']} epochs)" if r["epochs"] else ""
         print(f"{name:55s} wall {r['wall_s']:7.1f} s  peak RSS {r['peak_mb']:7.0f} MB{fit}  "
               f"test RMSE {r['test_rmse'] if r['test_rmse'] is None else round(r['test_rmse'], 3)}", flush=True)
     print(json.dumps({"n": args.n, "n_estimators": trees, "results": results}))
