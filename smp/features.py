@@ -13,6 +13,7 @@ levels tolerated) that every model saves with itself.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,10 +34,56 @@ RAW_FIELDS = (
 )
 
 
+SMALL_BATCH = 512  # rows up to which TabularFeaturizer.transform uses its lookup tables
+
+
+def _onehot_tables(transformer: ColumnTransformer, categorical: list[str]) -> list:
+    """Read the fitted one-hot encoder's mapping off the encoder itself: for each field, transform every
+    training level (and one unseen level) with the others held fixed and note which column lights up.
+    None when the layout is not the expected one (the caller then uses the transformer)."""
+    if not categorical:
+        return []
+    enc = transformer.named_transformers_["onehot"]
+    infrequent = getattr(enc, "infrequent_categories_", None) or [None] * len(categorical)
+    widths = [len(c) - (len(i) if i is not None else 0) + (i is not None) for c, i in zip(enc.categories_, infrequent)]
+    if sum(widths) != len(enc.get_feature_names_out()):
+        return None
+    base = {c: enc.categories_[k][0] for k, c in enumerate(categorical)}
+    tables, offset = [], 0
+    for k, col in enumerate(categorical):
+        levels = [str(v) for v in enc.categories_[k]] + ["\0smp-unseen-level"]
+        probe = pd.DataFrame({c: [levels[i] if c == col else base[c] for i in range(len(levels))] for c in categorical})
+        with warnings.catch_warnings():  # the unseen level is the point of the probe
+            warnings.simplefilter("ignore")
+            block = np.asarray(enc.transform(probe))[:, offset:offset + widths[k]]
+        cols = np.where(block.any(axis=1), block.argmax(axis=1) + offset, -1)
+        tables.append(({lvl: int(c) for lvl, c in zip(levels[:-1], cols[:-1])}, int(cols[-1])))
+        offset += widths[k]
+    return tables
+
+
 @dataclass(frozen=True)
 class TabularCfg:
     min_frequency: int = 10   # one-hot levels seen fewer times in train are grouped as "infrequent"
     max_categories: int = 200  # at most this many one-hot columns per field (rest grouped)
+
+
+_DATETIME_SECONDS = 9.2e9  # |Unix seconds| beyond this is outside pandas' datetime range (NaT there)
+
+
+def date_parts(seconds: np.ndarray) -> dict[str, np.ndarray]:
+    """UTC weekday (Monday 0), month (1-12) and hour of Unix seconds; NaN where missing or out of range.
+
+    Plain integer arithmetic (1970-01-01 was a Thursday), the same values as pandas' ``dt`` accessors
+    without their per-call cost (a single served post pays for every column).
+    """
+    seconds = np.asarray(seconds, dtype=float)
+    ok = np.isfinite(seconds) & (np.abs(seconds) < _DATETIME_SECONDS)
+    secs = np.where(ok, seconds, 0.0)
+    days = np.floor(secs / 86400.0).astype(np.int64)
+    months = days.astype("datetime64[D]").astype("datetime64[M]").astype(np.int64) % 12 + 1
+    parts = {"weekday": (days + 3) % 7, "month": months, "hour": np.floor((secs - days * 86400.0) / 3600.0)}
+    return {k: np.where(ok, v.astype(float), np.nan) for k, v in parts.items()}
 
 
 def derive_columns(posts: pd.DataFrame) -> pd.DataFrame:
@@ -45,9 +92,12 @@ def derive_columns(posts: pd.DataFrame) -> pd.DataFrame:
     out = {}
 
     def num(col):
-        if col in posts.columns:
-            return pd.to_numeric(posts[col], errors="coerce").to_numpy(dtype=float)
-        return np.full(n, np.nan)
+        if col not in posts.columns:
+            return np.full(n, np.nan)
+        s = posts[col]
+        if pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
+            return s.to_numpy(dtype=float, na_value=np.nan)
+        return pd.to_numeric(s, errors="coerce").to_numpy(dtype=float)
 
     def cat(col):
         if col not in posts.columns:
@@ -56,10 +106,7 @@ def derive_columns(posts: pd.DataFrame) -> pd.DataFrame:
         return s.astype(object).where(s.notna() & (s.astype(str) != ""), MISSING).astype(str).to_numpy()
 
     date = num("Postdate")
-    ts = pd.to_datetime(pd.Series(date), unit="s", errors="coerce")
-    for name, values in (("weekday", ts.dt.weekday), ("month", ts.dt.month), ("hour", ts.dt.hour)):
-        arr = values.to_numpy(dtype=float)
-        out[name] = arr
+    out.update(date_parts(date))
     out["Category"] = cat("Category")
     out["Subcategory"] = cat("Subcategory")
     out["Concept"] = cat("Concept")
@@ -118,9 +165,36 @@ class TabularFeaturizer:
         return self
 
     def transform(self, posts: pd.DataFrame) -> np.ndarray:
-        """Return the float32 feature matrix for raw posts (columns as ``feature_names_``)."""
+        """Return the float32 feature matrix for raw posts (columns as ``feature_names_``).
+
+        Up to ``SMALL_BATCH`` rows (a served request) go through lookup tables read off the fitted
+        encoder (same output, without scikit-learn's per-call dispatch); larger inputs through the
+        fitted ``ColumnTransformer`` itself.
+        """
         derived = derive_columns(posts)
+        if len(derived) <= SMALL_BATCH:
+            tables = self._lookup_tables()
+            if tables is not None:
+                return self._transform_small(derived, tables)
         return np.asarray(self.transformer_.transform(derived[self.categorical_ + self.numeric_]), dtype=np.float32)
+
+    def _lookup_tables(self):
+        """Per categorical field: ({level: one-hot column}, column for unseen levels or -1); built once."""
+        if "_tables" not in self.__dict__:  # (models pickled before this existed build it on first use)
+            self.__dict__["_tables"] = _onehot_tables(self.transformer_, self.categorical_)
+        return self.__dict__["_tables"]
+
+    def _transform_small(self, derived: pd.DataFrame, tables: list) -> np.ndarray:
+        n = len(derived)
+        X = np.zeros((n, len(self.feature_names_)), dtype=np.float32)
+        rows = np.arange(n)
+        for col, (table, unseen) in zip(self.categorical_, tables):
+            idx = np.fromiter((table.get(v, unseen) for v in derived[col].to_numpy()), dtype=np.int64, count=n)
+            hit = idx >= 0
+            X[rows[hit], idx[hit]] = 1.0
+        if self.numeric_:
+            X[:, len(self.feature_names_) - len(self.numeric_):] = derived[self.numeric_].to_numpy(dtype=np.float32)
+        return X
 
     @property
     def raw_fields_(self) -> list[str]:

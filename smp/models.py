@@ -8,6 +8,8 @@ whole chain: tabular transform -> booster (-> image features -> network).
 
 from __future__ import annotations
 
+import json
+import threading
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -51,6 +53,30 @@ def fit_booster(booster: xgb.XGBRegressor, X, y, X_val, y_val) -> xgb.XGBRegress
     return booster
 
 
+SMALL_PREDICT = 64  # rows up to which a fitted booster predicts on one thread
+_PREDICT_LOCK = threading.Lock()
+
+
+def predict_booster(booster: xgb.XGBRegressor, X) -> np.ndarray:
+    """``booster.predict(X)`` as float64; a few rows (a served request) on one thread.
+
+    Starting and synchronising OpenMP threads costs more than walking the trees for one post, and on a
+    busy machine far more; large batches keep every thread. The thread count is the booster's own
+    setting, so it is switched and restored under a lock.
+    """
+    if len(X) > SMALL_PREDICT:
+        with _PREDICT_LOCK:
+            return booster.predict(X).astype(float)
+    inner = booster.get_booster()
+    with _PREDICT_LOCK:
+        nthread = json.loads(inner.save_config())["learner"]["generic_param"]["nthread"]
+        inner.set_param({"nthread": 1})
+        try:
+            return booster.predict(X).astype(float)
+        finally:
+            inner.set_param({"nthread": int(nthread)})
+
+
 def best_iteration(booster: xgb.XGBRegressor) -> int:
     """Number of trees used for prediction (best iteration + 1 under early stopping)."""
     try:
@@ -79,7 +105,7 @@ class BenchmarkModel:
 
     def predict(self, posts: pd.DataFrame) -> np.ndarray:
         """Predicted popularity for raw posts."""
-        return self.booster_.predict(self.featurizer_.transform(posts)).astype(float)
+        return predict_booster(self.booster_, self.featurizer_.transform(posts))
 
     def importance(self) -> tuple[list[str], np.ndarray]:
         """Gain importance per tabular feature."""
@@ -179,7 +205,7 @@ class PCABoostModel:
 
     def predict(self, posts: pd.DataFrame, img: np.ndarray | None = None) -> np.ndarray:
         img = self.images.block(posts) if img is None else img
-        return self.booster_.predict(self.pca_.transform(self._matrix(posts, img))).astype(float)
+        return predict_booster(self.booster_, self.pca_.transform(self._matrix(posts, img)))
 
     @property
     def input_fields_(self) -> list[str]:

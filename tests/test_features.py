@@ -83,3 +83,42 @@ def test_baseline_is_train_mean():
     assert b["val_bias_baseline"] == pytest.approx(0.0)
     with pytest.raises(ValueError, match="same length"):
         regression_metrics([1, 2], [1], "val")
+
+
+def test_date_parts_match_pandas_including_edges():
+    from smp.features import date_parts
+
+    secs = np.array([0.0, -1.0, 1446016778.0, 1451606399.5, 1451606400.0, 951782400.0,  # 2000-02-29
+                     -86400.0 * 365.25 * 50, 4102444800.0, np.nan, np.inf, 1e12])
+    got = date_parts(secs)
+    ts = pd.to_datetime(pd.Series(secs), unit="s", errors="coerce")
+    for name, want in (("weekday", ts.dt.weekday), ("month", ts.dt.month), ("hour", ts.dt.hour)):
+        np.testing.assert_array_equal(got[name], want.to_numpy(dtype=float), err_msg=name)
+    assert np.isnan(got["month"][-3:]).all()  # missing, infinite, beyond pandas' range
+
+
+def test_small_batch_transform_equals_the_fitted_column_transformer():
+    """The lookup-table path (served requests) gives exactly the ColumnTransformer's matrix."""
+    rng = np.random.default_rng(0)
+    n = 400
+    train = pd.DataFrame({
+        "Pid": [str(i) for i in range(n)],
+        "Category": rng.choice(["A", "B", "C", "rare1", "rare2"], n, p=[0.4, 0.3, 0.29, 0.005, 0.005]),
+        "Subcategory": rng.choice([f"s{i}" for i in range(30)], n),
+        "Concept": rng.choice(["x", None], n),
+        "ispro": rng.choice([0.0, 1.0, np.nan], n),
+        "Postdate": rng.uniform(1.2e9, 1.5e9, n),
+        "photo_count": rng.integers(0, 500, n).astype(float),
+        "Alltags": rng.choice(["a b", "", None, "c d e"], n),
+    })
+    fz = TabularFeaturizer().fit(train)
+    test = train.sample(60, random_state=1).reset_index(drop=True)
+    test.loc[:9, "Category"] = ["unseen", None, "", "rare1", "rare2", "A", "Z", "B", "C", "A"]
+    test.loc[10:14, "Subcategory"] = "never-seen"
+    test.loc[15:19, "Postdate"] = np.nan
+    derived = derive_columns(test)
+    want = np.asarray(fz.transformer_.transform(derived[fz.categorical_ + fz.numeric_]), dtype=np.float32)
+    got = fz.transform(test)  # 60 rows: the small-batch path
+    assert fz.__dict__.get("_tables")  # ... which was really taken
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(fz.transform(test.iloc[[3]]), want[[3]])  # and one post at a time
