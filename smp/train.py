@@ -141,9 +141,8 @@ def reuse_key(*cfgs, extra: dict | None = None) -> str:
     return params_hash({**flat_params(*cfgs), **(extra or {})})
 
 
-def _load_features(run_id: str) -> pd.DataFrame:
-    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="features.parquet")
-    return pd.read_parquet(path)
+def _features_path(run_id: str) -> str:
+    return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="features.parquet")
 
 
 def upstream_embed(prep: Prepared, source: DataCfg, up: UpstreamCfg, experiment_id: str) -> tuple[str, object]:
@@ -174,11 +173,17 @@ def image_blocks(prep: Prepared, run_id: str) -> tuple[dict[str, np.ndarray], li
     """The image block (float32, NaN = no usable image) for each split, aligned to its rows."""
     from smp.models import image_columns
 
-    feats = _load_features(run_id)
-    cols = image_columns(feats)
-    pos = pd.Index(feats["Pid"].astype(str)).get_indexer(prep.posts["Pid"])
-    block = feats[cols].to_numpy(dtype=np.float32)
-    del feats
+    import pyarrow.parquet as pq
+
+    # column by column from Arrow into one float32 block: the 1024-wide CLIP part is never held as a
+    # pandas frame (that would be two more copies of it at the peak)
+    table = pq.read_table(_features_path(run_id))
+    cols = image_columns(pd.DataFrame(columns=table.column_names))
+    pos = pd.Index(table.column("Pid").to_pandas().astype(str)).get_indexer(prep.posts["Pid"])
+    block = np.empty((table.num_rows, len(cols)), dtype=np.float32)
+    for j, col in enumerate(cols):
+        block[:, j] = table.column(col).to_numpy()
+    del table
     blocks = {}
     for part, idx in prep.parts.items():
         rows = pos[idx]
