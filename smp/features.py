@@ -102,8 +102,9 @@ def derive_columns(posts: pd.DataFrame) -> pd.DataFrame:
     def cat(col):
         if col not in posts.columns:
             return np.full(n, MISSING, dtype=object)
-        s = posts[col]
-        return s.astype(object).where(s.notna() & (s.astype(str) != ""), MISSING).astype(str).to_numpy()
+        values = posts[col].to_numpy(dtype=object)
+        text = values.astype(str)  # str() of each value, as pandas' astype(str)
+        return np.where(pd.isna(values) | (text == ""), MISSING, text).astype(object)
 
     date = num("Postdate")
     out.update(date_parts(date))
@@ -134,10 +135,9 @@ def derive_columns(posts: pd.DataFrame) -> pd.DataFrame:
     out["Postdate"] = date
     out["account_age_days"] = (date - num("photo_firstdate")) / 86400.0
     out["timezone_offset"] = num("timezone_offset")
-    frame = pd.DataFrame(out, index=posts.index)
     for col in NUMERIC:
-        frame[col] = frame[col].astype(float)
-    return frame
+        out[col] = np.asarray(out[col], dtype=float)
+    return pd.DataFrame(out, index=posts.index)
 
 
 class TabularFeaturizer:
