@@ -83,3 +83,21 @@ def test_two_processes_share_one_study(smpd_dir, tmp_path):
     children = _children(parent)
     assert len(children) == 4
     assert sorted(r.data.tags["optuna.trial_number"] for r in children) == ["0", "1", "2", "3"]
+
+
+def test_xgboost_pruning_reports_every_n_rounds():
+    """Each report is a storage round trip: the XGBoost callback consults Optuna every `report_every` rounds."""
+    import numpy as np
+    import xgboost as xgb
+
+    from smp.tune import pruning_callback
+
+    study = optuna.create_study(direction="minimize")  # in memory
+    trial = study.ask()
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((200, 3)), rng.standard_normal(200)
+    xgb.XGBRegressor(n_estimators=25, max_depth=2, callbacks=[pruning_callback(trial, 10)]).fit(
+        X, y, eval_set=[(X, y)], verbose=False)
+    reported = study.trials[0].intermediate_values
+    assert sorted(reported) == [0, 10, 20]
+    assert all(np.isfinite(v) for v in reported.values())
