@@ -42,6 +42,7 @@ import io
 import logging
 import os
 import pickle
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -294,11 +295,16 @@ def log_model(model, posts_example: pd.DataFrame, name: str = "model"):
         path = Path(tmp) / MODEL_ARTIFACT
         with open(path, "wb") as fh:
             pickle.dump(model, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        # the package's sources only: no __pycache__ (against a tracking server every file is one upload)
+        code = Path(tmp) / "code" / "smp"
+        code.mkdir(parents=True)
+        for src in Path(__file__).resolve().parent.glob("*.py"):
+            shutil.copy2(src, code / src.name)
         return mlflow.pyfunc.log_model(
             name=name, python_model=PopularityModel(), artifacts={"smp_model": str(path)},
             signature=signature, input_example=example,
             metadata={"smp_family": getattr(model, "family", ""), "smp_input_columns": input_columns(example),
                       "smp_required_columns": ["Pid"]},
             pip_requirements=pip_requirements(getattr(model, "needs_images", False)),
-            code_paths=[str(Path(__file__).resolve().parent)],
+            code_paths=[str(code)],
         )
