@@ -35,7 +35,8 @@ HEARTBEAT = 3  # seconds; a trial without a heartbeat for 3x this is stale (smp.
 RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "7", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
              "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
 # Trials enqueued with fixed parameters (n_estimators below the search space's 200: Optuna warns, uses them):
-# FAST ones take seconds on the tiny data, SLOW runs for minutes (every round is reported to Optuna).
+# FAST ones take seconds on the tiny data, SLOW runs for minutes when every round is reported to Optuna
+# (`--report-every 1`).
 GOOD = {"max_depth": 3, "learning_rate": 0.3, "n_estimators": 20, "min_child_weight": 1.0, "subsample": 1.0,
         "colsample_bytree": 1.0, "reg_lambda": 1.0, "reg_alpha": 0.001}
 FAST = [{**GOOD, "max_depth": 2 + i % 4, "learning_rate": round(0.3 - 0.02 * i, 2)} for i in range(8)]
@@ -347,7 +348,8 @@ def test_two_promotes_at_once_make_one_champion(team, four_workers):
 def test_killed_worker_fails_its_trial_and_the_study_goes_on(team, monkeypatch):
     name = "killed"
     parent = create_study(team, name, monkeypatch, enqueue=[SLOW, *FAST[:3]])
-    hb = ["--heartbeat", str(HEARTBEAT), "--pruner", "none"]
+    # every boosting round reported (a PostgreSQL round trip each) keeps the SLOW trial busy for minutes
+    hb = ["--heartbeat", str(HEARTBEAT), "--pruner", "none", "--report-every", "1"]
     workers = [worker(team, name, "--n-trials", "2", *hb), worker(team, name, "--n-trials", "2", *hb)]
     try:
         def slow_trial_training_and_another_done():
