@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -181,7 +182,7 @@ def current_alias(client: MlflowClient, name: str, alias: str):
 
 def set_alias(client: MlflowClient, name: str, alias: str, version) -> None:
     """Point ``alias`` at ``version``; a new champion stops being the challenger."""
-    client.set_registered_model_alias(name, alias, str(version))
+    upsert(client.set_registered_model_alias, name, alias, str(version))
     if alias == CHAMPION:
         challenger = current_alias(client, name, CHALLENGER)
         if challenger is not None and str(challenger.version) == str(version):
@@ -268,6 +269,32 @@ def model_rows(rows: pd.DataFrame, run) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------- recording the decision
+_DUPLICATE_KEY = ("UniqueViolation", "UNIQUE constraint failed", "Duplicate entry", "already exists")
+
+
+def set_version_tag(client: MlflowClient, name: str, version: str, key: str, value: str, attempts: int = 4) -> None:
+    """``set_model_version_tag``, safe when two promotes tag the same version at once."""
+    upsert(client.set_model_version_tag, name, version, key, value, attempts=attempts)
+
+
+def upsert(write, *args, attempts: int = 4) -> None:
+    """Call a registry write that the tracking server performs as "select, then insert or update".
+
+    Two concurrent first writes of one key (a version tag, an alias) both insert and the second fails
+    on the primary key (seen against PostgreSQL). Written again, the row exists and is updated, so the
+    loser retries; any other error is raised at once.
+    """
+    for attempt in range(attempts):
+        try:
+            write(*args)
+            return
+        except MlflowException as exc:
+            if attempt == attempts - 1 or not any(m in str(exc) for m in _DUPLICATE_KEY):
+                raise
+            log.info("%s%s written concurrently; writing it again", getattr(write, "__name__", "write"), args[:3])
+            time.sleep(0.2 * (attempt + 1))
+
+
 def record(client: MlflowClient, cfg: PromoteJob, cand_run, version, champ, comp: Comparison,
            decision: str) -> None:
     """Keep the comparison on the candidate's model version: tags and a description."""
@@ -281,7 +308,7 @@ def record(client: MlflowClient, cfg: PromoteJob, cand_run, version, champ, comp
         "data_hash": tags.get("smp.data_hash", ""),
     }
     for key, value in version_tags.items():
-        client.set_model_version_tag(cfg.model_name, str(version), key, value)
+        set_version_tag(client, cfg.model_name, str(version), key, value)
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     head = (f"{tags.get('smp.model', '?')} model from run {cand_run.info.run_id} "
             f"(split {tags.get('smp.split', '?')}, data {tags.get('smp.data_hash', '?')}, "

@@ -129,3 +129,33 @@ def test_filters_and_nothing_to_promote(smpd_dir):
     with pytest.raises(DataError, match="no such run"):
         run_promote(PromoteJob(experiment="t", run_id="0" * 32))
     assert math.isfinite(run_promote(PromoteJob(experiment="t", family="benchmark", split="random"))["version"])
+
+
+def test_version_tag_written_concurrently_is_retried_and_other_errors_are_not():
+    """Two promotes tagging one version at once: the server's insert can lose a primary-key race."""
+    from mlflow.exceptions import MlflowException
+
+    from smp.registry import set_version_tag
+
+    class Client:
+        def __init__(self, errors):
+            self.errors, self.calls = list(errors), 0
+
+        def set_model_version_tag(self, name, version, key, value):
+            self.calls += 1
+            if self.errors:
+                raise self.errors.pop(0)
+
+    race = MlflowException("BAD_REQUEST: (psycopg2.errors.UniqueViolation) duplicate key value violates "
+                           'unique constraint "model_version_tag_pk"')
+    client = Client([race])
+    set_version_tag(client, "m", "1", "family", "benchmark")
+    assert client.calls == 2  # retried once, then written
+    other = Client([MlflowException("RESOURCE_DOES_NOT_EXIST: no such version")])
+    with pytest.raises(MlflowException, match="RESOURCE_DOES_NOT_EXIST"):
+        set_version_tag(other, "m", "9", "family", "benchmark")
+    assert other.calls == 1
+    stuck = Client([race] * 4)
+    with pytest.raises(MlflowException, match="UniqueViolation"):
+        set_version_tag(stuck, "m", "1", "family", "benchmark")
+    assert stuck.calls == 4
