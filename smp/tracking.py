@@ -24,7 +24,8 @@ import pandas as pd
 log = logging.getLogger("smp.tracking")
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-# Set by `tune` around each trial: the parent run id and extra tags for the job's run.
+# Set by `tune` around each trial: the parent run id (and its experiment id), extra tags for the job's run,
+# and whether the job logs its figures ("figures", default True).
 RUN_CONTEXT: contextvars.ContextVar[dict] = contextvars.ContextVar("smp_run_context", default={})
 # The run id of the last job run started in this context (nested runs included).
 LAST_JOB_RUN: contextvars.ContextVar[str] = contextvars.ContextVar("smp_last_job_run", default="")
@@ -73,10 +74,11 @@ def job_run(job: str, experiment: str, params: dict, tags: dict | None = None, n
     nested = nested or mlflow.active_run() is not None or bool(parent)
     if not nested and not launched and experiment:
         mlflow.set_experiment(experiment)  # "" = MLflow's own choice (MLFLOW_EXPERIMENT_NAME or Default)
-    if parent:
-        mlflow.set_experiment(experiment_id=mlflow.get_run(parent).info.experiment_id)
+    experiment_id = None
+    if parent:  # the trial's run goes in its parent's experiment (`tune` looks it up once per worker)
+        experiment_id = context.get("experiment_id") or mlflow.get_run(parent).info.experiment_id
     run = mlflow.start_run(run_name=job if (nested or not launched) else None, nested=nested and not parent,
-                           parent_run_id=parent or None)
+                           parent_run_id=parent or None, experiment_id=experiment_id)
     LAST_JOB_RUN.set(run.info.run_id)
     if parent:
         context["run_id"] = run.info.run_id  # tells `tune` which run this trial made
@@ -130,21 +132,38 @@ def git_commit() -> str | None:
 
 def log_data_inputs(posts: pd.DataFrame, parts: dict[str, np.ndarray], name: str, digest: str,
                     split: str, seed: int) -> None:
-    """Log each split's rows as an MLflow dataset input (context = split), same digest for the data."""
+    """Log each split's rows as an MLflow dataset input (context = split), same digest for the data.
+
+    One ``log_inputs`` call for all parts (one request against a tracking server).
+    """
     cols = [c for c in posts.columns if c != "image_path"][:40]
+    datasets, contexts, tags = [], [], []
     for part, idx in parts.items():
-        ds = mlflow.data.from_pandas(
-            posts.iloc[idx][cols].head(1000) if len(idx) > 1000 else posts.iloc[idx][cols],
-            source=str(posts.attrs.get("source", name)), name=f"{name}-{split}-s{seed}-{part}",
-            targets="label" if "label" in cols else None, digest=f"{digest}-{part}",
-        )
-        mlflow.log_input(ds, context=part, tags={"split": split, "seed": str(seed), "rows": str(len(idx))})
+        datasets.append(mlflow.data.from_pandas(
+            posts.iloc[idx[:1000]][cols], source=str(posts.attrs.get("source", name)),
+            name=f"{name}-{split}-s{seed}-{part}", targets="label" if "label" in cols else None,
+            digest=f"{digest}-{part}"))
+        contexts.append(part)
+        tags.append({"split": split, "seed": str(seed), "rows": str(len(idx))})
+    mlflow.log_inputs(datasets=datasets, contexts=contexts, tags_list=tags)
+
+
+def figures_wanted() -> bool:
+    """False inside a tuning trial unless the study asks for per-trial figures (``tune`` sets it)."""
+    return bool(RUN_CONTEXT.get().get("figures", True))
 
 
 def log_figure(fig, name: str) -> None:
-    """Log a matplotlib figure as a PNG artifact under ``plots/`` and close it."""
+    """Log a matplotlib figure as a PNG artifact under ``plots/`` and close it.
+
+    ``fig`` may be a function that draws it: then nothing is drawn when figures are off (tuning trials).
+    """
     import matplotlib.pyplot as plt
 
+    if callable(fig):
+        if not figures_wanted():
+            return
+        fig = fig()
     mlflow.log_figure(fig, f"plots/{name}")
     plt.close(fig)
 

@@ -98,8 +98,9 @@ def evaluate_and_log(model, prep: Prepared, preds: dict[str, np.ndarray] | None 
         metrics.update(regression_metrics(prep.y(part), p, part))
         metrics.update(baseline_metrics(prep.y("train"), prep.y(part), part))
     mlflow.log_metrics({k: v for k, v in metrics.items() if np.isfinite(v)})
-    log_figure(plots.pred_vs_actual(prep.y("test"), preds["test"], f"{model.family}: test"), "pred_vs_actual.png")
-    log_figure(plots.error_hist(prep.y("test"), preds["test"], f"{model.family}: test error"), "error_hist.png")
+    y, p = prep.y("test"), preds["test"]
+    log_figure(lambda: plots.pred_vs_actual(y, p, f"{model.family}: test"), "pred_vs_actual.png")
+    log_figure(lambda: plots.error_hist(y, p, f"{model.family}: test error"), "error_hist.png")
     return metrics
 
 
@@ -116,7 +117,7 @@ def run_benchmark(cfg: BenchmarkJob = BenchmarkJob(), callbacks=None) -> dict[st
                             "n_features": float(len(model.featurizer_.feature_names_))})
         metrics = evaluate_and_log(model, prep)
         names, gain = model.importance()
-        log_figure(plots.feature_importance(names, gain), "feature_importance.png")
+        log_figure(lambda: plots.feature_importance(names, gain), "feature_importance.png")
         mlflow.log_dict(json.loads(pd.Series(gain, index=names).sort_values(ascending=False).to_json()),
                         "feature_importance.json")
         log_model(model, example_input(prep.rows("test"), model.input_fields_))
@@ -297,7 +298,7 @@ def run_pca_boost(cfg: PCABoostJob = PCABoostJob(), callbacks=None) -> dict[str,
         mlflow.log_metrics({"fit_seconds": time.perf_counter() - t0, "best_iteration": model.best_iteration_,
                             "pca_components": float(model.pca_.n_components_),
                             "pca_explained_variance": float(model.pca_.explained_variance_ratio_.sum())})
-        log_figure(plots.explained_variance(model.pca_.explained_variance_ratio_), "explained_variance.png")
+        log_figure(lambda: plots.explained_variance(model.pca_.explained_variance_ratio_), "explained_variance.png")
         preds = {p: model.predict(prep.rows(p), blocks[p]) for p in ("val", "test")}
         metrics = evaluate_and_log(model, prep, preds)
         log_model(model, _image_example(prep, blocks, cols, model.input_fields_))
@@ -335,7 +336,7 @@ def run_ensemble(cfg, family: str, on_epoch=None) -> dict[str, float]:
                   on_epoch=epoch_hook)
         mlflow.log_metrics({"fit_seconds": time.perf_counter() - t0, "best_epoch": float(net.best_epoch_),
                             "train_images": float(np.isfinite(blocks["train"]).all(axis=1).sum())})
-        log_figure(plots.training_curve(net.history_, family), "training_curve.png")
+        log_figure(lambda: plots.training_curve(net.history_, family), "training_curve.png")
         preds = {p: np.asarray(net.predict(model.stack(stack[p], blocks[p])), dtype=float) for p in ("val", "test")}
         metrics = evaluate_and_log(model, prep, preds)
         metrics.update({f"{k}_stacked_benchmark": v for k, v in regression_metrics(

@@ -24,6 +24,11 @@ optuna-integration's ``XGBoostPruningCallback`` (every ``report_every`` rounds);
 (``trial.report``).  A pruned trial's run ends KILLED with the tag
 ``smp.trial_state=PRUNED``.
 
+What a trial logs: its params, metrics, dataset inputs and model (so any
+trial can be promoted); its figures only with ``trial_figures=true`` (drawing
+and uploading them was the largest cost after the model, benchmarks/team.py).
+The parent run gets the study's figures, best params and the best model.
+
 Storage: ``storage=""`` keeps the study in ``optuna.db`` beside the MLflow
 store (sqlite); any Optuna storage URL works (``postgresql://...``), and
 ``journal:PATH`` uses a journal file, safe for several processes on one
@@ -67,6 +72,7 @@ class StudyCfg:
     startup_trials: int = 5   # trials before the median pruner prunes
     report_every: int = 10    # XGBoost: report the validation RMSE to Optuna every this many rounds
     heartbeat: int = 0        # seconds between trial heartbeats (RDB storage; 0 = off): stale trials fail
+    trial_figures: bool = False  # each trial's run logs the job's figures too (off: params, metrics, model)
     parent_run: str = ""      # MLflow run to log trials under ("" = the study's, created by its first worker)
 
 
@@ -189,12 +195,14 @@ def objective_for(cfg: TuneJob, parent_run_id: str):
 
     run_fn, base = job_for(cfg.study.model, cfg.source, cfg.splitting, cfg.experiment)
     space = SPACES[cfg.study.model]
+    experiment_id = mlflow.MlflowClient().get_run(parent_run_id).info.experiment_id  # once, not per trial
 
     def objective(trial: optuna.Trial) -> float:
         params = space(trial)
         job_cfg = apply(base, params)
-        context = {"parent_run_id": parent_run_id, "tags": {
-            "optuna.study": trial.study.study_name, "optuna.trial_number": str(trial.number)}}
+        context = {"parent_run_id": parent_run_id, "experiment_id": experiment_id,
+                   "figures": cfg.study.trial_figures, "tags": {
+                       "optuna.study": trial.study.study_name, "optuna.trial_number": str(trial.number)}}
         token = RUN_CONTEXT.set(context)
         try:
             if cfg.study.model in ("benchmark", "pca_boost"):

@@ -300,3 +300,45 @@ def test_mlflow_models_serve_champion(smpd_dir, tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=15)
+
+
+HIDE_INSTALLED_SMP = """
+import sys
+# forget the installed (editable) smp: only the model's shipped code may provide it
+sys.meta_path = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]
+sys.path_hooks = [h for h in sys.path_hooks if 'editable' not in repr(h).lower()]
+sys.path = [p for p in sys.path if p not in ('', '.', %r)]
+sys.path_importer_cache.clear()
+import importlib.util
+assert importlib.util.find_spec('smp') is None, 'smp still importable'
+"""
+
+
+def test_logged_model_ships_its_code_as_one_archive(smpd_dir, tmp_path):
+    run_benchmark(BenchmarkJob(source=DataCfg(data=str(smpd_dir)), splitting=SplitCfg(sample_size=0),
+                               xgb=XGBCfg(n_estimators=20, max_depth=3, early_stopping_rounds=5), experiment="t"))
+    run_id = mlflow.last_active_run().info.run_id
+    local = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model", dst_path=str(tmp_path / "dl")))
+    code_files = sorted(str(p.relative_to(local / "code")) for p in (local / "code").rglob("*") if p.is_file())
+    assert code_files == ["smp.zip", "smp/__init__.py"]  # two uploads, not one per module
+
+    raw = load_data(str(smpd_dir)).drop(columns=["label", "image_path"]).head(5)
+    repo = str(Path(serving.__file__).resolve().parents[1])
+    script = HIDE_INSTALLED_SMP % repo + (
+        "import json, mlflow, pandas as pd\n"
+        f"model = mlflow.pyfunc.load_model({str(local)!r})\n"
+        "import smp.serving\n"
+        "print(json.dumps({'file': smp.serving.__file__, 'version': smp.__version__, "
+        "'pred': [float(p) for p in model.predict(pd.read_json(sys.stdin, dtype={'Pid': str}))]}))\n")
+    out = subprocess.run([sys.executable, "-c", script], input=raw.to_json(orient="records"), text=True,
+                         capture_output=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["file"].startswith(str(local / "code" / "smp.zip"))  # imported from the archive
+    assert got["version"] == __import__("smp").__version__  # the package __init__ ran
+    assert np.allclose(got["pred"], mlflow.pyfunc.load_model(str(local)).predict(raw), rtol=1e-6)
+
+    # and the check above can fail: without the shipped code smp is not importable there
+    bare = subprocess.run([sys.executable, "-c", HIDE_INSTALLED_SMP % repo + "import smp\n"], text=True,
+                          capture_output=True, timeout=60, cwd=tmp_path)
+    assert bare.returncode != 0 and "No module named 'smp'" in bare.stderr

@@ -50,6 +50,14 @@ def test_study_parent_nested_runs_resume_and_pruning(smpd_dir, tmp_path):
     done = [r for r in children if r.info.status == "FINISHED"]
     assert min(r.data.metrics["val_rmse"] for r in done) == pytest.approx(study.best_value)
     assert result["best_val_rmse"] == pytest.approx(study.best_value)
+    # a trial logs params, metrics, inputs and its model, but no figures unless asked (trial_figures)
+    client = mlflow.MlflowClient()
+    best = done[0].info.run_id
+    assert "feature_importance.json" in {a.path for a in client.list_artifacts(best)}
+    assert len(mlflow.get_run(best).outputs.model_outputs) == 1  # the logged model
+    assert client.list_artifacts(best, "plots") == []
+    assert {i.dataset.name.rsplit("-", 1)[1] for i in mlflow.get_run(best).inputs.dataset_inputs} == {
+        "train", "val", "test"}
     # the parent holds the summary: best value/params, figures, the best trial's model
     p = mlflow.get_run(parent)
     assert p.data.metrics["best_val_rmse"] == pytest.approx(study.best_value)
@@ -61,6 +69,16 @@ def test_study_parent_nested_runs_resume_and_pruning(smpd_dir, tmp_path):
     study = optuna.load_study(study_name="t", storage=cfg.study.storage)
     assert len(study.trials) == 4 and study.user_attrs["mlflow_parent_run_id"] == parent
     assert len(_children(parent)) == 4
+
+
+def test_trial_figures_on_request(smpd_dir, tmp_path):
+    cfg = _job(smpd_dir, tmp_path, n_trials=1, trial_figures=True, study_name="figs")
+    open_study(cfg).enqueue_trial(GOOD)
+    run_tune(cfg)
+    parent = optuna.load_study(study_name="figs", storage=cfg.study.storage).user_attrs["mlflow_parent_run_id"]
+    (trial,) = _children(parent)
+    plots = {a.path for a in mlflow.MlflowClient().list_artifacts(trial.info.run_id, "plots")}
+    assert plots == {"plots/pred_vs_actual.png", "plots/error_hist.png", "plots/feature_importance.png"}
 
 
 def test_two_processes_share_one_study(smpd_dir, tmp_path):
