@@ -39,6 +39,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]  # scripts/ live beside benchmarks/
 OUT_ENV = "SMP_BENCH_OUT"  # JSON lines written by the instrumented workers
+# as scripts/team_demo.sh and docs/team.md: no GenAI job runner (7 huey processes, ~1.6 GB, ~40 s of CPU at start)
+SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 # --------------------------------------------------------------------------- inside a worker process
@@ -247,7 +249,7 @@ def main() -> None:
                 [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"{pg}/smp",
                  "--artifacts-destination", str(work / "artifacts"), "--host", "127.0.0.1",
                  "--port", url.rsplit(":", 1)[1], "--workers", "2"],
-                stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, env=base_env)
+                stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, env={**base_env, **SERVER_ENV})
         wait_healthy(url, server, 300, log)
         for n in [int(x) for x in args.workers.split(",")]:
             env = {**base_env, "MLFLOW_TRACKING_URI": url}

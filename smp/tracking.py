@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import hashlib
 import json
 import logging
@@ -88,9 +89,8 @@ def job_run(job: str, experiment: str, params: dict, tags: dict | None = None, n
         commit = git_commit()
         if commit:
             all_tags.setdefault("mlflow.source.git.commit", commit)
-        mlflow.set_tags(all_tags)
         already = mlflow.get_run(run.info.run_id).data.params if launched else {}  # `mlflow run` logged some
-        log_params({k: v for k, v in params.items() if k not in already})
+        log_params({k: v for k, v in params.items() if k not in already}, tags=all_tags)
         yield run
     except BaseException as exc:
         if type(exc).__name__ == "TrialPruned":  # optuna pruned this trial: visible as such in MLflow
@@ -109,17 +109,27 @@ def last_job_run_id() -> str:
     return LAST_JOB_RUN.get()
 
 
-def log_params(params: dict) -> None:
-    """Log params (values stringified; MLflow caps a value at 6000 chars)."""
+def log_params(params: dict, tags: dict | None = None) -> None:
+    """Log params (values stringified; MLflow caps a value at 6000 chars) and tags on the active run.
+
+    One ``log_batch`` request per 90 params (MLflow takes at most 100 a batch); the tags ride on the first.
+    """
+    from mlflow.entities import Param, RunTag
+
     def text(v):
-        return ",".join(map(str, v)) if isinstance(v, tuple) else v if isinstance(v, (int, float, str, bool)) else str(v)
+        return ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
 
-    clean = {k: text(v) for k, v in params.items()}
-    items = list(clean.items())
-    for i in range(0, len(items), 90):  # MLflow batches at most 100 params per call
-        mlflow.log_params(dict(items[i:i + 90]))
+    items = [Param(k, text(v)) for k, v in params.items()]
+    tag_items = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+    run_id = mlflow.active_run().info.run_id
+    client = mlflow.MlflowClient()
+    for i in range(0, max(len(items), 1), 90):
+        batch_tags = tag_items if i == 0 else []
+        if items[i:i + 90] or batch_tags:
+            client.log_batch(run_id, params=items[i:i + 90], tags=batch_tags)
 
 
+@functools.lru_cache(maxsize=1)
 def git_commit() -> str | None:
     """The git commit of the working tree that runs this code, if it is a git checkout."""
     try:

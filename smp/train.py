@@ -78,10 +78,10 @@ def log_prepared(prep: Prepared, splitting: SplitCfg) -> None:
     log_data_inputs(prep.posts, prep.parts, name, prep.digest, splitting.split, splitting.seed)
     mlflow.set_tags({"smp.data_hash": prep.digest, "smp.data_source": str(prep.posts.attrs.get("source")),
                      "smp.split": splitting.split})
-    mlflow.log_metrics({f"{k}_rows": float(len(v)) for k, v in prep.parts.items()})
-    mlflow.log_metric("missing_label_rows", float(prep.n_missing_label))
     issues = prep.posts.attrs.get("parse_issues") or {}
-    mlflow.log_metric("data_parse_issues", float(sum(issues.values())))
+    mlflow.log_metrics({**{f"{k}_rows": float(len(v)) for k, v in prep.parts.items()},
+                        "missing_label_rows": float(prep.n_missing_label),
+                        "data_parse_issues": float(sum(issues.values()))})
     if issues:
         mlflow.log_dict(issues, "data/parse_issues.json")
 

@@ -34,6 +34,8 @@ HEARTBEAT = 3  # seconds; a trial without a heartbeat for 3x this is stale (smp.
 # Bounded client retries: rides out a server restart (0+2+4+...+64 s, about two minutes), then a clear error.
 RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "7", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
              "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+# The server without MLflow's GenAI job runner (7 huey processes at start), as docs/team.md recommends.
+SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 # Trials enqueued with fixed parameters (n_estimators below the search space's 200: Optuna warns, uses them):
 # FAST ones take seconds on the tiny data, SLOW runs for minutes when every round is reported to Optuna
 # (`--report-every 1`).
@@ -120,7 +122,7 @@ class Team:
             [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"{self.pg}/smp",
              "--artifacts-destination", str(self.work / "artifacts"), "--host", "127.0.0.1", "--port", port,
              "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=self.env())
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=self.env(**SERVER_ENV))
         log.close()
         deadline = time.monotonic() + timeout
         while not healthy(self.url):
