@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -41,6 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]  # scripts/ live beside benchmarks/
 OUT_ENV = "SMP_BENCH_OUT"  # JSON lines written by the instrumented workers
 # as scripts/team_demo.sh and docs/team.md: no GenAI job runner (7 huey processes, ~1.6 GB, ~40 s of CPU at start)
 SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+# as docs/team.md: gunicorn (uvicorn with --workers > 1 leaves Nagle on, Kludex/uvicorn#3149: +40 ms a request)
+SERVER_OPTS = "--workers 2 --gunicorn-opts '--timeout 120'"
 
 
 # --------------------------------------------------------------------------- inside a worker process
@@ -223,6 +226,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="seeds the draw of the parameter sets")
     ap.add_argument("--workers", default="1,2,4")
     ap.add_argument("--skip-sqlite", action="store_true")
+    ap.add_argument("--server-opts", default=SERVER_OPTS,
+                    help="mlflow server options (see docs/team.md; '--workers 4' = MLflow's default)")
     ap.add_argument("--timeout", type=int, default=7200, help="seconds per configuration")
     ap.add_argument("--out", default="", help="write all measurements to this JSON file")
     args = ap.parse_args()
@@ -248,7 +253,7 @@ def main() -> None:
             server = subprocess.Popen(
                 [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"{pg}/smp",
                  "--artifacts-destination", str(work / "artifacts"), "--host", "127.0.0.1",
-                 "--port", url.rsplit(":", 1)[1], "--workers", "2"],
+                 "--port", url.rsplit(":", 1)[1], *shlex.split(args.server_opts)],
                 stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, env={**base_env, **SERVER_ENV})
         wait_healthy(url, server, 300, log)
         for n in [int(x) for x in args.workers.split(",")]:
@@ -281,7 +286,7 @@ def summary_line(r: dict) -> str:
 
 def table(results: list[dict], args) -> str:
     head = (f"posts {args.posts}, --sample-size {args.sample_size}, {args.trials} trials per configuration "
-            "(same parameter sets), pruning off; medians over trials\n\n"
+            f"(same parameter sets), pruning off, server `{args.server_opts}`; medians over trials\n\n"
             "| store | workers | trials/min (trial span) | trials/min (end to end) | trial wall s | MLflow s | "
             "MLflow % | Optuna per-round s | prepare s | fit_seconds |\n|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]

@@ -71,7 +71,8 @@ mlflow_port=$(free_port)
 log "mlflow server on http://127.0.0.1:$mlflow_port (backend $pg/smp, artifacts $work/artifacts)"
 # no GenAI job runner: smp runs no server-side jobs (it would start 7 huey processes, ~1.6 GB) -- docs/team.md
 MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false setsid mlflow server --backend-store-uri "$pg/smp" --artifacts-destination "$work/artifacts" \
-  --host 127.0.0.1 --port "$mlflow_port" --workers 2 >"$work/mlflow-server.log" 2>&1 &
+  --host 127.0.0.1 --port "$mlflow_port" --workers 2 --gunicorn-opts "--timeout 120" \
+  >"$work/mlflow-server.log" 2>&1 &
 server_pid=$!
 wait_http "http://127.0.0.1:$mlflow_port/health" 300 "$work/mlflow-server.log"  # first start creates the schema
 
