@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import shutil
 import signal
 import socket
@@ -408,3 +409,30 @@ def test_a_server_that_stays_down_fails_clearly(smpd_dir, tmp_path, monkeypatch)
         run_tune(cfg)
     assert time.monotonic() - t0 < 60
     assert dead in str(err.value)
+
+
+def test_team_demo_script_end_to_end(pytestconfig, tmp_path):
+    """`scripts/team_demo.sh`: PostgreSQL + server + a 2-worker study + promote + serve, then nothing left behind."""
+    root = pytestconfig.rootpath
+    if subprocess.run(["bash", str(root / "scripts" / "pg.sh"), "bindir"], capture_output=True).returncode != 0:
+        pytest.skip("PostgreSQL server binaries not found: install them with `apt-get install -y postgresql`")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(WORKERS="2", TRIALS="1", SMP_CACHE_DIR=str(tmp_path / "cache"), MLFLOW_DISABLE_TELEMETRY="true")
+    out = subprocess.run(["bash", "scripts/team_demo.sh"], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=1200)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-4000:]
+    served = re.search(r"smp-popularity v1 \(@champion, run (\w+)\) predicted (\d+) posts: (\{.*)", text)
+    assert served, text[-4000:]
+    assert int(served.group(2)) > 0 and '"predictions": [' in served.group(3)
+    work = re.search(r"were in (\S+) \(removed on exit", text).group(1)
+    assert not Path(work).exists()  # the throwaway directory (database, artifacts, logs) is gone
+    left = [line for line in subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+            .splitlines() if work in line]
+    assert left == []  # no PostgreSQL or mlflow server still running from it
+    ports = re.findall(r"on http://127\.0\.0\.1:(\d+)", text)  # the tracking server's and the model server's
+    assert len(ports) == 2
+    for port in ports:
+        with socket.socket() as s, pytest.raises(OSError):
+            s.settimeout(2)
+            s.connect(("127.0.0.1", int(port)))  # refused: nobody listens any more
