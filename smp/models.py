@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import threading
 import warnings
+import weakref
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -64,6 +65,14 @@ def fit_booster(booster: xgb.XGBRegressor, X, y, X_val, y_val) -> xgb.XGBRegress
 
 SMALL_PREDICT = 64  # rows up to which a fitted booster predicts on one thread
 _PREDICT_LOCK = threading.Lock()
+_NTHREAD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Booster -> its own nthread setting
+
+
+def _own_nthread(inner: xgb.Booster) -> int:
+    """The booster's configured thread count, read once (parsing its config on every request costs)."""
+    if inner not in _NTHREAD:
+        _NTHREAD[inner] = int(json.loads(inner.save_config())["learner"]["generic_param"]["nthread"])
+    return _NTHREAD[inner]
 
 
 def predict_booster(booster: xgb.XGBRegressor, X) -> np.ndarray:
@@ -78,12 +87,12 @@ def predict_booster(booster: xgb.XGBRegressor, X) -> np.ndarray:
             return booster.predict(X).astype(float)
     inner = booster.get_booster()
     with _PREDICT_LOCK:
-        nthread = json.loads(inner.save_config())["learner"]["generic_param"]["nthread"]
+        nthread = _own_nthread(inner)
         inner.set_param({"nthread": 1})
         try:
             return booster.predict(X).astype(float)
         finally:
-            inner.set_param({"nthread": int(nthread)})
+            inner.set_param({"nthread": nthread})
 
 
 def best_iteration(booster: xgb.XGBRegressor) -> int:

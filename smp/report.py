@@ -86,7 +86,7 @@ def run_compare(cfg: CompareJob = CompareJob()) -> dict[str, float]:
             mlflow.log_artifact(str(Path(tmp) / "compare.md"))
             mlflow.log_artifact(str(Path(tmp) / "compare.csv"))
         if not table.empty:
-            log_figure(plots.compare_bars(table), "compare.png")
+            log_figure(lambda: plots.compare_bars(table), "compare.png")
             mlflow.set_tag("smp.data_hash", table.attrs["data_hash"])
         metrics = {f"{row.model}_test_rmse": float(row.test_rmse) for row in table.itertuples()}
         if metrics:

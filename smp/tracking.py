@@ -123,10 +123,10 @@ def log_params(params: dict, tags: dict | None = None) -> None:
     tag_items = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
     run_id = mlflow.active_run().info.run_id
     client = mlflow.MlflowClient()
-    for i in range(0, max(len(items), 1), 90):
-        batch_tags = tag_items if i == 0 else []
-        if items[i:i + 90] or batch_tags:
-            client.log_batch(run_id, params=items[i:i + 90], tags=batch_tags)
+    batches = [items[i:i + 90] for i in range(0, len(items), 90)] or [[]]
+    for i, batch in enumerate(batches):
+        if batch or (i == 0 and tag_items):
+            client.log_batch(run_id, params=batch, tags=tag_items if i == 0 else [])
 
 
 @functools.lru_cache(maxsize=1)
@@ -163,17 +163,16 @@ def figures_wanted() -> bool:
     return bool(RUN_CONTEXT.get().get("figures", True))
 
 
-def log_figure(fig, name: str) -> None:
-    """Log a matplotlib figure as a PNG artifact under ``plots/`` and close it.
+def log_figure(draw, name: str) -> None:
+    """Log the matplotlib figure that ``draw()`` returns as a PNG under ``plots/``, and close it.
 
-    ``fig`` may be a function that draws it: then nothing is drawn when figures are off (tuning trials).
+    Nothing is drawn when figures are off (tuning trials, see ``figures_wanted``).
     """
     import matplotlib.pyplot as plt
 
-    if callable(fig):
-        if not figures_wanted():
-            return
-        fig = fig()
+    if not figures_wanted():
+        return
+    fig = draw()
     mlflow.log_figure(fig, f"plots/{name}")
     plt.close(fig)
 

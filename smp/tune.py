@@ -379,9 +379,15 @@ def _log_summary(study, best, parent: str, counts: dict) -> None:
     tags = {f"best.{k}": str(v) for k, v in best.params.items()}
     if best.user_attrs.get("mlflow_run_id"):
         tags["smp.best_run_id"] = best.user_attrs["mlflow_run_id"]
+    current = client.get_run(parent).data.tags
     for key, value in tags.items():  # one tag at a time: an upsert that loses a race is retried by the caller
-        if client.get_run(parent).data.tags.get(key) != value:
+        if current.get(key) != value:
             client.set_tag(parent, key, value)
+
+
+def _figure(ax):
+    """The figure behind what an optuna matplotlib plot returns (one Axes or an array of them)."""
+    return ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
 
 
 def _log_study_figures(study: optuna.Study) -> None:
@@ -398,8 +404,6 @@ def _log_study_figures(study: optuna.Study) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # optuna marks its matplotlib backend experimental
             try:
-                ax = plot(study)
-                fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
-                log_figure(fig, name)
+                log_figure(lambda: _figure(plot(study)), name)
             except Exception as exc:  # noqa: BLE001 - a figure must not fail the study
                 log.warning("could not plot %s: %s", name, exc)
