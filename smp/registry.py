@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -32,7 +31,7 @@ from smp.data import DataCfg, DataError
 from smp.evaluate import regression_metrics
 from smp.serving import model_input
 from smp.splits import SplitCfg
-from smp.tracking import flat_params, job_run
+from smp.tracking import flat_params, job_run, upsert
 
 log = logging.getLogger("smp.registry")
 
@@ -269,30 +268,9 @@ def model_rows(rows: pd.DataFrame, run) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------- recording the decision
-_DUPLICATE_KEY = ("UniqueViolation", "UNIQUE constraint failed", "Duplicate entry", "already exists")
-
-
 def set_version_tag(client: MlflowClient, name: str, version: str, key: str, value: str, attempts: int = 4) -> None:
     """``set_model_version_tag``, safe when two promotes tag the same version at once."""
     upsert(client.set_model_version_tag, name, version, key, value, attempts=attempts)
-
-
-def upsert(write, *args, attempts: int = 4) -> None:
-    """Call a registry write that the tracking server performs as "select, then insert or update".
-
-    Two concurrent first writes of one key (a version tag, an alias) both insert and the second fails
-    on the primary key (seen against PostgreSQL). Written again, the row exists and is updated, so the
-    loser retries; any other error is raised at once.
-    """
-    for attempt in range(attempts):
-        try:
-            write(*args)
-            return
-        except MlflowException as exc:
-            if attempt == attempts - 1 or not any(m in str(exc) for m in _DUPLICATE_KEY):
-                raise
-            log.info("%s%s written concurrently; writing it again", getattr(write, "__name__", "write"), args[:3])
-            time.sleep(0.2 * (attempt + 1))
 
 
 def record(client: MlflowClient, cfg: PromoteJob, cand_run, version, champ, comp: Comparison,

@@ -15,10 +15,12 @@ import json
 import logging
 import os
 import subprocess
+import time
 from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 
 import mlflow
+from mlflow.exceptions import MlflowException
 import numpy as np
 import pandas as pd
 
@@ -140,6 +142,29 @@ def git_commit() -> str | None:
         return None
 
 
+_DUPLICATE_KEY = ("UniqueViolation", "duplicate key value", "UNIQUE constraint failed", "Duplicate entry",
+                  "already exists")
+
+
+def upsert(write, *args, attempts: int = 4, **kwargs) -> None:
+    """Call an MLflow write that the tracking store performs as "select, then insert or update".
+
+    Two concurrent first writes of one key (a model-version tag, an alias, a dataset that two tuning
+    workers log at once) both insert and the second fails on the primary key (seen against
+    PostgreSQL). Written again, the row exists and is reused, so the loser retries; any other error
+    is raised at once.
+    """
+    for attempt in range(attempts):
+        try:
+            write(*args, **kwargs)
+            return
+        except MlflowException as exc:
+            if attempt == attempts - 1 or not any(m in str(exc) for m in _DUPLICATE_KEY):
+                raise
+            log.info("%s%s written concurrently; writing it again", getattr(write, "__name__", "write"), args[:3])
+            time.sleep(0.2 * (attempt + 1))
+
+
 def log_data_inputs(posts: pd.DataFrame, parts: dict[str, np.ndarray], name: str, digest: str,
                     split: str, seed: int) -> None:
     """Log each split's rows as an MLflow dataset input (context = split), same digest for the data.
@@ -155,7 +180,7 @@ def log_data_inputs(posts: pd.DataFrame, parts: dict[str, np.ndarray], name: str
             digest=f"{digest}-{part}"))
         contexts.append(part)
         tags.append({"split": split, "seed": str(seed), "rows": str(len(idx))})
-    mlflow.log_inputs(datasets=datasets, contexts=contexts, tags_list=tags)
+    upsert(mlflow.log_inputs, datasets=datasets, contexts=contexts, tags_list=tags)  # workers race on a dataset
 
 
 def figures_wanted() -> bool:

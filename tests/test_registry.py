@@ -159,3 +159,28 @@ def test_version_tag_written_concurrently_is_retried_and_other_errors_are_not():
     with pytest.raises(MlflowException, match="UniqueViolation"):
         set_version_tag(stuck, "m", "1", "family", "benchmark")
     assert stuck.calls == 4
+
+
+def test_dataset_inputs_logged_concurrently_are_retried(monkeypatch):
+    """Two tuning workers logging the same dataset at once: the loser's insert is retried, not fatal."""
+    from mlflow.exceptions import MlflowException
+
+    from smp import tracking
+
+    real, calls = mlflow.log_inputs, []
+
+    def racing(**kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise MlflowException("INTERNAL_ERROR: (psycopg2.errors.UniqueViolation) duplicate key value violates "
+                                  'unique constraint "dataset_pk"')
+        return real(**kwargs)
+
+    monkeypatch.setattr(mlflow, "log_inputs", racing)
+    posts = pd.DataFrame({"Pid": [str(i) for i in range(6)], "label": np.arange(6.0)})
+    parts = {"train": np.arange(4), "test": np.arange(4, 6)}
+    with mlflow.start_run() as run:
+        tracking.log_data_inputs(posts, parts, "posts", "abc", "random", 0)
+    assert len(calls) == 2
+    logged = mlflow.get_run(run.info.run_id).inputs.dataset_inputs
+    assert sorted(i.dataset.name for i in logged) == ["posts-random-s0-test", "posts-random-s0-train"]
