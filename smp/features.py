@@ -66,6 +66,8 @@ def _onehot_tables(transformer: ColumnTransformer, categorical: list[str]) -> li
 class TabularCfg:
     min_frequency: int = 10   # one-hot levels seen fewer times in train are grouped as "infrequent"
     max_categories: int = 200  # at most this many one-hot columns per field (rest grouped)
+    absolute_date: bool = True  # Postdate itself as a feature (trees cannot extrapolate it past train's dates)
+    time_trend: bool = False    # the benchmark fits a linear label trend over Postdate on train, boosts the rest
 
 
 _DATETIME_SECONDS = 9.2e9  # |Unix seconds| beyond this is outside pandas' datetime range (NaT there)
@@ -149,7 +151,8 @@ class TabularFeaturizer:
     def fit(self, posts: pd.DataFrame) -> "TabularFeaturizer":
         derived = derive_columns(posts)
         self.categorical_ = [c for c in CATEGORICAL if (derived[c] != MISSING).any()]
-        self.numeric_ = [c for c in NUMERIC if derived[c].notna().any()]
+        self.numeric_ = [c for c in NUMERIC if derived[c].notna().any()
+                         and (c != "Postdate" or self.cfg.absolute_date)]
         if not self.categorical_ and not self.numeric_:
             raise ValueError("no usable tabular field in the data (need e.g. Category, Postdate, photo_count)")
         encoder = OneHotEncoder(

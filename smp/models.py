@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import xgboost as xgb
 
-from smp.features import TabularCfg, TabularFeaturizer
+from smp.features import RAW_FIELDS, TabularCfg, TabularFeaturizer
 
 
 @dataclass(frozen=True)
@@ -26,13 +26,15 @@ class XGBCfg:
     n_estimators: int = 2000         # paper's grid search (benchmark)
     max_depth: int = 18              # paper's grid search (benchmark)
     learning_rate: float = 0.01      # paper's grid search (benchmark)
-    early_stopping_rounds: int = 100  # rounds without val improvement before stopping
+    early_stopping_rounds: int = 100  # rounds without val improvement before stopping (0 = none)
     min_child_weight: float = 1.0    # XGBoost default
     subsample: float = 1.0           # XGBoost default
     colsample_bytree: float = 1.0    # XGBoost default
     reg_lambda: float = 1.0          # XGBoost default (L2)
     reg_alpha: float = 0.0           # XGBoost default (L1)
-    max_bin: int = 256               # histogram bins (tree_method=hist)
+    tree_method: str = "auto"        # auto = from the data (see tree_settings); or exact / hist / approx
+    max_bin: int = 0                 # histogram bins (hist/approx); 0 = from the data (see tree_settings)
+    device: str = "auto"             # auto = cuda when XGBoost and torch see a GPU, else cpu
     n_jobs: int = 0                  # 0 = all cores
 
 
@@ -41,16 +43,56 @@ class XGBCfg:
 # (pca_boost, depth 12 over 300 components: 4.4 GB at 64.8k rows; 1.7 GB with 1,024), and the trees
 # grown are the same either way (an evicted histogram is rebuilt, not approximated).
 HIST_CACHE_NODES = 1024
+# tree_method=auto: below this many training rows the exact greedy method (every distinct value a split
+# candidate, as XGBoost < 2.0 chose) is faster than histograms, whose cost per node (features x bins) does
+# not shrink with the node's rows: deep trees on small data are mostly tiny nodes. Exact's cost grows with
+# the rows instead; a probe (300 dense columns, depth 12) put the crossover between 1.6k and 16k rows.
+EXACT_MAX_ROWS = 5_000
+# max_bin=0: XGBoost's 256 bins from this many training rows on, 64 below (with few rows per node the extra
+# bins resolve nothing; 64 bins cost 0.44x the time of 256 on 1.6k rows x 300 columns at depth 12).
+FULL_BINS_ROWS = 16_384
 
 
-def make_booster(cfg: XGBCfg, seed: int, callbacks=None, early_stopping: bool = True) -> xgb.XGBRegressor:
-    """An ``XGBRegressor`` (``tree_method=hist``) configured from ``cfg``."""
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when this XGBoost build has CUDA and a GPU is visible, else ``cpu``."""
+    if device != "auto":
+        return device
+    if not xgb.build_info().get("USE_CUDA"):
+        return "cpu"
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return "cpu"
+
+
+def tree_settings(cfg: XGBCfg, n_rows: int) -> dict:
+    """The tree method, bins and device a fit on ``n_rows`` training rows uses (``auto`` / 0 resolved).
+
+    On a GPU: ``hist`` (the only GPU method) with 256 bins. On CPU: ``exact`` below ``EXACT_MAX_ROWS``
+    rows, else ``hist``; bins 256 from ``FULL_BINS_ROWS`` rows on, 64 below.
+    Explicit settings are kept as given.
+    """
+    device = resolve_device(cfg.device)
+    method = cfg.tree_method
+    if method == "auto":
+        method = "hist" if device.startswith("cuda") or n_rows >= EXACT_MAX_ROWS else "exact"
+    bins = cfg.max_bin or (256 if n_rows >= FULL_BINS_ROWS or device.startswith("cuda") else 64)
+    return {"tree_method": method, "max_bin": int(bins), "device": device}
+
+
+def make_booster(cfg: XGBCfg, seed: int, callbacks=None, early_stopping: bool = True,
+                 n_rows: int = EXACT_MAX_ROWS) -> xgb.XGBRegressor:
+    """An ``XGBRegressor`` configured from ``cfg`` (tree method, bins, device as ``tree_settings`` says)."""
     params = asdict(cfg)
     rounds = params.pop("early_stopping_rounds")
     n_jobs = params.pop("n_jobs") or None
+    params.update(tree_settings(cfg, n_rows))
+    if params["tree_method"] == "hist":
+        params["max_cached_hist_node"] = HIST_CACHE_NODES
     return xgb.XGBRegressor(
-        **params, tree_method="hist", objective="reg:squarederror", eval_metric="rmse",
-        max_cached_hist_node=HIST_CACHE_NODES,
+        **params, objective="reg:squarederror", eval_metric="rmse",
         early_stopping_rounds=rounds if early_stopping and rounds > 0 else None,
         random_state=seed, n_jobs=n_jobs, callbacks=callbacks,
     )
@@ -60,6 +102,8 @@ def fit_booster(booster: xgb.XGBRegressor, X, y, X_val, y_val) -> xgb.XGBRegress
     """Fit with the validation set as the (last) eval set; callbacks are dropped afterwards."""
     booster.fit(X, y, eval_set=[(X_val, y_val)], verbose=False)
     booster.set_params(callbacks=None)  # pruning callbacks hold an Optuna trial: never pickle them
+    if booster.get_params().get("device", "cpu") != "cpu":
+        booster.set_params(device="cpu")  # fitted on a GPU: predict (and serve) anywhere from host memory
     return booster
 
 
@@ -103,8 +147,36 @@ def best_iteration(booster: xgb.XGBRegressor) -> int:
         return int(booster.get_booster().num_boosted_rounds())
 
 
+class TimeTrend:
+    """A linear trend of the label over ``Postdate`` (days), least squares on the training posts.
+
+    Trees cannot extrapolate a date past the training range, so under a chronological protocol the
+    benchmark can model ``label - trend(Postdate)`` and add the (extrapolated) trend back. A post without
+    ``Postdate`` gets the trend at the training posts' mean date.
+    """
+
+    def fit(self, posts: pd.DataFrame, y) -> "TimeTrend":
+        days = self._days(posts)
+        ok = np.isfinite(days)
+        if ok.sum() < 2 or np.ptp(days[ok]) == 0:
+            raise ValueError("time_trend needs Postdate on at least two training posts with different dates")
+        self.t0_ = float(days[ok].mean())
+        self.slope_, self.intercept_ = (float(v) for v in np.polyfit(days[ok] - self.t0_, np.asarray(y)[ok], 1))
+        return self
+
+    def predict(self, posts: pd.DataFrame) -> np.ndarray:
+        days = np.nan_to_num(self._days(posts) - self.t0_, nan=0.0)
+        return self.intercept_ + self.slope_ * days
+
+    @staticmethod
+    def _days(posts: pd.DataFrame) -> np.ndarray:
+        if "Postdate" not in posts.columns:
+            return np.full(len(posts), np.nan)
+        return pd.to_numeric(posts["Postdate"], errors="coerce").to_numpy(dtype=float) / 86400.0
+
+
 class BenchmarkModel:
-    """The paper's benchmark: XGBoost on the tabular features only."""
+    """The paper's benchmark: XGBoost on the tabular features only (optionally over a linear time trend)."""
 
     family = "benchmark"
     needs_images = False
@@ -117,13 +189,21 @@ class BenchmarkModel:
     def fit(self, train: pd.DataFrame, y, val: pd.DataFrame, y_val, callbacks=None) -> "BenchmarkModel":
         self.featurizer_ = TabularFeaturizer(self.tabular).fit(train)
         X, X_val = self.featurizer_.transform(train), self.featurizer_.transform(val)
-        self.booster_ = fit_booster(make_booster(self.cfg, self.seed, callbacks), X, y, X_val, y_val)
+        y, y_val = np.asarray(y, dtype=float), np.asarray(y_val, dtype=float)
+        self.trend_ = TimeTrend().fit(train, y) if self.tabular.time_trend else None
+        if self.trend_ is not None:
+            y, y_val = y - self.trend_.predict(train), y_val - self.trend_.predict(val)
+        self.tree_settings_ = tree_settings(self.cfg, len(X))
+        booster = make_booster(self.cfg, self.seed, callbacks, n_rows=len(X))
+        self.booster_ = fit_booster(booster, X, y, X_val, y_val)
         self.best_iteration_ = best_iteration(self.booster_)
         return self
 
     def predict(self, posts: pd.DataFrame) -> np.ndarray:
         """Predicted popularity for raw posts."""
-        return predict_booster(self.booster_, self.featurizer_.transform(posts))
+        pred = predict_booster(self.booster_, self.featurizer_.transform(posts))
+        trend = getattr(self, "trend_", None)  # models pickled before the trend existed have none
+        return pred if trend is None else pred + trend.predict(posts)
 
     def importance(self) -> tuple[list[str], np.ndarray]:
         """Gain importance per tabular feature."""
@@ -133,7 +213,36 @@ class BenchmarkModel:
 
     @property
     def input_fields_(self) -> list[str]:
-        return self.featurizer_.raw_fields_
+        fields = self.featurizer_.raw_fields_
+        if getattr(self, "trend_", None) is not None and "Postdate" not in fields:
+            fields = [f for f in RAW_FIELDS if f in {*fields, "Postdate"}]
+        return fields
+
+
+class CrossFitBenchmark:
+    """K benchmark models fitted on the K-fold splits of train; predicts their average (cross-fitting).
+
+    Each training row's out-of-fold prediction (``oof_``) comes from the one fold model that never saw it,
+    and validation, test and new posts get the mean of the K models: the K fits that stacking needs anyway
+    also serve prediction, so no (K+1)-th fit on all of train is needed.
+    """
+
+    family = "benchmark"
+    needs_images = False
+
+    def __init__(self, models: list[BenchmarkModel], oof: np.ndarray):
+        self.models, self.oof_ = list(models), oof
+
+    def predict(self, posts: pd.DataFrame) -> np.ndarray:
+        return np.mean([m.predict(posts) for m in self.models], axis=0)
+
+    @property
+    def best_iteration_(self) -> float:
+        return float(np.mean([m.best_iteration_ for m in self.models]))
+
+    @property
+    def input_fields_(self) -> list[str]:
+        return self.models[0].input_fields_
 
 
 # --------------------------------------------------------------------------- image models
@@ -223,7 +332,8 @@ class PCABoostModel:
         Z = self.pca_.fit_transform(X)
         del X
         Z_val = self.pca_.transform(self._matrix(val, img_val))
-        self.booster_ = fit_booster(make_booster(self.cfg, self.seed, callbacks), Z, y, Z_val, y_val)
+        self.tree_settings_ = tree_settings(self.cfg, len(Z))
+        self.booster_ = fit_booster(make_booster(self.cfg, self.seed, callbacks, n_rows=len(Z)), Z, y, Z_val, y_val)
         self.best_iteration_ = best_iteration(self.booster_)
         return self
 
@@ -270,16 +380,28 @@ class EnsembleModel:
         return self.benchmark.input_fields_
 
 
-def out_of_fold(posts: pd.DataFrame, y: np.ndarray, val: pd.DataFrame, y_val: np.ndarray, cfg: XGBCfg,
-                tabular: TabularCfg, seed: int, folds: int = 5) -> np.ndarray:
-    """Benchmark predictions for every training row from a model that never saw that row's label."""
+def _folds(n: int, folds: int, seed: int):
     from sklearn.model_selection import KFold
 
     if folds < 2:
         raise ValueError(f"stacking_folds={folds}: out-of-fold stacking needs at least 2 folds")
+    return KFold(folds, shuffle=True, random_state=seed).split(np.arange(n))
+
+
+def cross_fit(posts: pd.DataFrame, y: np.ndarray, val: pd.DataFrame, y_val: np.ndarray, cfg: XGBCfg,
+              tabular: TabularCfg, seed: int, folds: int = 3) -> CrossFitBenchmark:
+    """K fold models (early stopping on ``val``), their out-of-fold predictions for every training row."""
     oof = np.full(len(posts), np.nan)
-    for fit_idx, hold_idx in KFold(folds, shuffle=True, random_state=seed).split(np.arange(len(posts))):
+    models = []
+    for fit_idx, hold_idx in _folds(len(posts), folds, seed):
         fold_posts = posts.iloc[fit_idx].reset_index(drop=True)
         model = BenchmarkModel(cfg, tabular, seed).fit(fold_posts, y[fit_idx], val, y_val)
         oof[hold_idx] = model.predict(posts.iloc[hold_idx].reset_index(drop=True))
-    return oof
+        models.append(model)
+    return CrossFitBenchmark(models, oof)
+
+
+def out_of_fold(posts: pd.DataFrame, y: np.ndarray, val: pd.DataFrame, y_val: np.ndarray, cfg: XGBCfg,
+                tabular: TabularCfg, seed: int, folds: int = 5) -> np.ndarray:
+    """Benchmark predictions for every training row from a model that never saw that row's label."""
+    return cross_fit(posts, y, val, y_val, cfg, tabular, seed, folds).oof_

@@ -53,6 +53,7 @@ class MLPCfg:
     epochs: int = 30                     # paper: 30 epochs
     batch_size: int = 32                 # paper: batch size 32
     patience: int = 10                   # epochs without val RMSE improvement before stopping
+    head: str = "residual"               # residual = benchmark + learnt correction (starts at 0); paper = plain
     seed: int = 0                        # weights, dropout and shuffling
 
 
@@ -68,20 +69,34 @@ class Conv1DCfg:
     epochs: int = 20                         # paper: 20 epochs
     batch_size: int = 32                     # paper: batch size 32
     patience: int = 10                       # epochs without val RMSE improvement before stopping
+    head: str = "residual"                   # residual = benchmark + learnt correction (starts at 0); paper = plain
     seed: int = 0                            # weights, dropout, shuffling and PCA
 
 
 # ---------------------------------------------------------------- networks
+
+HEADS = ("residual", "paper")
+
+
+def _zero_(layer: nn.Linear) -> None:
+    """Start a residual head's output layer at zero (the net's first prediction is its input)."""
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+
 
 
 class EnsembleMLP(nn.Module):
     """Paper model 3: [FC -> BatchNorm -> ReLU -> Dropout] per hidden width -> FC 1.
 
     Input ``(B, n_in)``: standardised benchmark prediction, image features and
-    the has_image indicator.  Returns ``(B,)``.
+    the has_image indicator.  Returns ``(B,)``.  ``residual=True`` (not the
+    paper's) adds input column 0 (the benchmark prediction, in the target's
+    standardised units) to the output, whose last layer starts at zero: the
+    untrained net predicts exactly the benchmark and learns a correction.
     """
 
-    def __init__(self, n_in: int, hidden: tuple[int, ...] = (128, 64), dropout: float = 0.5):
+    def __init__(self, n_in: int, hidden: tuple[int, ...] = (128, 64), dropout: float = 0.5,
+                 residual: bool = False):
         super().__init__()
         layers: list[nn.Module] = []
         width = n_in
@@ -90,9 +105,13 @@ class EnsembleMLP(nn.Module):
             width = h
         layers.append(nn.Linear(width, 1))
         self.layers = nn.Sequential(*layers)
+        self.residual = residual
+        if residual:
+            _zero_(layers[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x).squeeze(-1)
+        out = self.layers(x).squeeze(-1)
+        return out + x[:, 0] if self.residual else out
 
 
 class EnsembleConv1D(nn.Module):
@@ -101,12 +120,13 @@ class EnsembleConv1D(nn.Module):
     Each conv ("same" padding) -> BatchNorm1d -> ReLU; then flatten -> Dropout,
     concatenate the side inputs (standardised benchmark prediction, has_image)
     and an MLP head (Linear -> ReLU per ``head_hidden``) -> 1.
-    ``forward(z (B, n_pca), side (B, n_side))`` returns ``(B,)``.
+    ``forward(z (B, n_pca), side (B, n_side))`` returns ``(B,)``.  ``residual``
+    as in :class:`EnsembleMLP` (side column 0 is the benchmark prediction).
     """
 
     def __init__(self, n_pca: int = 20, n_side: int = 2, channels: tuple[int, ...] = (16, 32),
                  kernel_sizes: tuple[int, ...] = (3, 3), dropout: float = 0.75,
-                 head_hidden: tuple[int, ...] = (32,)):
+                 head_hidden: tuple[int, ...] = (32,), residual: bool = False):
         super().__init__()
         if len(channels) != len(kernel_sizes):
             raise ValueError(f"channels {channels} and kernel_sizes {kernel_sizes} differ in length")
@@ -125,10 +145,14 @@ class EnsembleConv1D(nn.Module):
             width = h
         head.append(nn.Linear(width, 1))
         self.head = nn.Sequential(*head)
+        self.residual = residual
+        if residual:
+            _zero_(head[-1])
 
     def forward(self, z: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
         feats = self.convs(z.unsqueeze(1))
-        return self.head(torch.cat([feats, side], dim=1)).squeeze(-1)
+        out = self.head(torch.cat([feats, side], dim=1)).squeeze(-1)
+        return out + side[:, 0] if self.residual else out
 
 
 # ---------------------------------------------------------------- input handling
@@ -263,26 +287,36 @@ class _NetRegressor(RegressorMixin, BaseEstimator):
         y = np.asarray(y, dtype=np.float64).ravel()
         if len(y) != len(X):
             raise ValueError(f"y has {len(y)} rows, X has {len(X)}")
+        if cfg.head not in HEADS:
+            raise ValueError(f"head={cfg.head!r}: expected one of {HEADS}")
         self.n_features_in_ = X.shape[1]
         self.y_mean_ = float(y.mean())
         self.y_scale_ = float(y.std()) if y.std() > 1e-12 else 1.0
         device = torch.device(self.device)
         self.history_: list[dict] = []
         self.best_epoch_ = 0
+        self.input_val_rmse_ = math.nan  # val RMSE of the stacked input (column 0) alone
 
         with _torch_scope(cfg.seed, self.n_threads, self.device):
             train = tuple(t.to(device) for t in self._fit_inputs(X, has_image))
             y_t = torch.from_numpy(((y - self.y_mean_) / self.y_scale_).astype(np.float32)).to(device)
             val = None
             if X_val is not None:
-                val = tuple(t.to(device) for t in self._inputs(*split_inputs(X_val, has_image_val)))
+                X_val, mask_val = split_inputs(X_val, has_image_val)
+                val = tuple(t.to(device) for t in self._inputs(X_val, mask_val))
                 y_val = np.asarray(y_val, dtype=np.float64).ravel()
+                self.input_val_rmse_ = float(np.sqrt(np.mean((X_val[:, 0].astype(np.float64) - y_val) ** 2)))
             self.net_ = net = self._build_net().to(device)
             opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                    **({"fused": True} if device.type == "cpu" else {}))
             gen = torch.Generator().manual_seed(cfg.seed)
             n, bs = len(y_t), cfg.batch_size
             best_rmse, best_state = math.inf, None
+            if val is not None and cfg.head == "residual":
+                # epoch 0 = the untrained residual net = the stacked input itself: an epoch is kept only if it
+                # beats that on validation, so the net falls back to its input rather than doing worse
+                best_rmse = float(np.sqrt(np.mean((self._predict_inputs(val) - y_val) ** 2)))
+                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
             bar = tqdm(range(1, cfg.epochs + 1), desc=self._name, unit="epoch", disable=not self.progress)
             try:
                 for epoch in bar:
@@ -317,7 +351,24 @@ class _NetRegressor(RegressorMixin, BaseEstimator):
                 if best_state is not None:
                     net.load_state_dict(best_state)
                 net.eval()
+        self.best_val_rmse_ = best_rmse if val is not None else math.nan
         return self
+
+    @property
+    def beats_input_(self) -> bool | None:
+        """Whether the kept epoch's val RMSE is below the stacked input's (None without a validation set).
+
+        With ``head="residual"``, False means ``best_epoch_ == 0``: the net fell back to its input.
+        """
+        if not math.isfinite(getattr(self, "best_val_rmse_", math.nan)):
+            return None
+        return bool(self.best_val_rmse_ < self.input_val_rmse_)
+
+    def __setstate__(self, state: dict) -> None:
+        cfg = state.get("cfg")
+        if cfg is not None and "head" not in vars(cfg):  # pickled before heads existed: the paper's
+            object.__setattr__(cfg, "head", "paper")
+        self.__dict__.update(state)
 
     def predict(self, X, has_image=None) -> np.ndarray:
         """Predicted labels, float64 ``(n,)``; finite for every row with a finite benchmark prediction."""
@@ -343,6 +394,8 @@ class _NetRegressor(RegressorMixin, BaseEstimator):
             "fitted": fitted,
             "history": [dict(h) for h in self.history_],
             "best_epoch": self.best_epoch_,
+            "input_val_rmse_": float(getattr(self, "input_val_rmse_", math.nan)),
+            "best_val_rmse_": float(getattr(self, "best_val_rmse_", math.nan)),
             "net": {k: v.detach().cpu() for k, v in self.net_.state_dict().items()},
         }
 
@@ -354,18 +407,28 @@ class _NetRegressor(RegressorMixin, BaseEstimator):
         params = dict(state["params"])
         if device is not None:
             params["device"] = device
-        obj = cls(_make_cfg(cls._cfg_cls, state["cfg"]), **params)
+        obj = cls(_make_cfg(cls._cfg_cls, {"head": "paper", **state["cfg"]}), **params)
         for name, value in state["fitted"].items():
             setattr(obj, name, value.numpy() if isinstance(value, torch.Tensor) else value)
         obj._restore_fitted()
         obj.history_ = [dict(h) for h in state["history"]]
         obj.best_epoch_ = state["best_epoch"]
+        for key in ("input_val_rmse_", "best_val_rmse_"):
+            if key in state:
+                setattr(obj, key, state[key])
         obj.net_ = obj._build_net()
         obj.net_.load_state_dict(state["net"])
         obj.net_.to(torch.device(obj.device)).eval()
         return obj
 
     # internals ------------------------------------------------------------
+    def _bench_stats(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """How column 0 (the benchmark prediction) is standardised: with the target's mean and scale for a
+        residual head (so the net's input is the benchmark in the units it predicts), else its own."""
+        if self.cfg.head == "residual":
+            return np.array([self.y_mean_], np.float32), np.array([self.y_scale_], np.float32)
+        return _column_stats(X[:, :1])
+
     def _restore_fitted(self) -> None:
         """Hook: rebuild derived fitted objects after ``from_state``."""
 
@@ -406,7 +469,7 @@ class MLPRegressor(_NetRegressor):
         self.n_threads = n_threads  # intra-op threads while fitting/predicting; None = leave torch's setting
 
     def _fit_inputs(self, X, has_image):
-        bench_mean, bench_scale = _column_stats(X[:, :1])
+        bench_mean, bench_scale = self._bench_stats(X)
         img_mean, img_scale = _column_stats(X[:, 1:], has_image)
         self.mean_ = np.concatenate([bench_mean, img_mean])
         self.scale_ = np.concatenate([bench_scale, img_scale])
@@ -423,7 +486,7 @@ class MLPRegressor(_NetRegressor):
         return (torch.from_numpy(out),)
 
     def _build_net(self):
-        return EnsembleMLP(self.n_features_in_ + 1, self.cfg.hidden, self.cfg.dropout)
+        return EnsembleMLP(self.n_features_in_ + 1, self.cfg.hidden, self.cfg.dropout, self.cfg.head == "residual")
 
 
 class Conv1DRegressor(_NetRegressor):
@@ -454,7 +517,7 @@ class Conv1DRegressor(_NetRegressor):
         if n_pca > min(n_img, X.shape[1] - 1):
             raise ValueError(f"n_pca={n_pca} needs at least that many image columns ({X.shape[1] - 1}) "
                              f"and training rows with an image ({n_img})")
-        bench_mean, bench_scale = _column_stats(X[:, :1])
+        bench_mean, bench_scale = self._bench_stats(X)
         img_mean, img_scale = _column_stats(X[:, 1:], has_image)
         self.mean_ = np.concatenate([bench_mean, img_mean])
         self.scale_ = np.concatenate([bench_scale, img_scale])
@@ -495,7 +558,7 @@ class Conv1DRegressor(_NetRegressor):
 
     def _build_net(self):
         c = self.cfg
-        return EnsembleConv1D(c.n_pca, 2, c.channels, c.kernel_sizes, c.dropout, c.head_hidden)
+        return EnsembleConv1D(c.n_pca, 2, c.channels, c.kernel_sizes, c.dropout, c.head_hidden, c.head == "residual")
 
 
 MODELS: dict[str, type[_NetRegressor]] = {"ensemble_mlp": MLPRegressor, "ensemble_conv1d": Conv1DRegressor}

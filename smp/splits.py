@@ -4,7 +4,8 @@ Protocols:
 
 * ``random`` (the paper's): shuffled, 81% / 9% / 10% (64.8k / 7.2k / 8k of 80k);
 * ``chrono`` (the SMP challenge's): ordered by ``Postdate``, the last 10% of
-  posts are test and the 9% before them validation;
+  posts are test and the 9% before them validation; the jobs then use settings
+  measured to hold on later posts (``chrono_tuned``, see ``train.CHRONO_XGB``);
 * ``user``: grouped by ``Uid`` so that no user is on two sides.
 """
 
@@ -27,6 +28,7 @@ class SplitCfg:
     seed: int = 0             # seeds the subsample and the split
     val_frac: float = 0.09    # 7.2k of 80k
     test_frac: float = 0.10   # 8k of 80k
+    chrono_tuned: bool = True  # split=chrono: booster/feature settings that hold on later posts (train.CHRONO_*)
 
 
 def subsample(posts: pd.DataFrame, sample_size: int, seed: int) -> pd.DataFrame:

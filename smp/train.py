@@ -23,8 +23,8 @@ from smp import plots
 from smp.data import DataCfg, DataError, data_hash, labelled, load_data
 from smp.evaluate import baseline_metrics, regression_metrics
 from smp.features import TabularCfg
-from smp.models import (BenchmarkModel, EnsembleModel, ImageFeatureSource, PCABoostModel, PCACfg, XGBCfg,
-                        out_of_fold)
+from smp.models import (BenchmarkModel, CrossFitBenchmark, EnsembleModel, ImageFeatureSource, PCABoostModel,
+                        PCACfg, XGBCfg, cross_fit)
 from smp.nets import Conv1DCfg, MLPCfg, create_net
 from smp.serving import example_input, log_model
 from smp.splits import SplitCfg, split_indices, subsample
@@ -56,6 +56,43 @@ class Prepared:
 
     def y(self, part: str) -> np.ndarray:
         return self.posts["label"].to_numpy(dtype=float)[self.parts[part]]
+
+
+# split=chrono (unless chrono_tuned=false): settings measured to generalise to later posts on the real posts
+# (docs/benchmarks.md, benchmarks/chrono.py); each replaces a setting only where it is still the job's default.
+CHRONO_XGB = {"n_estimators": 400, "max_depth": 8, "learning_rate": 0.05, "early_stopping_rounds": 0}
+CHRONO_TABULAR = {"absolute_date": False, "time_trend": True}
+
+
+def protocol_defaults(splitting: SplitCfg, xgb: XGBCfg, tabular: TabularCfg,
+                      default_xgb: XGBCfg = XGBCfg()) -> tuple[XGBCfg, TabularCfg]:
+    """The booster and tabular settings a job uses under ``splitting``: as given, except that under
+    ``split=chrono`` with ``chrono_tuned`` every setting still at the job's default (``default_xgb``,
+    ``TabularCfg()``) takes its value from ``CHRONO_XGB`` / ``CHRONO_TABULAR``."""
+    if splitting.split != "chrono" or not splitting.chrono_tuned:
+        return xgb, tabular
+    xgb_changes = {k: v for k, v in CHRONO_XGB.items() if getattr(xgb, k) == getattr(default_xgb, k)}
+    tab_changes = {k: v for k, v in CHRONO_TABULAR.items() if getattr(tabular, k) == getattr(TabularCfg(), k)}
+    return replace(xgb, **xgb_changes), replace(tabular, **tab_changes)
+
+
+def for_protocol(cfg):
+    """A job config with ``protocol_defaults`` applied (what is logged is what is used)."""
+    if not hasattr(cfg, "xgb"):
+        return cfg
+    xgb, tabular = protocol_defaults(cfg.splitting, cfg.xgb, cfg.tabular, type(cfg)().xgb)
+    if (xgb, tabular) != (cfg.xgb, cfg.tabular):
+        log.info("split=chrono: settings for later posts (chrono_tuned=true): %s",
+                 {k: v for k, v in {**asdict(xgb), **asdict(tabular)}.items()
+                  if v != {**asdict(cfg.xgb), **asdict(cfg.tabular)}[k]})
+    return replace(cfg, xgb=xgb, tabular=tabular)
+
+
+def log_tree_settings(model) -> None:
+    """The tree method, bins and device the booster(s) actually used (``auto`` resolved)."""
+    settings = getattr(model, "tree_settings_", None)
+    if settings:
+        mlflow.log_params({f"xgb/{k}": v for k, v in settings.items()})
 
 
 def prepare(source: DataCfg, splitting: SplitCfg) -> Prepared:
@@ -106,6 +143,7 @@ def evaluate_and_log(model, prep: Prepared, preds: dict[str, np.ndarray] | None 
 
 def run_benchmark(cfg: BenchmarkJob = BenchmarkJob(), callbacks=None) -> dict[str, float]:
     """Train the paper's tabular XGBoost benchmark and log it; return the metrics."""
+    cfg = for_protocol(cfg)
     prep = prepare(cfg.source, cfg.splitting)
     tags = {"smp.model": "benchmark", "smp.reuse_key": reuse_key(cfg.splitting, cfg.xgb, cfg.tabular)}
     with job_run("benchmark", cfg.experiment, flat_params(cfg), tags):
@@ -113,6 +151,7 @@ def run_benchmark(cfg: BenchmarkJob = BenchmarkJob(), callbacks=None) -> dict[st
         t0 = time.perf_counter()
         model = BenchmarkModel(cfg.xgb, cfg.tabular, cfg.splitting.seed).fit(
             prep.rows("train"), prep.y("train"), prep.rows("val"), prep.y("val"), callbacks)
+        log_tree_settings(model)
         mlflow.log_metrics({"fit_seconds": time.perf_counter() - t0, "best_iteration": model.best_iteration_,
                             "n_features": float(len(model.featurizer_.feature_names_))})
         metrics = evaluate_and_log(model, prep)
@@ -212,41 +251,57 @@ def upstream_benchmark(prep: Prepared, cfg, experiment_id: str) -> tuple[str, Be
     return run_id, model
 
 
-def stacking_inputs(prep: Prepared, cfg, bench_run: str, bench: BenchmarkModel) -> dict[str, np.ndarray]:
-    """Benchmark predictions fed to the ensemble: out-of-fold on train (or in-sample), full model elsewhere."""
-    preds = {part: bench.predict(prep.rows(part)) for part in ("val", "test")}
-    if cfg.stacking.stacking == "in_sample":
+def stacking_inputs(prep: Prepared, cfg, bench_run: str, bench: BenchmarkModel):
+    """Benchmark predictions fed to the ensemble, and the benchmark predictor the logged model uses.
+
+    ``stacking=oof``, ``stacking_fit=crossfit`` (default): K fold models give the training rows their
+    out-of-fold predictions and everything else their average (no refit). ``stacking_fit=refit``:
+    out-of-fold on train, the benchmark fitted on all of train elsewhere. ``stacking=in_sample``: the
+    paper's leak. Fold models / out-of-fold predictions are cached on the benchmark run.
+    """
+    sc = cfg.stacking
+    if sc.stacking == "in_sample":
         log.warning("stacking=in_sample: training rows get predictions of a model fitted on their own labels "
                     "(the paper's leak), kept only to measure its effect")
-        preds["train"] = bench.predict(prep.rows("train"))
-        return preds
-    if cfg.stacking.stacking != "oof":
-        raise DataError(f"stacking={cfg.stacking.stacking!r}: expected 'oof' or 'in_sample'")
-    name = f"stacking/oof_k{cfg.stacking.stacking_folds}.parquet"
+        return {part: bench.predict(prep.rows(part)) for part in ("train", "val", "test")}, bench
+    if sc.stacking != "oof":
+        raise DataError(f"stacking={sc.stacking!r}: expected 'oof' or 'in_sample'")
+    if sc.stacking_fit not in ("crossfit", "refit"):
+        raise DataError(f"stacking_fit={sc.stacking_fit!r}: expected 'crossfit' or 'refit'")
+    name = f"stacking/crossfit_k{sc.stacking_folds}.pkl"
+    train_pids = prep.rows("train")["Pid"].astype(str).to_numpy()
     client = mlflow.MlflowClient()
     try:
-        cached = pd.read_parquet(mlflow.artifacts.download_artifacts(run_id=bench_run, artifact_path=name))
-        oof = cached.set_index("Pid")["oof"].reindex(prep.rows("train")["Pid"]).to_numpy()
-        if np.isnan(oof).any():
-            raise LookupError("cached out-of-fold predictions do not cover this training set")
-        log.info("reusing out-of-fold predictions of benchmark run %s", bench_run)
-    except Exception:  # absent or stale: compute and attach to the benchmark run for next time
+        import cloudpickle
+
+        with open(mlflow.artifacts.download_artifacts(run_id=bench_run, artifact_path=name), "rb") as fh:
+            pids, fitted = cloudpickle.load(fh)
+        if not np.array_equal(pids, train_pids):
+            raise LookupError("cached fold models were fitted on another training set")
+        log.info("reusing the %d fold models of benchmark run %s", sc.stacking_folds, bench_run)
+    except Exception:  # absent or stale: fit and attach to the benchmark run for next time
+        import cloudpickle
+
         t0 = time.perf_counter()
-        oof = out_of_fold(prep.rows("train"), prep.y("train"), prep.rows("val"), prep.y("val"), cfg.xgb,
-                          cfg.tabular, cfg.splitting.seed, cfg.stacking.stacking_folds)
+        fitted = cross_fit(prep.rows("train"), prep.y("train"), prep.rows("val"), prep.y("val"), cfg.xgb,
+                           cfg.tabular, cfg.splitting.seed, sc.stacking_folds)
         mlflow.log_metric("oof_seconds", time.perf_counter() - t0)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / Path(name).name
-            pd.DataFrame({"Pid": prep.rows("train")["Pid"], "oof": oof}).to_parquet(path, index=False)
+            path.write_bytes(cloudpickle.dumps((train_pids, fitted)))
             client.log_artifact(bench_run, str(path), "stacking")
-    preds["train"] = oof
-    return preds
+    predictor = fitted if sc.stacking_fit == "crossfit" else bench
+    preds = {part: predictor.predict(prep.rows(part)) for part in ("val", "test")}
+    preds["train"] = fitted.oof_
+    return preds, predictor
 
 
 @dataclass(frozen=True)
 class StackingCfg:
-    stacking: str = "oof"     # oof = out-of-fold benchmark predictions on train (no label leak); in_sample = paper
-    stacking_folds: int = 5   # K of the K-fold for out-of-fold predictions
+    stacking: str = "oof"          # oof = out-of-fold benchmark predictions on train (no label leak); in_sample = paper
+    stacking_folds: int = 3        # K of the K-fold (3: the K fits cost ~2 benchmark fits; docs/benchmarks.md)
+    stacking_fit: str = "crossfit"  # crossfit = val/test/new posts get the K fold models' mean; refit = the
+    #                                 benchmark fitted on all of train (K + 1 fits in all)
 
 
 @dataclass(frozen=True)
@@ -286,6 +341,7 @@ class EnsembleConv1DJob:
 
 def run_pca_boost(cfg: PCABoostJob = PCABoostJob(), callbacks=None) -> dict[str, float]:
     """[CLIP, handcrafted, tabular] -> PCA -> XGBoost (the paper's second model)."""
+    cfg = for_protocol(cfg)
     prep = prepare(cfg.source, cfg.splitting)
     with job_run("pca_boost", cfg.experiment, flat_params(cfg), {"smp.model": "pca_boost"}) as run:
         log_prepared(prep, cfg.splitting)
@@ -295,6 +351,7 @@ def run_pca_boost(cfg: PCABoostJob = PCABoostJob(), callbacks=None) -> dict[str,
         model = PCABoostModel(cfg.xgb, cfg.pca, cfg.tabular, ImageFeatureSource(cols, embed_cfg),
                               cfg.splitting.seed).fit(prep.rows("train"), blocks["train"], prep.y("train"),
                                                       prep.rows("val"), blocks["val"], prep.y("val"), callbacks)
+        log_tree_settings(model)
         mlflow.log_metrics({"fit_seconds": time.perf_counter() - t0, "best_iteration": model.best_iteration_,
                             "pca_components": float(model.pca_.n_components_),
                             "pca_explained_variance": float(model.pca_.explained_variance_ratio_.sum())})
@@ -314,17 +371,18 @@ def _image_example(prep, blocks, cols, fields, n: int = 3) -> pd.DataFrame:
 
 def run_ensemble(cfg, family: str, on_epoch=None) -> dict[str, float]:
     """Stack the benchmark's prediction with image features in the paper's MLP or Conv1D net."""
+    cfg = for_protocol(cfg)
     prep = prepare(cfg.source, cfg.splitting)
-    with job_run(family, cfg.experiment, flat_params(cfg), {"smp.model": family,
-                                                            "smp.stacking": cfg.stacking.stacking}) as run:
+    tags = {"smp.model": family, "smp.stacking": cfg.stacking.stacking, "smp.head": cfg.net.head}
+    with job_run(family, cfg.experiment, flat_params(cfg), tags) as run:
         log_prepared(prep, cfg.splitting)
         exp = run.info.experiment_id
         embed_run, embed_cfg = upstream_embed(prep, cfg.source, cfg.upstream, exp)
         bench_run, bench = upstream_benchmark(prep, cfg, exp)
-        stack = stacking_inputs(prep, cfg, bench_run, bench)
+        stack, predictor = stacking_inputs(prep, cfg, bench_run, bench)
         blocks, cols = image_blocks(prep, embed_run)
         net = create_net(family, **asdict(replace(cfg.net, seed=cfg.splitting.seed)))
-        model = EnsembleModel(family, net, bench, ImageFeatureSource(cols, embed_cfg))
+        model = EnsembleModel(family, net, predictor, ImageFeatureSource(cols, embed_cfg))
 
         def epoch_hook(epoch, train_loss, val_rmse):
             mlflow.log_metrics({"train_loss": train_loss, "val_rmse_epoch": val_rmse}, step=epoch)
@@ -335,7 +393,14 @@ def run_ensemble(cfg, family: str, on_epoch=None) -> dict[str, float]:
         model.fit(stack["train"], blocks["train"], prep.y("train"), stack["val"], blocks["val"], prep.y("val"),
                   on_epoch=epoch_hook)
         mlflow.log_metrics({"fit_seconds": time.perf_counter() - t0, "best_epoch": float(net.best_epoch_),
-                            "train_images": float(np.isfinite(blocks["train"]).all(axis=1).sum())})
+                            "train_images": float(np.isfinite(blocks["train"]).all(axis=1).sum()),
+                            "val_rmse_stacked_benchmark": net.input_val_rmse_})
+        beats = net.beats_input_
+        mlflow.set_tag("smp.beats_stacked_benchmark", str(beats).lower())
+        if beats is False:
+            log.warning("%s: validation RMSE %.4f does not beat its stacked benchmark input (%.4f)%s", family,
+                        net.best_val_rmse_, net.input_val_rmse_,
+                        "; the residual net fell back to the input (epoch 0)" if cfg.net.head == "residual" else "")
         log_figure(lambda: plots.training_curve(net.history_, family), "training_curve.png")
         preds = {p: np.asarray(net.predict(model.stack(stack[p], blocks[p])), dtype=float) for p in ("val", "test")}
         metrics = evaluate_and_log(model, prep, preds)

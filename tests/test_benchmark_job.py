@@ -70,3 +70,23 @@ def test_real_posts_table_shape(tmp_path):
                        xgb=XGBCfg(n_estimators=80, max_depth=3, learning_rate=0.1), experiment="t")
     metrics = run_benchmark(cfg)
     assert metrics["test_rmse"] < 0.8 * metrics["test_rmse_baseline"]
+
+
+def test_chrono_protocol_defaults_replace_only_default_settings():
+    from smp.features import TabularCfg
+    from smp.models import XGBCfg
+    from smp.splits import SplitCfg
+    from smp.train import CHRONO_XGB, BenchmarkJob, PCABoostJob, for_protocol, protocol_defaults
+
+    xgb, tab = protocol_defaults(SplitCfg(split="chrono"), XGBCfg(), TabularCfg())
+    assert {k: getattr(xgb, k) for k in CHRONO_XGB} == CHRONO_XGB
+    assert tab.absolute_date is False and tab.time_trend is True
+    mine = XGBCfg(max_depth=5)
+    xgb, _ = protocol_defaults(SplitCfg(split="chrono"), mine, TabularCfg())
+    assert xgb.max_depth == 5 and xgb.n_estimators == CHRONO_XGB["n_estimators"]  # an explicit choice is kept
+    assert protocol_defaults(SplitCfg(split="chrono", chrono_tuned=False), XGBCfg(), TabularCfg()) == (
+        XGBCfg(), TabularCfg())
+    assert protocol_defaults(SplitCfg(split="random"), XGBCfg(), TabularCfg()) == (XGBCfg(), TabularCfg())
+    assert for_protocol(BenchmarkJob()) == BenchmarkJob()
+    pca = for_protocol(PCABoostJob(splitting=SplitCfg(split="chrono")))  # its paper depth 12 is its default
+    assert pca.xgb.max_depth == CHRONO_XGB["max_depth"]

@@ -25,3 +25,76 @@ def test_predict_booster_small_and_large_batches_equal_plain_predict_and_restore
     np.testing.assert_allclose(predict_booster(model, large), model.predict(large), rtol=1e-6)
     assert predict_booster(model, small).dtype == np.float64
     assert _nthread(model) == before == 2  # the one-thread switch is undone
+
+
+# ---------------------------------------------------------------- tree method, bins, device from the data
+
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+
+from smp.features import TabularCfg  # noqa: E402
+from smp.models import (EXACT_MAX_ROWS, FULL_BINS_ROWS, BenchmarkModel, TimeTrend, XGBCfg,  # noqa: E402
+                        cross_fit, make_booster, resolve_device, tree_settings)
+
+
+def test_tree_settings_follow_the_data_size_and_keep_explicit_choices(monkeypatch):
+    monkeypatch.setattr("smp.models.resolve_device", lambda device: "cpu" if device == "auto" else device)
+    small, mid, large = EXACT_MAX_ROWS - 1, EXACT_MAX_ROWS, FULL_BINS_ROWS
+    assert tree_settings(XGBCfg(), small) == {"tree_method": "exact", "max_bin": 64, "device": "cpu"}
+    assert tree_settings(XGBCfg(), mid) == {"tree_method": "hist", "max_bin": 64, "device": "cpu"}
+    assert tree_settings(XGBCfg(), large) == {"tree_method": "hist", "max_bin": 256, "device": "cpu"}
+    assert tree_settings(XGBCfg(tree_method="hist", max_bin=256), small)["tree_method"] == "hist"
+    assert tree_settings(XGBCfg(max_bin=128), large)["max_bin"] == 128
+    gpu = tree_settings(XGBCfg(device="cuda"), small)  # the GPU has no exact method
+    assert gpu == {"tree_method": "hist", "max_bin": 256, "device": "cuda"}
+    booster = make_booster(XGBCfg(), 0, n_rows=small)
+    assert booster.get_params()["tree_method"] == "exact"
+
+
+def test_device_auto_is_cpu_without_a_gpu(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu"
+    assert resolve_device("cuda:1") == "cuda:1"
+
+
+def _posts(n, seed=0, slope=0.0):
+    rng = np.random.default_rng(seed)
+    days = np.sort(rng.uniform(0, 400, n))
+    posts = pd.DataFrame({"Pid": [f"p{seed}-{i}" for i in range(n)], "Postdate": 1.45e9 + days * 86400,
+                          "Category": rng.choice(list("ABC"), n), "tag_count": rng.integers(0, 20, n).astype(float)})
+    y = 6 + slope * days / 100 + (posts["Category"] == "A") * 1.5 + 0.1 * posts["tag_count"] + rng.normal(0, .3, n)
+    return posts, y.to_numpy(float)
+
+
+def test_time_trend_extrapolates_where_trees_cannot():
+    posts, y = _posts(600, slope=1.0)
+    train, test = posts.iloc[:450].reset_index(drop=True), posts.iloc[450:].reset_index(drop=True)
+    cfg = XGBCfg(n_estimators=200, max_depth=4, learning_rate=0.1, early_stopping_rounds=0)
+    args = (train, y[:450], train.tail(50), y[400:450])
+    flat = BenchmarkModel(cfg, TabularCfg(), 0).fit(*args)
+    trend = BenchmarkModel(cfg, TabularCfg(absolute_date=False, time_trend=True), 0).fit(*args)
+    assert "Postdate" not in trend.featurizer_.feature_names_ and "Postdate" in trend.input_fields_
+    err = lambda m: float(np.mean(np.abs(m.predict(test) - y[450:])))  # noqa: E731
+    assert err(trend) < 0.6 * err(flat)  # later posts sit above the training range of the label
+    assert TimeTrend().fit(train, y[:450]).slope_ == pytest.approx(0.01, rel=0.1)  # 1.0 per 100 days
+    no_date = test.drop(columns="Postdate")
+    assert np.isfinite(trend.predict(no_date)).all()
+    with pytest.raises(ValueError, match="time_trend"):
+        TimeTrend().fit(train.assign(Postdate=1.45e9), y[:450])
+
+
+def test_cross_fit_averages_its_fold_models_and_predicts_out_of_fold():
+    posts, y = _posts(300, seed=2)
+    val, y_val = posts.head(40), y[:40]
+    cfg = XGBCfg(n_estimators=40, max_depth=3, learning_rate=0.2, early_stopping_rounds=0)
+    fitted = cross_fit(posts, y, val, y_val, cfg, TabularCfg(), seed=0, folds=3)
+    assert len(fitted.models) == 3 and np.isfinite(fitted.oof_).all()
+    mean = np.mean([m.predict(val) for m in fitted.models], axis=0)
+    np.testing.assert_allclose(fitted.predict(val), mean)
+    # each row's out-of-fold value is the prediction of the one fold model that did not train on it
+    held_out = [np.isclose(fitted.oof_, m.predict(posts)) for m in fitted.models]
+    assert (np.sum(held_out, axis=0) >= 1).all()
+    with pytest.raises(ValueError, match="at least 2 folds"):
+        cross_fit(posts, y, val, y_val, cfg, TabularCfg(), seed=0, folds=1)

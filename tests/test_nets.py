@@ -207,3 +207,55 @@ def test_create_net():
         create_net("nope")
     with pytest.raises(TypeError, match="unknown"):
         create_net("ensemble_mlp", n_pca=3)
+
+
+# ---------------------------------------------------------------- residual head vs the paper's
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_untrained_residual_net_predicts_its_stacked_input(name, data):
+    model = _make(name, lr=0.0, epochs=2, patience=5).fit(data["X"], data["y"], data["X_val"], data["y_val"])
+    assert model.best_epoch_ == 0 and model.beats_input_ is False  # nothing learnt: fell back to the input
+    np.testing.assert_allclose(model.predict(data["X_test"]), data["X_test"][:, 0], atol=1e-5)
+    assert model.best_val_rmse_ == pytest.approx(model.input_val_rmse_, rel=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_residual_net_never_loses_to_its_input_on_validation_when_the_image_is_noise(name, data):
+    rng = np.random.default_rng(1)
+    X = data["X"].copy()
+    X[:, 1:] = rng.normal(size=X[:, 1:].shape)  # image columns carry nothing
+    y = X[:, 0] + 0.5 * rng.normal(size=len(X))
+    X_val = data["X_val"].copy()
+    X_val[:, 1:] = rng.normal(size=X_val[:, 1:].shape)
+    y_val = X_val[:, 0] + 0.5 * rng.normal(size=len(X_val))
+    residual = _make(name).fit(X, y, X_val, y_val)
+    paper = _make(name, head="paper").fit(X, y, X_val, y_val)
+    assert residual.best_val_rmse_ <= residual.input_val_rmse_ + 1e-9
+    assert _rmse(residual.predict(X_val), y_val) == pytest.approx(residual.best_val_rmse_, rel=1e-5)
+    assert paper.beats_input_ is False  # the paper's head is reported, not rescued
+    assert paper.best_val_rmse_ > paper.input_val_rmse_
+
+
+def test_residual_net_learns_the_image_signal(fitted, data):
+    name, model, _ = fitted
+    assert model.cfg.head == "residual" and model.beats_input_ is True and model.best_epoch_ >= 1
+    assert _rmse(model.predict(data["X_test"]), data["y_test"]) < 0.8 * _rmse(data["X_test"][:, 0], data["y_test"])
+
+
+def test_unknown_head_is_refused(data):
+    with pytest.raises(ValueError, match="head='wide'"):
+        _make("ensemble_mlp", head="wide").fit(data["X"], data["y"])
+
+
+def test_nets_pickled_or_saved_before_heads_existed_keep_the_paper_head(fitted, data):
+    name, model, _ = fitted
+    paper = _make(name, head="paper", epochs=2).fit(data["X"], data["y"], data["X_val"], data["y_val"])
+    old = pickle.loads(pickle.dumps(paper))
+    del old.cfg.__dict__["head"]  # what a pickle from before the field looks like
+    clone = pickle.loads(pickle.dumps(old))
+    assert clone.cfg.head == "paper"
+    np.testing.assert_array_equal(clone.predict(data["X_test"]), paper.predict(data["X_test"]))
+    state = paper.get_state()
+    del state["cfg"]["head"]
+    np.testing.assert_array_equal(MODELS[name].from_state(state).predict(data["X_test"]), paper.predict(data["X_test"]))
