@@ -15,10 +15,17 @@ without an image therefore still gets a finite prediction, driven by the
 benchmark prediction and the indicator.  The target is standardised for
 training; ``train_loss`` and ``val_rmse`` are reported in the label's units.
 
-Training is seeded and deterministic on CPU (two fits with the same config give
-identical predictions), keeps the epoch with the lowest validation RMSE and
-stops early after ``patience`` epochs without improvement.  Epochs count from
-1 in ``history_``, ``best_epoch_`` and the ``on_epoch`` callback.
+Heads: ``head="residual"`` (default) predicts the benchmark prediction plus a
+learnt correction whose output layer starts at zero, so the untrained net *is*
+its stacked input; ``head="paper"`` is the paper's plain output.  Training is
+seeded and deterministic on CPU (two fits with the same config give identical
+predictions), keeps the epoch with the lowest validation RMSE and stops early
+after ``patience`` epochs without improvement.  Epochs count from 1 in
+``history_``, ``best_epoch_`` and the ``on_epoch`` callback; with the residual
+head epoch 0 (the stacked input itself) competes too, so a net that never beats
+its input on validation falls back to it (``best_epoch_ == 0``).
+``input_val_rmse_`` (the stacked input's validation RMSE), ``best_val_rmse_``
+and ``beats_input_`` report the check for either head.
 
 Both regressors pickle (cloudpickle too) and also round-trip through
 ``get_state()`` / ``from_state()``, a dict of tensors and plain Python values

@@ -23,6 +23,7 @@ PAPER = {
     "ensemble_mlp": (1.168, -0.19, 1.33),
     "ensemble_conv1d": (1.176, 0.07, 1.38),
 }
+NET_FAMILIES = ("ensemble_mlp", "ensemble_conv1d")  # one row per net head: residual (default), paper
 COLUMNS = ("test_rmse", "test_bias", "test_error_var", "test_mae", "test_spearman", "test_rmse_baseline")
 
 
@@ -34,7 +35,9 @@ class CompareJob:
 
 
 def compare_table(experiment_id: str, split: str, data_hash: str = "") -> pd.DataFrame:
-    """One row per model family: its newest finished run's test metrics beside the paper's figures."""
+    """One row per model family (per head for the nets): its newest finished run's test metrics beside the
+    paper's figures. The nets' paper head (runs without a head tag predate the residual head) is the row
+    ``<family> (paper head)``."""
     runs = mlflow.search_runs(
         [experiment_id], filter_string=f"attributes.status = 'FINISHED' and tags.`smp.split` = '{split}'",
         order_by=["attributes.start_time DESC"], output_format="list")
@@ -45,18 +48,19 @@ def compare_table(experiment_id: str, split: str, data_hash: str = "") -> pd.Dat
     rows, seen = [], set()
     for r in runs:
         family = r.data.tags["smp.model"]
-        if family in seen or r.data.tags.get("smp.data_hash", "") != data_hash:
+        head = r.data.tags.get("smp.head", "paper") if family in NET_FAMILIES else ""
+        label = f"{family} (paper head)" if head == "paper" else family
+        if label in seen or r.data.tags.get("smp.data_hash", "") != data_hash:
             continue
-        seen.add(family)
+        seen.add(label)
         paper = PAPER[family]
-        rows.append({"model": family, "run_id": r.info.run_id,
+        rows.append({"model": label, "family": family, "head": head, "run_id": r.info.run_id,
                      **{c: r.data.metrics.get(c, float("nan")) for c in COLUMNS},
                      "stacking": r.data.tags.get("smp.stacking", ""),
                      "paper_rmse": paper[0], "paper_bias": paper[1], "paper_error_var": paper[2]})
     table = pd.DataFrame(rows)
-    table["model"] = pd.Categorical(table["model"], FAMILIES, ordered=True)
-    table = table.sort_values("model").reset_index(drop=True)
-    table["model"] = table["model"].astype(str)
+    table["_order"] = [FAMILIES.index(f) * 2 + (h == "paper") for f, h in zip(table["family"], table["head"])]
+    table = table.sort_values("_order").drop(columns="_order").reset_index(drop=True)
     table.attrs["data_hash"] = data_hash
     return table
 
@@ -88,7 +92,8 @@ def run_compare(cfg: CompareJob = CompareJob()) -> dict[str, float]:
         if not table.empty:
             log_figure(lambda: plots.compare_bars(table), "compare.png")
             mlflow.set_tag("smp.data_hash", table.attrs["data_hash"])
-        metrics = {f"{row.model}_test_rmse": float(row.test_rmse) for row in table.itertuples()}
+        metrics = {f"{row.family}{'_paper_head' if row.head == 'paper' else ''}_test_rmse": float(row.test_rmse)
+                   for row in table.itertuples()}
         if metrics:
             mlflow.log_metrics(metrics)
     return metrics

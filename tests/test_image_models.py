@@ -42,8 +42,9 @@ def chain(tmp_path_factory, smpd_bad):
     out["ensemble_mlp"] = run_ensemble_mlp(EnsembleMLPJob(net=MLPCfg(epochs=4, batch_size=16), stacking=StackingCfg(
         stacking_folds=3), **common))
     out["runs_after_first"] = _count_jobs()
-    out["ensemble_mlp_2"] = run_ensemble_mlp(EnsembleMLPJob(net=MLPCfg(epochs=3, batch_size=16),
-                                                            stacking=StackingCfg(stacking_folds=3), **common))
+    out["ensemble_mlp_2"] = run_ensemble_mlp(EnsembleMLPJob(  # the paper's head, cross-fitted stacking
+        net=MLPCfg(epochs=3, batch_size=16, head="paper"), stacking=StackingCfg(stacking_folds=3, stacking_fit="crossfit"),
+        **common))
     out["runs_after_second"] = _count_jobs()
     out["ensemble_conv1d"] = run_ensemble_conv1d(EnsembleConv1DJob(
         net=Conv1DCfg(n_pca=8, epochs=3, batch_size=16), stacking=StackingCfg(stacking_folds=3), **common))
@@ -124,17 +125,41 @@ def test_compare_table(chain, monkeypatch):
     _use(chain, monkeypatch)
     exp = mlflow.get_experiment_by_name("img").experiment_id
     table = compare_table(exp, "random")
-    assert list(table["model"]) == ["benchmark", "pca_boost", "ensemble_mlp", "ensemble_conv1d"]
+    assert list(table["model"]) == ["benchmark", "pca_boost", "ensemble_mlp", "ensemble_mlp (paper head)",
+                                    "ensemble_conv1d"]
     assert table.loc[table.model == "ensemble_mlp", "paper_rmse"].item() == 1.168
-    latest_mlp = mlflow.search_runs([exp], filter_string="tags.`smp.job` = 'ensemble_mlp'",
-                                    order_by=["attributes.start_time DESC"], output_format="list")[0]
+    mlp_runs = mlflow.search_runs([exp], filter_string="tags.`smp.job` = 'ensemble_mlp'",
+                                  order_by=["attributes.start_time DESC"], output_format="list")
+    by_head = {r.data.tags["smp.head"]: r for r in mlp_runs}
     assert table.loc[table.model == "ensemble_mlp", "test_rmse"].item() == pytest.approx(
-        latest_mlp.data.metrics["test_rmse"])
+        by_head["residual"].data.metrics["test_rmse"])
+    assert table.loc[table.model == "ensemble_mlp (paper head)", "test_rmse"].item() == pytest.approx(
+        by_head["paper"].data.metrics["test_rmse"])
     metrics = run_compare(CompareJob(experiment="img"))
-    assert set(metrics) == {f"{m}_test_rmse" for m in table["model"]}
+    assert set(metrics) == {"benchmark_test_rmse", "pca_boost_test_rmse", "ensemble_mlp_test_rmse",
+                            "ensemble_mlp_paper_head_test_rmse", "ensemble_conv1d_test_rmse"}
     run = mlflow.last_active_run()
     arts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"compare.md", "compare.csv"} <= arts
+
+
+def test_stacking_refit_by_default_cross_fit_on_request(chain, monkeypatch):
+    _use(chain, monkeypatch)
+    exp = mlflow.get_experiment_by_name("img").experiment_id
+    bench = mlflow.search_runs([exp], filter_string="tags.`smp.job` = 'benchmark'", output_format="list")[0]
+    mlp = {r.data.tags["smp.head"]: r for r in mlflow.search_runs(
+        [exp], filter_string="tags.`smp.job` = 'ensemble_mlp'", output_format="list")}
+    refit, crossfit = mlp["residual"].data, mlp["paper"].data
+    assert crossfit.params["stacking_fit"] == "crossfit" and refit.params["stacking_fit"] == "refit"
+    # refit: validation/test rows are stacked on the benchmark run's own predictions; cross-fit: on the fold mean
+    assert refit.metrics["test_rmse_stacked_benchmark"] == pytest.approx(bench.data.metrics["test_rmse"])
+    assert crossfit.metrics["test_rmse_stacked_benchmark"] != pytest.approx(bench.data.metrics["test_rmse"])
+    assert "oof_seconds" in refit.metrics and "oof_seconds" not in crossfit.metrics  # fold models reused
+    for run in (crossfit, refit):
+        assert run.tags["smp.beats_stacked_benchmark"] in ("true", "false")
+        assert np.isfinite(run.metrics["val_rmse_stacked_benchmark"])
+    arts = {a.path for a in mlflow.MlflowClient().list_artifacts(bench.info.run_id, "stacking")}
+    assert arts == {"stacking/crossfit_k3.pkl"}
 
 
 def test_out_of_fold_never_uses_own_label():

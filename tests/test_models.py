@@ -40,15 +40,17 @@ from smp.models import (EXACT_MAX_ROWS, FULL_BINS_ROWS, BenchmarkModel, TimeTren
 def test_tree_settings_follow_the_data_size_and_keep_explicit_choices(monkeypatch):
     monkeypatch.setattr("smp.models.resolve_device", lambda device: "cpu" if device == "auto" else device)
     small, mid, large = EXACT_MAX_ROWS - 1, EXACT_MAX_ROWS, FULL_BINS_ROWS
-    assert tree_settings(XGBCfg(), small) == {"tree_method": "exact", "max_bin": 64, "device": "cpu"}
-    assert tree_settings(XGBCfg(), mid) == {"tree_method": "hist", "max_bin": 64, "device": "cpu"}
-    assert tree_settings(XGBCfg(), large) == {"tree_method": "hist", "max_bin": 256, "device": "cpu"}
+    assert tree_settings(XGBCfg(), small) == {"tree_method": "exact", "max_bin": 64, "device": "cpu", "n_jobs": 1}
+    assert tree_settings(XGBCfg(), mid) == {"tree_method": "hist", "max_bin": 64, "device": "cpu", "n_jobs": 1}
+    assert tree_settings(XGBCfg(), large) == {"tree_method": "hist", "max_bin": 256, "device": "cpu", "n_jobs": 0}
+    assert tree_settings(XGBCfg(n_jobs=2), small)["n_jobs"] == 2
     assert tree_settings(XGBCfg(tree_method="hist", max_bin=256), small)["tree_method"] == "hist"
     assert tree_settings(XGBCfg(max_bin=128), large)["max_bin"] == 128
     gpu = tree_settings(XGBCfg(device="cuda"), small)  # the GPU has no exact method
-    assert gpu == {"tree_method": "hist", "max_bin": 256, "device": "cuda"}
+    assert gpu == {"tree_method": "hist", "max_bin": 256, "device": "cuda", "n_jobs": 0}
     booster = make_booster(XGBCfg(), 0, n_rows=small)
-    assert booster.get_params()["tree_method"] == "exact"
+    assert booster.get_params()["tree_method"] == "exact" and booster.get_params()["n_jobs"] == 1
+    assert make_booster(XGBCfg(), 0, n_rows=large).get_params()["n_jobs"] is None  # all cores
 
 
 def test_device_auto_is_cpu_without_a_gpu(monkeypatch):
