@@ -43,7 +43,7 @@ VARIANTS = {
                               True),
     "deep_nodate_trend": ("all", {**PLAIN, "max_depth": 18}, False, False, True),
     "paper_nodate_trend_80k": ("80k", PAPER, True, False, True),
-    "chrono_default": ("all", None, None, None, None),  # the entry point's split=chrono default (this issue)
+    "chrono_default": ("80k", None, None, None, None),  # the entry point's split=chrono default (this issue)
 }
 
 
@@ -75,7 +75,7 @@ def main() -> None:
         rows, xgb, es, date, trend = VARIANTS[name]
         if xgb is None:  # the defaults split=chrono resolves to
             xgb_cfg, tab_cfg = protocol_defaults(SplitCfg(split="chrono"), XGBCfg(), TabularCfg())
-            rows, es = "all", xgb_cfg.early_stopping_rounds > 0
+            rows, es = "80k", xgb_cfg.early_stopping_rounds > 0
         else:
             xgb_cfg = replace(XGBCfg(), **xgb)
             tab_cfg = replace(TabularCfg(), absolute_date=date, time_trend=trend)

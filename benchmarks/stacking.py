@@ -67,7 +67,7 @@ def summary(path: Path) -> str:
 
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     fams = [f"{f}/{h}" for f in ("ensemble_mlp", "ensemble_conv1d") for h in ("residual", "paper")]
-    head = ("| size | seed | benchmark | stacked input (crossfit) | " + " | ".join(fams) + " |\n|"
+    head = ("| size | seed | benchmark | stacked input (refit = benchmark) | " + " | ".join(fams) + " |\n|"
             + "---|" * (4 + len(fams)) + "\n")
     body = ""
     for r in sorted(rows, key=lambda r: (r["n"], r["seed"])):

@@ -80,7 +80,7 @@ def test_chrono_protocol_defaults_replace_only_default_settings():
 
     xgb, tab = protocol_defaults(SplitCfg(split="chrono"), XGBCfg(), TabularCfg())
     assert {k: getattr(xgb, k) for k in CHRONO_XGB} == CHRONO_XGB
-    assert tab.absolute_date is False and tab.time_trend is True
+    assert tab.absolute_date is False and tab.time_trend is False
     mine = XGBCfg(max_depth=5)
     xgb, _ = protocol_defaults(SplitCfg(split="chrono"), mine, TabularCfg())
     assert xgb.max_depth == 5 and xgb.n_estimators == CHRONO_XGB["n_estimators"]  # an explicit choice is kept
