@@ -644,7 +644,7 @@ class EmbedJob:
 
     source: DataCfg = field(default_factory=DataCfg)
     embed: EmbedCfg = field(default_factory=EmbedCfg)
-    experiment: str = ""  # "" = MLflow's default (or the one `mlflow run --experiment-name` gives)
+    experiment: str = ""  # "" = MLFLOW_EXPERIMENT_NAME, else "smp" (under `mlflow run`: its --experiment-name)
 
 
 def embedding_key(cfg: EmbedCfg) -> str:
@@ -661,7 +661,7 @@ def run_embed(cfg: EmbedJob = EmbedJob()) -> dict[str, float]:
     import mlflow
 
     from smp.data import DataError, data_hash, load_data
-    from smp.tracking import flat_params, job_run
+    from smp.tracking import dataset_source, flat_params, job_run, log_params
 
     posts = load_data(cfg.source.data, images_root=cfg.source.images or None)
     if "image_path" not in posts.columns:
@@ -685,10 +685,16 @@ def run_embed(cfg: EmbedJob = EmbedJob()) -> dict[str, float]:
         mlflow.set_tags({"smp.clip_random_weights": str(bool(info.get("random_weights"))).lower(),
                          "smp.clip_effective_pretrained": embed_cfg.clip_pretrained,
                          "smp.embedding_dim": str(info.get("embedding_dim"))})
-        mlflow.log_params({"effective_clip_pretrained": embed_cfg.clip_pretrained,
-                           "device_used": str(info.get("device")), "image_size": str(info.get("image_size"))})
-        metrics = {k: float(v) for k, v in result.stats.items() if isinstance(v, (int, float))}
-        mlflow.log_metrics(metrics)
+        stats = result.stats
+        # what ran (weights after any fallback, device) and counts are params; speeds are grouped metrics
+        log_params({"clip/effective_pretrained": embed_cfg.clip_pretrained, "clip/device_used": info.get("device"),
+                    "clip/image_size": info.get("image_size"), "clip/embedding_dim": int(stats["embedding_dim"]),
+                    "data/images": int(stats["images"]), "data/bad_images": int(stats["bad_images"]),
+                    "cache/hits": int(stats["cache_hits"]), "cache/computed": int(stats["computed"])})
+        mlflow.log_metrics({"time/embed_s": stats["seconds"], "time/images_per_s": stats["images_per_s"],
+                            "time/steady_images_per_s": stats["steady_images_per_s"]})
+        metrics = {k: int(v) if k in ("images", "bad_images", "cache_hits", "computed", "embedding_dim") else float(v)
+                   for k, v in stats.items() if isinstance(v, (int, float))}
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "features.parquet"
             result.features.to_parquet(path, index=False)
@@ -697,7 +703,8 @@ def run_embed(cfg: EmbedJob = EmbedJob()) -> dict[str, float]:
             result.bad.to_csv(bad, index=False)
             mlflow.log_artifact(str(bad))
         mlflow.log_input(mlflow.data.from_pandas(result.features[["Pid", "has_image"]], name="image-features",
-                                                 source=str(posts.attrs.get("source")), digest=digest),
+                                                 source=dataset_source(str(Path(str(posts.attrs.get("source")))
+                                                                           .resolve())), digest=digest),
                          context="features")
     log.info("embed: %d images (%d bad, %d from cache)", metrics.get("images", 0), metrics.get("bad_images", 0),
              metrics.get("cache_hits", 0))

@@ -26,8 +26,8 @@ import numpy as np
 import pandas as pd
 
 from smp.data import DataError, load_data
-from smp.serving import model_input
-from smp.tracking import flat_params, job_run
+from smp.serving import model_input, predict_frame
+from smp.tracking import flat_params, job_run, log_params
 
 log = logging.getLogger("smp.predict")
 
@@ -42,7 +42,7 @@ class PredictJob:
     images: str = ""       # images root for relative image paths (an SMPD dir's images by default)
     output: str = "predictions.csv"  # CSV written here: Pid, popularity, status (also logged to the run)
     batch_size: int = 10000  # posts per model call
-    experiment: str = ""   # "" = MLflow's default (or the one `mlflow run --experiment-name` gives)
+    experiment: str = ""   # "" = MLFLOW_EXPERIMENT_NAME, else "smp" (under `mlflow run`: its --experiment-name)
 
 
 def run_predict(cfg: PredictJob = PredictJob()) -> dict[str, float]:
@@ -69,11 +69,14 @@ def run_predict(cfg: PredictJob = PredictJob()) -> dict[str, float]:
         out.to_csv(cfg.output, index=False)
         mlflow.log_artifact(cfg.output)
         kinds = out["status"].str.split(":").str[0]
-        metrics = {"rows": float(len(out)), "scored_rows": float(out["popularity"].notna().sum()),
-                   "error_rows": float((kinds == "error").sum()), "partial_rows": float((kinds == "partial").sum()),
+        metrics = {"rows": len(out), "scored_rows": int(out["popularity"].notna().sum()),
+                   "error_rows": int((kinds == "error").sum()), "partial_rows": int((kinds == "partial").sum()),
                    "load_seconds": load_seconds, "predict_seconds": seconds,
                    "rows_per_second": len(out) / seconds if seconds > 0 else float("nan")}
-        mlflow.log_metrics({k: v for k, v in metrics.items() if np.isfinite(v)})
+        log_params({f"data/{k}": metrics[k] for k in ("rows", "scored_rows", "error_rows", "partial_rows")})
+        mlflow.log_metrics({f"time/{k}": v for k, v in {
+            "load_s": load_seconds, "predict_s": seconds, "rows_per_s": metrics["rows_per_second"]}.items()
+            if np.isfinite(v)})
     if metrics["error_rows"]:
         first = out.loc[kinds == "error", ["Pid", "status"]].head(3).to_dict("records")
         log.warning("%d of %d posts not scored, e.g. %s", int(metrics["error_rows"]), len(out), first)
@@ -94,7 +97,7 @@ def predict_rows(model, rows: pd.DataFrame, batch_size: int = 10000) -> tuple[np
 
     def score(lo: int, hi: int) -> None:
         try:
-            p = np.asarray(model.predict(rows.iloc[lo:hi].reset_index(drop=True)), dtype=float).reshape(-1)
+            p = np.asarray(predict_frame(model, rows.iloc[lo:hi].reset_index(drop=True)), dtype=float).reshape(-1)
             if len(p) != hi - lo:
                 raise ValueError(f"the model returned {len(p)} predictions for {hi - lo} posts")
             pred[lo:hi] = p

@@ -29,7 +29,7 @@ from mlflow.exceptions import MlflowException
 
 from smp.data import DataCfg, DataError
 from smp.evaluate import regression_metrics
-from smp.serving import model_input
+from smp.serving import model_input, predict_frame
 from smp.splits import SplitCfg
 from smp.tracking import flat_params, job_run, upsert
 
@@ -47,7 +47,7 @@ class PromoteJob:
     split: str = ""        # only runs with this split protocol ("" = any)
     margin: float = 0.0    # the candidate takes @champion only if its test RMSE < champion's - margin
     run_id: str = ""       # promote this run instead of searching for the best
-    experiment: str = ""   # "" = MLflow's default (or the one `mlflow run --experiment-name` gives)
+    experiment: str = ""   # "" = MLFLOW_EXPERIMENT_NAME, else "smp" (under `mlflow run`: its --experiment-name)
 
 
 @dataclass
@@ -83,13 +83,16 @@ def run_promote(cfg: PromoteJob = PromoteJob()) -> dict[str, float]:
         if comp.method != "unchanged":  # a champion promoted again keeps the record of how it won
             set_alias(client, cfg.model_name, decision, version.version)
             record(client, cfg, cand_run, version.version, champ, comp, decision)
-        outcome = {"version": float(version.version), "new_version": float(created),
-                   "champion": float(decision == CHAMPION), "candidate_test_rmse": comp.candidate_rmse,
-                   "champion_test_rmse": comp.champion_rmse, "eval_rows": float(comp.rows)}
-        mlflow.set_tags({"smp.decision": decision, "smp.candidate_run": cand_id,
+        outcome = {"version": int(version.version), "new_version": bool(created), "champion": decision == CHAMPION,
+                   "candidate_test_rmse": comp.candidate_rmse, "champion_test_rmse": comp.champion_rmse,
+                   "eval_rows": comp.rows}
+        # not a training run: the decision is recorded as tags (and on the model version), never as metrics
+        decision_tags = {"smp.decision": decision, "smp.candidate_run": cand_id,
                          "smp.registered_version": str(version.version), "smp.comparison": comp.method,
-                         "smp.compared_against_version": str(champ.version) if champ else ""})
-        mlflow.log_metrics({k: v for k, v in outcome.items() if np.isfinite(v)})
+                         "mlflow.runName": f"promote · {cfg.model_name} v{version.version} → {decision}"}
+        if champ is not None:
+            decision_tags["smp.compared_against_version"] = str(champ.version)
+        mlflow.set_tags(decision_tags)
     log.info("%s v%s (run %s) -> @%s: %s", cfg.model_name, version.version, cand_id, decision, comp.note)
     return outcome
 
@@ -221,7 +224,7 @@ def compare(cand_run, champ_run, name: str, cand_version, champ_version) -> Comp
     for run, version in ((cand_run, cand_version), (champ_run, champ_version)):
         try:
             model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
-            pred = np.asarray(model.predict(model_input(model, model_rows(rows, run))), dtype=float)
+            pred = np.asarray(predict_frame(model, model_input(model, model_rows(rows, run))), dtype=float)
         except Exception as exc:  # noqa: BLE001 - recorded in the description; the logged figures decide
             log.exception("v%s could not predict the shared test posts", version)
             return Comparison(*logged, "logged_metrics", 0, f"v{version} could not predict the shared test posts "
@@ -268,6 +271,22 @@ def model_rows(rows: pd.DataFrame, run) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------- recording the decision
+MODEL_DESCRIPTION = (
+    "Predicts a Flickr post's popularity score (SMP Challenge 2019, log-scaled views) from its raw SMPD "
+    "fields; image models also read the image (`image_b64` or `image_path`). Aliases: `champion` is served, "
+    "`challenger` is the latest candidate that did not beat it on the same test posts. Each version's "
+    "description and tags say how it was compared. Input schema: the model version's page; request format: "
+    "`mlflow models serve -m models:/smp-popularity@champion`.")
+
+
+def describe_model(client: MlflowClient, name: str) -> None:
+    """Describe the registered model once (a description someone wrote is kept)."""
+    try:
+        if not (client.get_registered_model(name).description or "").strip():
+            client.update_registered_model(name, description=MODEL_DESCRIPTION)
+    except MlflowException as exc:
+        log.debug("registered model %s not described: %s", name, exc)
+
 def set_version_tag(client: MlflowClient, name: str, version: str, key: str, value: str, attempts: int = 4) -> None:
     """``set_model_version_tag``, safe when two promotes tag the same version at once."""
     upsert(client.set_model_version_tag, name, version, key, value, attempts=attempts)
@@ -278,23 +297,24 @@ def record(client: MlflowClient, cfg: PromoteJob, cand_run, version, champ, comp
     """Keep the comparison on the candidate's model version: tags and a description."""
     tags = cand_run.data.tags
     rmse = lambda v: "nan" if not np.isfinite(v) else f"{v:.4f}"  # noqa: E731
-    version_tags = {
-        "decision": decision, "comparison": comp.method, "eval_rows": str(comp.rows),
-        "candidate_test_rmse": rmse(comp.candidate_rmse), "champion_test_rmse": rmse(comp.champion_rmse),
-        "compared_against_version": str(champ.version) if champ else "", "margin": str(cfg.margin),
-        "family": tags.get("smp.model", ""), "split": tags.get("smp.split", ""),
-        "data_hash": tags.get("smp.data_hash", ""),
-    }
+    version_tags = {"decision": decision, "comparison": comp.method, "margin": str(cfg.margin),
+                    "family": tags.get("smp.model", ""), "split": tags.get("smp.split", ""),
+                    "data_hash": tags.get("smp.data_hash", ""), "candidate_test_rmse": rmse(comp.candidate_rmse)}
+    if champ is not None:  # only what was compared: a first promotion has no champion to name
+        version_tags.update({"compared_against_version": str(champ.version), "eval_rows": str(comp.rows),
+                             "champion_test_rmse": rmse(comp.champion_rmse)})
     for key, value in version_tags.items():
-        set_version_tag(client, cfg.model_name, str(version), key, value)
+        if value not in ("", "nan"):
+            set_version_tag(client, cfg.model_name, str(version), key, value)
+    describe_model(client, cfg.model_name)
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     head = (f"{tags.get('smp.model', '?')} model from run {cand_run.info.run_id} "
             f"(split {tags.get('smp.split', '?')}, data {tags.get('smp.data_hash', '?')}, "
             f"val RMSE {rmse(cand_run.data.metrics.get('val_rmse', math.nan))}).")
     if champ is None:
-        body = f"@{CHAMPION}: {comp.note} (logged test RMSE {rmse(comp.candidate_rmse)})."
+        body = f"Alias `{CHAMPION}`: {comp.note} (logged test RMSE {rmse(comp.candidate_rmse)})."
     else:
         verb = "beats" if decision == CHAMPION else "does not beat"
-        body = (f"@{decision}: test RMSE {rmse(comp.candidate_rmse)} {verb} champion v{champ.version}'s "
+        body = (f"Alias `{decision}`: test RMSE {rmse(comp.candidate_rmse)} {verb} champion v{champ.version}'s "
                 f"{rmse(comp.champion_rmse)} by more than the margin {cfg.margin}; {comp.note}.")
     client.update_model_version(cfg.model_name, str(version), description=f"{head}\n{body}\nPromoted {when}.")

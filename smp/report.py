@@ -31,7 +31,7 @@ COLUMNS = ("test_rmse", "test_bias", "test_error_var", "test_mae", "test_spearma
 class CompareJob:
     split: str = "random"   # compare runs made with this split protocol
     data_hash: str = ""     # compare runs on this data ("" = the data of the newest model run)
-    experiment: str = ""    # "" = MLflow's default (or the one `mlflow run --experiment-name` gives)
+    experiment: str = ""    # "" = MLFLOW_EXPERIMENT_NAME, else "smp" (under `mlflow run`: its --experiment-name)
 
 
 def compare_table(experiment_id: str, split: str, data_hash: str = "") -> pd.DataFrame:
@@ -92,8 +92,7 @@ def run_compare(cfg: CompareJob = CompareJob()) -> dict[str, float]:
         if not table.empty:
             log_figure(lambda: plots.compare_bars(table), "compare.png")
             mlflow.set_tag("smp.data_hash", table.attrs["data_hash"])
-        metrics = {f"{row.family}{'_paper_head' if row.head == 'paper' else ''}_test_rmse": float(row.test_rmse)
-                   for row in table.itertuples()}
-        if metrics:
-            mlflow.log_metrics(metrics)
-    return metrics
+        # not a training run: the table is its artifact, no metrics of its own beside the models' runs
+        result = {row.model: float(row.test_rmse) for row in table.itertuples()}
+        mlflow.set_tags({"smp.compared_runs": ",".join(table["run_id"]) if not table.empty else ""})
+    return {f"{model} test_rmse": v for model, v in result.items()}

@@ -24,14 +24,12 @@ What ``mlflow models serve`` does with errors (MLflow 3.17,
   naming that; a CSV body that pandas cannot parse gets a 400 *with* a
   ``stack_trace`` (``parse_csv_input``), which no model code can prevent.
 
-The logged model has no input schema on purpose: MLflow enforces a column
-typed ``Any`` one value at a time in Python (0.6 s per 10,000 posts, more
-than the model itself), refuses CSV requests outright for such a schema
-(400 with a traceback: no pandas dtype for ``Any``), and answers its own
-schema errors with the request echoed; a typed schema would refuse a
-``Pid`` sent as a number.  ``coerce_request`` does the checking instead and
-the accepted columns are listed in the MLmodel metadata
-(``smp_input_columns``, ``smp_required_columns``) beside the input example.
+Every logged model has a typed input schema of raw post fields (``RAW_TYPES``: the SMPD fields the model
+reads plus ``image_b64`` / ``image_path``, all optional but ``Pid``), so the registry page shows what to
+send and ``mlflow models serve`` checks types before ``predict`` (numbers must arrive as JSON numbers, text
+as strings). The accepted columns are also listed in the MLmodel metadata (``smp_input_columns``). Callers
+in this package that hand the model precomputed image feature columns (``smp predict``, ``promote``)
+call it through ``predict_frame``, which skips MLflow's schema step (it would drop those columns).
 """
 
 from __future__ import annotations
@@ -226,14 +224,26 @@ def model_input(model, posts: pd.DataFrame) -> pd.DataFrame:
         names = schema.input_names()  # a model logged with an input schema (before smp_input_columns)
     if not names:
         return posts.drop(columns=[c for c in ("label",) if c in posts.columns])
-    keep = set(names) | {"Pid"}
-    return posts[[c for c in posts.columns if c in keep]]
+    from smp.models import HANDCRAFTED
+
+    keep = set(names) | {"Pid"} | set(HANDCRAFTED)  # precomputed image features pass too (``predict_frame``)
+    return posts[[c for c in posts.columns if c in keep or c.startswith("clip_")]]
 
 
-def example_input(posts: pd.DataFrame, fields, n: int = 5) -> pd.DataFrame:
-    """A small raw-rows input example with the columns the model reads."""
+def example_input(posts: pd.DataFrame, fields, n: int = 3, images: bool = False) -> pd.DataFrame:
+    """A small raw-post input example with the columns the model reads; ``images``: each post's image file
+    as ``image_b64`` (what a client sends to an image model)."""
     cols = [c for c in fields if c in posts.columns]
-    return posts[cols].head(n).reset_index(drop=True)
+    example = posts[cols].head(n).reset_index(drop=True)
+    if images and "image_path" in posts.columns:
+        def b64(path):
+            try:
+                return base64.b64encode(Path(path).read_bytes()).decode("ascii")
+            except (OSError, TypeError):
+                return None  # a post without a readable image: sent without one
+
+        example["image_b64"] = [b64(p) for p in posts["image_path"].head(n)]
+    return example
 
 
 def input_columns(example: pd.DataFrame) -> list[str]:
@@ -243,6 +253,32 @@ def input_columns(example: pd.DataFrame) -> list[str]:
     whichever model is champion (a tabular model checks the image and ignores it).
     """
     return list(example.columns) + [c for c in IMAGE_INPUTS if c not in example.columns]
+
+
+# MLflow types of the raw post fields a model may read (numbers as double: JSON integers convert safely)
+RAW_TYPES = {"Pid": "string", "Category": "string", "Subcategory": "string", "Concept": "string",
+             "ispro": "double", "Postdate": "double", "photo_count": "double", "tag_count": "double",
+             "Alltags": "string", "Title": "string", "Latitude": "double", "Longitude": "double",
+             "photo_firstdate": "double", "timezone_offset": "double", "image_b64": "string", "image_path": "string"}
+
+
+def input_schema(columns: list[str]):
+    """The typed input schema: each column optional except ``Pid``."""
+    from mlflow.types.schema import ColSpec, Schema
+
+    return Schema([ColSpec(RAW_TYPES.get(c, "string"), c, required=(c == "Pid")) for c in columns])
+
+
+def predict_frame(model, frame: pd.DataFrame) -> np.ndarray:
+    """A loaded smp pyfunc's predictions for ``frame`` without MLflow's schema step: the frame may carry
+    precomputed image feature columns (``smp predict``, ``promote``), which the schema would drop."""
+    try:
+        inner = model.unwrap_python_model()
+    except (AttributeError, MlflowException):
+        inner = None
+    if inner is not None and hasattr(inner, "model"):
+        return inner.predict(None, frame)
+    return model.predict(frame)
 
 
 NOT_AT_PREDICT_TIME = ("optuna", "matplotlib")  # smp dependencies no logged model imports
@@ -278,7 +314,7 @@ def pip_requirements(needs_images: bool) -> list[str] | None:
 
 
 def log_model(model, posts_example: pd.DataFrame, name: str = "model"):
-    """Log ``model`` as a pyfunc with signature and input example; return the ModelInfo."""
+    """Log ``model`` as a pyfunc with its typed raw-post input schema and a raw-post input example."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, Schema
 
@@ -287,9 +323,10 @@ def log_model(model, posts_example: pd.DataFrame, name: str = "model"):
         if col != "Pid" and pd.api.types.is_numeric_dtype(example[col]):
             example[col] = example[col].astype(float)
     example["Pid"] = example["Pid"].astype(str)
-    np.asarray(model.predict(example), dtype=float)  # the example must predict before it is logged
-    # No input schema on purpose (see the module docstring): the columns are listed in the MLmodel metadata.
-    signature = ModelSignature(inputs=None, outputs=Schema([ColSpec("double", "popularity")]))
+    np.asarray(model.predict(coerce_request(example)), dtype=float)  # the example must predict before it is logged
+    family = getattr(model, "family", "")
+    columns = input_columns(example)
+    signature = ModelSignature(inputs=input_schema(columns), outputs=Schema([ColSpec("double", "popularity")]))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / MODEL_ARTIFACT
         with open(path, "wb") as fh:
@@ -297,12 +334,20 @@ def log_model(model, posts_example: pd.DataFrame, name: str = "model"):
         code = bundle_code(Path(tmp) / "code")
         return mlflow.pyfunc.log_model(
             name=name, python_model=PopularityModel(), artifacts={"smp_model": str(path)},
-            signature=signature, input_example=example,
-            metadata={"smp_family": getattr(model, "family", ""), "smp_input_columns": input_columns(example),
-                      "smp_required_columns": ["Pid"]},
+            signature=signature, input_example=example, model_type=family,
+            tags={"smp.family": family, "smp.description": MODEL_DESCRIPTIONS.get(family, "")},
+            metadata={"smp_family": family, "smp_input_columns": columns, "smp_required_columns": ["Pid"]},
             pip_requirements=pip_requirements(getattr(model, "needs_images", False)),
             code_paths=[str(p) for p in code],
         )
+
+
+MODEL_DESCRIPTIONS = {
+    "benchmark": "the paper's XGBoost on post and user metadata (no image)",
+    "pca_boost": "XGBoost on PCA of [CLIP, handcrafted image features, tabular features]",
+    "ensemble_mlp": "MLP over the benchmark's prediction and the image features",
+    "ensemble_conv1d": "Conv1D net over the benchmark's prediction and PCA'd image features",
+}
 
 
 CODE_ARCHIVE = "smp.zip"

@@ -27,6 +27,14 @@ import pandas as pd
 log = logging.getLogger("smp.tracking")
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_EXPERIMENT = "smp"  # used unless `experiment`, MLFLOW_EXPERIMENT_NAME or MLFLOW_EXPERIMENT_ID says otherwise
+EXPERIMENT_DESCRIPTION = (
+    "Social-media popularity prediction (SMP Challenge 2019, SMPD): the paper's XGBoost benchmark, PCA-boost and "
+    "the stacked MLP / Conv1D ensembles, one run per job. Compare runs on `test_rmse`, `test_mae` and "
+    "`test_spearman` beside `test_rmse_baseline` (the mean predictor); `data/`, `time/` and `fit/` hold counts "
+    "and timings. Runs compared side by side must share `smp.data_hash` and `smp.split`.")
+# The UI opens an experiment as model training (not GenAI: traces, assistant) when it carries this tag.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 # Set by `tune` around each trial: the parent run id (and its experiment id), extra tags for the job's run,
 # and whether the job logs its figures ("figures", default True).
 RUN_CONTEXT: contextvars.ContextVar[dict] = contextvars.ContextVar("smp_run_context", default={})
@@ -39,6 +47,69 @@ def configure_tracking() -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+def resolve_experiment(name: str = "") -> str:
+    """Id of the experiment a job logs to: ``name``, else ``MLFLOW_EXPERIMENT_ID`` / ``MLFLOW_EXPERIMENT_NAME``,
+    else the project's ``smp``; created if missing, and described (see ``describe_experiment``)."""
+    env_id = os.environ.get("MLFLOW_EXPERIMENT_ID", "")
+    name = name or ("" if env_id else os.environ.get("MLFLOW_EXPERIMENT_NAME", "")) or ("" if env_id else
+                                                                                       DEFAULT_EXPERIMENT)
+    if name:
+        exp = mlflow.get_experiment_by_name(name)
+        if exp is None:
+            try:
+                exp_id = mlflow.create_experiment(name)
+            except MlflowException:  # another worker created it first
+                exp_id = mlflow.get_experiment_by_name(name).experiment_id
+        else:
+            exp_id = exp.experiment_id
+    else:
+        exp_id = env_id
+    describe_experiment(exp_id)
+    return exp_id
+
+
+def describe_experiment(experiment_id: str) -> None:
+    """Give the experiment the project's description and the model-training kind, unless it has its own."""
+    try:
+        tags = mlflow.MlflowClient().get_experiment(experiment_id).tags
+        client = mlflow.MlflowClient()
+        if "mlflow.note.content" not in tags:
+            client.set_experiment_tag(experiment_id, "mlflow.note.content", EXPERIMENT_DESCRIPTION)
+        if EXPERIMENT_KIND[0] not in tags:
+            client.set_experiment_tag(experiment_id, *EXPERIMENT_KIND)
+    except MlflowException as exc:  # a read-only or older server: the runs matter more than the description
+        log.debug("experiment %s not described: %s", experiment_id, exc)
+
+
+def data_label(data: object) -> str:
+    """Short name of a data source for run names: ``demo``, a directory's or a table's stem."""
+    text = str(data or "demo").rstrip("/")
+    if text in ("", "demo"):
+        return "demo"
+    return Path(text).stem or text
+
+
+def run_label(job: str, params: dict, trial: str | None = None) -> str:
+    """The run's name: what it is, e.g. ``ensemble_mlp · demo · random · s0`` (a tuning trial: ``trial 7``)."""
+    if trial is not None:
+        return f"trial {trial}"
+    parts = [job]
+    if job == "promote":
+        parts.append(str(params.get("model_name", "")))
+    elif job == "predict":
+        parts.append(data_label(params.get("input")))
+    elif job == "compare":
+        parts.append(str(params.get("split", "")))
+    else:
+        if "data" in params:
+            parts.append(data_label(params.get("data")))
+        if "split" in params:
+            parts.append(str(params["split"]))
+        if "seed" in params and "split" in params:
+            parts.append(f"s{params['seed']}")
+    return " · ".join(p for p in parts if p)
 
 
 def flat_params(*cfgs) -> dict[str, object]:
@@ -75,13 +146,18 @@ def job_run(job: str, experiment: str, params: dict, tags: dict | None = None, n
     launched = bool(os.environ.get("MLFLOW_RUN_ID"))  # made by `mlflow run`; start_run joins it
     parent = context.get("parent_run_id") if mlflow.active_run() is None else None
     nested = nested or mlflow.active_run() is not None or bool(parent)
-    if not nested and not launched and experiment:
-        mlflow.set_experiment(experiment)  # "" = MLflow's own choice (MLFLOW_EXPERIMENT_NAME or Default)
     experiment_id = None
     if parent:  # the trial's run goes in its parent's experiment (`tune` looks it up once per worker)
         experiment_id = context.get("experiment_id") or mlflow.get_run(parent).info.experiment_id
-    run = mlflow.start_run(run_name=job if (nested or not launched) else None, nested=nested and not parent,
+    elif not nested and not launched:
+        experiment_id = resolve_experiment(experiment)
+    trial = context.get("tags", {}).get("optuna.trial_number") if parent else None
+    name = run_label(job, params, trial)
+    run = mlflow.start_run(run_name=None if (launched and not nested) else name, nested=nested and not parent,
                            parent_run_id=parent or None, experiment_id=experiment_id)
+    if launched and not nested:  # the launcher named its run at random: name it after the job
+        mlflow.set_tag("mlflow.runName", name)
+        describe_experiment(run.info.experiment_id)
     LAST_JOB_RUN.set(run.info.run_id)
     if parent:
         context["run_id"] = run.info.run_id  # tells `tune` which run this trial made
@@ -91,8 +167,7 @@ def job_run(job: str, experiment: str, params: dict, tags: dict | None = None, n
         commit = git_commit()
         if commit:
             all_tags.setdefault("mlflow.source.git.commit", commit)
-        already = mlflow.get_run(run.info.run_id).data.params if launched else {}  # `mlflow run` logged some
-        log_params({k: v for k, v in params.items() if k not in already}, tags=all_tags)
+        log_params(params, tags=all_tags, skip_logged=launched and not nested)
         yield run
     except BaseException as exc:
         if type(exc).__name__ == "TrialPruned":  # optuna pruned this trial: visible as such in MLflow
@@ -111,20 +186,29 @@ def last_job_run_id() -> str:
     return LAST_JOB_RUN.get()
 
 
-def log_params(params: dict, tags: dict | None = None) -> None:
-    """Log params (values stringified; MLflow caps a value at 6000 chars) and tags on the active run.
+def param_text(value) -> str:
+    """How a param value is logged: the CLI's and MLproject's rendering (``true``, ``1,2``)."""
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
 
+
+def log_params(params: dict, tags: dict | None = None, skip_logged: bool = False) -> None:
+    """Log params and tags on the active run; empty values are not logged (the UI would show ``''``).
+
+    ``skip_logged``: leave out params the run already has (``mlflow run`` logs the MLproject parameters
+    as it passed them, and MLflow refuses to log a param twice with another rendering).
     One ``log_batch`` request per 90 params (MLflow takes at most 100 a batch); the tags ride on the first.
     """
     from mlflow.entities import Param, RunTag
 
-    def text(v):
-        return ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
-
-    items = [Param(k, text(v)) for k, v in params.items()]
-    tag_items = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
     run_id = mlflow.active_run().info.run_id
     client = mlflow.MlflowClient()
+    already = client.get_run(run_id).data.params if skip_logged else {}
+    items = [Param(k, param_text(v)) for k, v in params.items() if k not in already and param_text(v) != ""]
+    tag_items = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
     batches = [items[i:i + 90] for i in range(0, len(items), 90)] or [[]]
     for i, batch in enumerate(batches):
         if batch or (i == 0 and tag_items):
@@ -165,22 +249,42 @@ def upsert(write, *args, attempts: int = 4, **kwargs) -> None:
             time.sleep(0.2 * (attempt + 1))
 
 
+def dataset_source(location: str):
+    """The MLflow dataset source for a local path, given explicitly: from a plain string MLflow guesses among
+    its registered source types and warns that the string "can be interpreted in multiple ways"."""
+    from mlflow.data.dataset_source_registry import get_registered_sources
+
+    for cls in get_registered_sources():
+        if cls.__name__ == "LocalArtifactDatasetSource" and cls._can_resolve(location):
+            return cls._resolve(location)
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    return resolve_dataset_source(location)
+
+
 def log_data_inputs(posts: pd.DataFrame, parts: dict[str, np.ndarray], name: str, digest: str,
                     split: str, seed: int) -> None:
     """Log each split's rows as an MLflow dataset input (context = split), same digest for the data.
 
-    One ``log_inputs`` call for all parts (one request against a tracking server).
+    Every row of a split is passed (only its schema and row count are stored, so the dataset drawer shows
+    the true count); one ``log_inputs`` call for all parts (one request against a tracking server).
     """
     cols = [c for c in posts.columns if c != "image_path"][:40]
+    source = dataset_source(str(Path(str(posts.attrs.get("source", name))).resolve()))
     datasets, contexts, tags = [], [], []
     for part, idx in parts.items():
         datasets.append(mlflow.data.from_pandas(
-            posts.iloc[idx[:1000]][cols], source=str(posts.attrs.get("source", name)),
-            name=f"{name}-{split}-s{seed}-{part}", targets="label" if "label" in cols else None,
-            digest=f"{digest}-{part}"))
+            posts.iloc[idx][cols], source=source, name=f"{name}-{split}-s{seed}-{part}",
+            targets="label" if "label" in cols else None, digest=f"{digest}-{part}"))
         contexts.append(part)
         tags.append({"split": split, "seed": str(seed), "rows": str(len(idx))})
-    upsert(mlflow.log_inputs, datasets=datasets, contexts=contexts, tags_list=tags)  # workers race on a dataset
+    import warnings
+
+    with warnings.catch_warnings():  # the dataset's schema is for display; its int columns are not a model input
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
+        for d in datasets:
+            d.schema  # noqa: B018 - inferred (and cached) here, inside the filter
+        upsert(mlflow.log_inputs, datasets=datasets, contexts=contexts, tags_list=tags)  # workers race on a dataset
 
 
 def figures_wanted() -> bool:

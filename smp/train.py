@@ -28,7 +28,8 @@ from smp.models import (BenchmarkModel, CrossFitBenchmark, EnsembleModel, ImageF
 from smp.nets import Conv1DCfg, MLPCfg, create_net
 from smp.serving import example_input, log_model
 from smp.splits import SplitCfg, split_indices, subsample
-from smp.tracking import find_finished_run, flat_params, last_job_run_id, job_run, log_data_inputs, log_figure
+from smp.tracking import (find_finished_run, flat_params, last_job_run_id, job_run, log_data_inputs, log_figure,
+                          log_params)
 
 log = logging.getLogger("smp.train")
 
@@ -39,7 +40,7 @@ class BenchmarkJob:
     splitting: SplitCfg = field(default_factory=SplitCfg)
     xgb: XGBCfg = field(default_factory=XGBCfg)
     tabular: TabularCfg = field(default_factory=TabularCfg)
-    experiment: str = ""  # "" = MLflow's default (or the one `mlflow run --experiment-name` gives)
+    experiment: str = ""  # "" = MLFLOW_EXPERIMENT_NAME, else "smp" (under `mlflow run`: its --experiment-name)
 
 
 @dataclass
@@ -116,9 +117,9 @@ def log_prepared(prep: Prepared, splitting: SplitCfg) -> None:
     mlflow.set_tags({"smp.data_hash": prep.digest, "smp.data_source": str(prep.posts.attrs.get("source")),
                      "smp.split": splitting.split})
     issues = prep.posts.attrs.get("parse_issues") or {}
-    mlflow.log_metrics({**{f"{k}_rows": float(len(v)) for k, v in prep.parts.items()},
-                        "missing_label_rows": float(prep.n_missing_label),
-                        "data_parse_issues": float(sum(issues.values()))})
+    # what was used, beside the requested `sample_size` (counts are params: facts of the run, not curves)
+    log_params({"data/posts": len(prep.posts), **{f"data/rows_{k}": len(v) for k, v in prep.parts.items()},
+                "data/missing_label_rows": prep.n_missing_label, "data/parse_issues": sum(issues.values())})
     if issues:
         mlflow.log_dict(issues, "data/parse_issues.json")
 
@@ -152,8 +153,8 @@ def run_benchmark(cfg: BenchmarkJob = BenchmarkJob(), callbacks=None) -> dict[st
         model = BenchmarkModel(cfg.xgb, cfg.tabular, cfg.splitting.seed).fit(
             prep.rows("train"), prep.y("train"), prep.rows("val"), prep.y("val"), callbacks)
         log_tree_settings(model)
-        mlflow.log_metrics({"fit_seconds": time.perf_counter() - t0, "best_iteration": model.best_iteration_,
-                            "n_features": float(len(model.featurizer_.feature_names_))})
+        mlflow.log_metrics({"time/fit_s": time.perf_counter() - t0, "fit/best_iteration": model.best_iteration_,
+                            "fit/n_features": float(len(model.featurizer_.feature_names_))})
         metrics = evaluate_and_log(model, prep)
         names, gain = model.importance()
         log_figure(lambda: plots.feature_importance(names, gain), "feature_importance.png")
@@ -206,6 +207,7 @@ def upstream_embed(prep: Prepared, source: DataCfg, up: UpstreamCfg, experiment_
                          checkpoint=up.checkpoint, progress=False)
     mlflow.set_tags({"smp.embed_run": run_id,
                      "smp.clip_random_weights": tags.get("smp.clip_random_weights", "unknown")})
+    log_params({"clip/effective_pretrained": effective.clip_pretrained})  # beside the requested clip_pretrained
     return run_id, effective
 
 
@@ -286,7 +288,7 @@ def stacking_inputs(prep: Prepared, cfg, bench_run: str, bench: BenchmarkModel):
         t0 = time.perf_counter()
         fitted = cross_fit(prep.rows("train"), prep.y("train"), prep.rows("val"), prep.y("val"), cfg.xgb,
                            cfg.tabular, cfg.splitting.seed, sc.stacking_folds)
-        mlflow.log_metric("oof_seconds", time.perf_counter() - t0)
+        mlflow.log_metric("time/oof_s", time.perf_counter() - t0)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / Path(name).name
             path.write_bytes(cloudpickle.dumps((train_pids, fitted)))
@@ -353,21 +355,14 @@ def run_pca_boost(cfg: PCABoostJob = PCABoostJob(), callbacks=None) -> dict[str,
                               cfg.splitting.seed).fit(prep.rows("train"), blocks["train"], prep.y("train"),
                                                       prep.rows("val"), blocks["val"], prep.y("val"), callbacks)
         log_tree_settings(model)
-        mlflow.log_metrics({"fit_seconds": time.perf_counter() - t0, "best_iteration": model.best_iteration_,
-                            "pca_components": float(model.pca_.n_components_),
-                            "pca_explained_variance": float(model.pca_.explained_variance_ratio_.sum())})
+        mlflow.log_metrics({"time/fit_s": time.perf_counter() - t0, "fit/best_iteration": model.best_iteration_,
+                            "fit/pca_components": float(model.pca_.n_components_),
+                            "fit/pca_explained_variance": float(model.pca_.explained_variance_ratio_.sum())})
         log_figure(lambda: plots.explained_variance(model.pca_.explained_variance_ratio_), "explained_variance.png")
         preds = {p: model.predict(prep.rows(p), blocks[p]) for p in ("val", "test")}
         metrics = evaluate_and_log(model, prep, preds)
-        log_model(model, _image_example(prep, blocks, cols, model.input_fields_))
+        log_model(model, example_input(prep.rows("test"), model.input_fields_, images=True))
     return metrics
-
-
-def _image_example(prep, blocks, cols, fields, n: int = 3) -> pd.DataFrame:
-    """Input example: raw post fields plus the image feature columns (as the embed table gives them)."""
-    example = example_input(prep.rows("test"), fields, n)
-    img = pd.DataFrame(blocks["test"][:len(example)], columns=cols)
-    return pd.concat([example, img], axis=1)
 
 
 def run_ensemble(cfg, family: str, on_epoch=None) -> dict[str, float]:
@@ -393,9 +388,9 @@ def run_ensemble(cfg, family: str, on_epoch=None) -> dict[str, float]:
         t0 = time.perf_counter()
         model.fit(stack["train"], blocks["train"], prep.y("train"), stack["val"], blocks["val"], prep.y("val"),
                   on_epoch=epoch_hook)
-        mlflow.log_metrics({"fit_seconds": time.perf_counter() - t0, "best_epoch": float(net.best_epoch_),
-                            "train_images": float(np.isfinite(blocks["train"]).all(axis=1).sum()),
-                            "val_rmse_stacked_benchmark": net.input_val_rmse_})
+        mlflow.log_metrics({"time/fit_s": time.perf_counter() - t0, "fit/best_epoch": float(net.best_epoch_),
+                            "stacked_input/val_rmse": net.input_val_rmse_})
+        log_params({"data/train_images": int(np.isfinite(blocks["train"]).all(axis=1).sum())})
         beats = net.beats_input_
         mlflow.set_tag("smp.beats_stacked_benchmark", str(beats).lower())
         if beats is False:
@@ -405,10 +400,10 @@ def run_ensemble(cfg, family: str, on_epoch=None) -> dict[str, float]:
         log_figure(lambda: plots.training_curve(net.history_, family), "training_curve.png")
         preds = {p: np.asarray(net.predict(model.stack(stack[p], blocks[p])), dtype=float) for p in ("val", "test")}
         metrics = evaluate_and_log(model, prep, preds)
-        metrics.update({f"{k}_stacked_benchmark": v for k, v in regression_metrics(
-            prep.y("test"), stack["test"], "test").items() if k == "test_rmse"})
-        mlflow.log_metric("test_rmse_stacked_benchmark", metrics["test_rmse_stacked_benchmark"])
-        log_model(model, _image_example(prep, blocks, cols, model.input_fields_))
+        # the benchmark prediction the net was handed, scored on the same test posts (what the net must beat)
+        metrics["stacked_input/test_rmse"] = regression_metrics(prep.y("test"), stack["test"], "test")["test_rmse"]
+        mlflow.log_metric("stacked_input/test_rmse", metrics["stacked_input/test_rmse"])
+        log_model(model, example_input(prep.rows("test"), model.input_fields_, images=True))
     return metrics
 
 

@@ -52,7 +52,8 @@ import optuna
 
 from smp.data import DataCfg, DataError
 from smp.splits import SplitCfg
-from smp.tracking import RUN_CONTEXT, configure_tracking, log_figure, log_params
+from smp.tracking import (RUN_CONTEXT, configure_tracking, data_label, describe_experiment, flat_params, log_figure,
+                          log_params, resolve_experiment)
 
 log = logging.getLogger("smp.tune")
 
@@ -81,7 +82,7 @@ class TuneJob:
     source: DataCfg = field(default_factory=DataCfg)
     splitting: SplitCfg = field(default_factory=SplitCfg)
     study: StudyCfg = field(default_factory=StudyCfg)
-    experiment: str = ""  # "" = MLflow's default (or the one `mlflow run --experiment-name` gives)
+    experiment: str = ""  # "" = MLFLOW_EXPERIMENT_NAME, else "smp" (under `mlflow run`: its --experiment-name)
 
 
 def _xgb_space(trial) -> dict:
@@ -272,21 +273,25 @@ def open_study(cfg: TuneJob) -> optuna.Study:
         load_if_exists=True)
 
 
+def parent_name(cfg: TuneJob) -> str:
+    """The study's parent run name, e.g. ``tune · benchmark · demo · random``."""
+    return f"tune · {cfg.study.model} · {data_label(cfg.source.data)} · {cfg.splitting.split}"
+
+
+def parent_tags(cfg: TuneJob, study: optuna.Study) -> dict[str, str]:
+    return {"smp.job": "tune", "smp.model": f"tune:{cfg.study.model}", "optuna.study": study.study_name,
+            "smp.split": cfg.splitting.split}
+
+
 def parent_run(study: optuna.Study, cfg: TuneJob) -> str:
     """The study's parent MLflow run id (created by the first worker, found by the others)."""
-    from smp.tracking import flat_params
-
     run_id = cfg.study.parent_run or study.user_attrs.get(PARENT_ATTR)
     if run_id:
         if PARENT_ATTR not in study.user_attrs:
             study.set_user_attr(PARENT_ATTR, run_id)
         return run_id
-    if cfg.experiment:
-        mlflow.set_experiment(cfg.experiment)
     run = mlflow.MlflowClient().create_run(
-        experiment_id=_experiment_id(cfg.experiment), run_name=f"tune-{study.study_name}",
-        tags={"smp.job": "tune", "smp.model": f"tune:{cfg.study.model}", "optuna.study": study.study_name,
-              "smp.split": cfg.splitting.split})
+        experiment_id=resolve_experiment(cfg.experiment), run_name=parent_name(cfg), tags=parent_tags(cfg, study))
     study.set_user_attr(PARENT_ATTR, run.info.run_id)
     # another worker may have raced us: the first value stored wins
     winner = optuna.load_study(study_name=study.study_name, storage=study._storage).user_attrs[PARENT_ATTR]
@@ -298,19 +303,6 @@ def parent_run(study: optuna.Study, cfg: TuneJob) -> str:
     return run.info.run_id
 
 
-def _experiment_id(name: str) -> str:
-    if name:
-        return mlflow.get_experiment_by_name(name).experiment_id
-    env_id = os.environ.get("MLFLOW_EXPERIMENT_ID")
-    if env_id:
-        return env_id
-    env_name = os.environ.get("MLFLOW_EXPERIMENT_NAME")
-    if env_name:
-        exp = mlflow.get_experiment_by_name(env_name)
-        return exp.experiment_id if exp else mlflow.create_experiment(env_name)
-    return "0"
-
-
 def run_tune(cfg: TuneJob = TuneJob()) -> dict[str, float]:
     """Run (or continue) the study for ``cfg.study.model``; log the summary on the parent run."""
     configure_tracking()
@@ -318,12 +310,10 @@ def run_tune(cfg: TuneJob = TuneJob()) -> dict[str, float]:
     study = open_study(cfg)
     if launched and PARENT_ATTR not in study.user_attrs:
         study.set_user_attr(PARENT_ATTR, launched)
-        with mlflow.start_run(run_id=launched):
-            from smp.tracking import flat_params
-
-            log_params(flat_params(cfg))
-            mlflow.set_tags({"smp.job": "tune", "smp.model": f"tune:{cfg.study.model}",
-                             "optuna.study": study.study_name, "smp.split": cfg.splitting.split})
+        with mlflow.start_run(run_id=launched) as run:
+            log_params(flat_params(cfg), tags={**parent_tags(cfg, study), "mlflow.runName": parent_name(cfg)},
+                       skip_logged=True)  # the launcher logged the MLproject parameters already
+            describe_experiment(run.info.experiment_id)
     parent = parent_run(study, cfg)
     callbacks = []
     if cfg.study.max_trials > 0:
@@ -332,7 +322,7 @@ def run_tune(cfg: TuneJob = TuneJob()) -> dict[str, float]:
     log.info("study %s: parent run %s, %d trials so far", study.study_name, parent, len(study.trials))
     print(f"study {study.study_name}: parent run {parent}")
     if cfg.study.n_trials == 0:
-        return {"trials": float(len(study.trials))}
+        return {"trials": len(study.trials)}
     study.optimize(objective_for(cfg, parent), n_trials=cfg.study.n_trials if cfg.study.n_trials > 0 else None,
                    timeout=cfg.study.timeout or None, callbacks=callbacks, catch=(RuntimeError, FloatingPointError),
                    gc_after_trial=True)
@@ -347,7 +337,7 @@ def summarise(study: optuna.Study, parent: str) -> dict[str, float]:
         best = study.best_trial
     except ValueError:
         log.warning("study %s has no completed trial yet", study.study_name)
-        return {"trials_" + k: v for k, v in counts.items()}
+        return {"trials_" + k: int(v) for k, v in counts.items()}
     for attempt in range(3):  # several workers may summarise at once; the server can refuse a racing write
         try:
             _log_summary(study, best, parent, counts)
@@ -355,16 +345,16 @@ def summarise(study: optuna.Study, parent: str) -> dict[str, float]:
         except mlflow.exceptions.MlflowException as exc:
             log.warning("summary on parent run %s failed (attempt %d/3): %s", parent, attempt + 1, exc)
             time.sleep(1.0 + attempt)
-    return {"best_val_rmse": best.value, "best_trial": float(best.number),
-            **{"trials_" + k: v for k, v in counts.items()}}
+    return {"best_val_rmse": best.value, "best_trial": best.number, **{"trials_" + k: int(v) for k, v in counts.items()}}
 
 
 def _log_summary(study, best, parent: str, counts: dict) -> None:
     client = mlflow.MlflowClient()
-    client.log_batch(parent, metrics=[
-        mlflow.entities.Metric(k, v, int(time.time() * 1000), 0)
-        for k, v in {"best_val_rmse": best.value, "best_trial": float(best.number),
-                     **{"trials_" + k: v for k, v in counts.items()}}.items()])
+    # the best trial's val_rmse under the headline name (the parent charts beside the trials); counts grouped
+    summary = {"val_rmse": best.value, "study/best_trial": float(best.number),
+               **{f"study/trials_{k}": v for k, v in counts.items()}}
+    client.log_batch(parent, metrics=[mlflow.entities.Metric(k, v, int(time.time() * 1000), 0)
+                                      for k, v in summary.items()])
     with mlflow.start_run(run_id=parent):
         mlflow.log_dict(best.params, "best_params.json")
         best_run = best.user_attrs.get("mlflow_run_id")

@@ -323,13 +323,15 @@ def test_logged_model_ships_its_code_as_one_archive(smpd_dir, tmp_path):
     assert code_files == ["smp.zip", "smp/__init__.py"]  # two uploads, not one per module
 
     raw = load_data(str(smpd_dir)).drop(columns=["label", "image_path"]).head(5)
+    floats = {c: "float64" for c in raw.columns if serving.RAW_TYPES.get(c) == "double"}
+    raw = raw.astype(floats)  # the input schema types numbers as double (as JSON numbers arrive when served)
     repo = str(Path(serving.__file__).resolve().parents[1])
     script = HIDE_INSTALLED_SMP % repo + (
-        "import json, mlflow, pandas as pd\n"
+        f"import json, mlflow, pandas as pd\nFLOATS = {floats!r}\n"
         f"model = mlflow.pyfunc.load_model({str(local)!r})\n"
         "import smp.serving\n"
         "print(json.dumps({'file': smp.serving.__file__, 'version': smp.__version__, "
-        "'pred': [float(p) for p in model.predict(pd.read_json(sys.stdin, dtype={'Pid': str}))]}))\n")
+        "'pred': [float(p) for p in model.predict(pd.read_json(sys.stdin, dtype={'Pid': str}).astype(FLOATS))]}))\n")
     out = subprocess.run([sys.executable, "-c", script], input=raw.to_json(orient="records"), text=True,
                          capture_output=True, timeout=120, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
