@@ -145,8 +145,8 @@ def main() -> None:
             continue
         r = timed(cmd, env, work / f"{name.split()[0]}-{len(results)}.log")
         m = last_run_metrics(exp)
-        r.update(step=name, fit_s=m.get("fit_seconds"), oof_s=m.get("oof_seconds"), test_rmse=m.get("test_rmse"),
-                 best=m.get("best_epoch", m.get("best_iteration")), epochs=m.get("epochs_run"))
+        r.update(step=name, fit_s=m.get("time/fit_s"), oof_s=m.get("time/oof_s"), test_rmse=m.get("test_rmse"),
+                 best=m.get("fit/best_epoch", m.get("fit/best_iteration")), epochs=m.get("epochs_run"))
         results.append(r)
         fit = f", model fit {r['fit_s']:.0f} s" if r["fit_s"] is not None else ""
         fit += f" ({r['epochs']} epochs)" if r["epochs"] else ""

@@ -55,8 +55,8 @@ def cell(data: Path, n: int, seed: int, experiment: str) -> dict:
             run = mlflow.last_active_run()
             key = f"{family}/{head}"
             out[key] = m["test_rmse"]
-            out[f"{key}/input"] = m["test_rmse_stacked_benchmark"]
-            out[f"{key}/best_epoch"] = run.data.metrics.get("best_epoch")
+            out[f"{key}/input"] = m["stacked_input/test_rmse"]
+            out[f"{key}/best_epoch"] = run.data.metrics.get("fit/best_epoch")
             out[f"{key}/beats_input_val"] = run.data.tags.get("smp.beats_stacked_benchmark")
     out["wall_s"] = round(time.perf_counter() - t0, 1)
     return out

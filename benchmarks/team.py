@@ -207,7 +207,7 @@ def run_config(label: str, workers: int, env: dict, storage: str, args, params: 
     exp = client.get_experiment_by_name(study_name)
     fit = {}
     for r in client.search_runs([exp.experiment_id], "tags.`smp.job` = 'benchmark'", max_results=1000):
-        fit[int(r.data.tags["optuna.trial_number"])] = r.data.metrics.get("fit_seconds", float("nan"))
+        fit[int(r.data.tags["optuna.trial_number"])] = r.data.metrics.get("time/fit_s", float("nan"))
     for row in rows:
         row["fit_s"] = fit.get(row["trial"], float("nan"))
         row["mlflow_share"] = row["mlflow_s"] / row["wall_s"]

@@ -602,4 +602,8 @@ def run_synth(cfg: SynthJob = SynthJob()) -> dict[str, float]:
 
     out = generate(cfg.out, cfg.synth)
     logging.getLogger("smp.synth").info("wrote %d synthetic posts to %s", cfg.synth.n, out)
-    return {"posts": float(cfg.synth.n)}
+    if os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`: the launcher's run says what it made
+        from smp.tracking import name_launched_run
+
+        name_launched_run(f"synth · n{cfg.synth.n} · s{cfg.synth.seed}", {"smp.job": "synth", "smp.synth_out": str(out)})
+    return {"posts": cfg.synth.n}

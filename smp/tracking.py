@@ -180,6 +180,17 @@ def job_run(job: str, experiment: str, params: dict, tags: dict | None = None, n
         mlflow.end_run()
 
 
+def name_launched_run(name: str, tags: dict | None = None) -> None:
+    """For a job that logs nothing else: name the run ``mlflow run`` made (it names it at random)."""
+    configure_tracking()
+    run_id = os.environ["MLFLOW_RUN_ID"]
+    client = mlflow.MlflowClient()
+    client.set_tag(run_id, "mlflow.runName", name)
+    for key, value in (tags or {}).items():
+        client.set_tag(run_id, key, value)
+    describe_experiment(client.get_run(run_id).info.experiment_id)
+
+
 def last_job_run_id() -> str:
     """Id of the run made by the last ``job_run`` in this context (``mlflow.last_active_run``
     returns the parent instead when the job ran nested)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import mlflow
 import numpy as np
 import pandas as pd
@@ -33,11 +35,21 @@ def test_benchmark_end_to_end(smpd_dir):
     assert logged.metrics["test_rmse"] < logged.metrics["test_rmse_baseline"]  # it learns something
     assert logged.params["max_depth"] == "4" and logged.params["split"] == "random"
     assert logged.tags["smp.model"] == "benchmark" and len(logged.tags["smp.data_hash"]) == 16
-    assert logged.metrics["train_rows"] + logged.metrics["val_rows"] + logged.metrics["test_rows"] == 160
+    rows = [int(logged.params[f"data/rows_{p}"]) for p in ("train", "val", "test")]
+    assert sum(rows) == 160 == int(logged.params["data/posts"]) and min(rows) > 0
+    assert logged.params["sample_size"] == "0"  # requested (0 = all) beside what was used
+    # the headline metrics are the {split}_{metric} set; counts are params, timings and fit facts grouped
+    assert all(k.startswith(("val_", "test_", "time/", "fit/")) for k in logged.metrics), sorted(logged.metrics)
+    assert run.info.run_name == f"benchmark · {smpd_dir.name} · random · s0"
+    exp = mlflow.get_experiment(run.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development" and exp.tags["mlflow.note.content"]
     arts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "plots")}
     assert {"plots/pred_vs_actual.png", "plots/error_hist.png", "plots/feature_importance.png"} <= arts
     inputs = mlflow.get_run(run.info.run_id).inputs.dataset_inputs
-    assert {i.tags[0].value for i in inputs} >= {"train", "val", "test"} or len(inputs) == 3
+    by_context = {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i for i in inputs}
+    assert set(by_context) == {"train", "val", "test"}
+    for part, i in by_context.items():  # the dataset drawer shows the split's true row count
+        assert json.loads(i.dataset.profile)["num_rows"] == int(logged.params[f"data/rows_{part}"])
 
     # the logged model predicts from raw SMPD rows, with unseen levels and missing fields
     model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")

@@ -41,16 +41,16 @@ def alias(name: str):
 def test_champion_then_challenger_and_one_version_per_run(smpd_dir):
     good = train(smpd_dir)
     first = run_promote(PromoteJob(experiment="t"))
-    assert first["version"] == 1 and first["champion"] == 1.0 and first["new_version"] == 1.0
+    assert first["version"] == 1 and first["champion"] is True and first["new_version"] is True
     assert alias("champion").run_id == good
 
     again = run_promote(PromoteJob(experiment="t"))  # the same best run: reuse its version
-    assert again["version"] == 1 and again["new_version"] == 0.0 and again["champion"] == 1.0
+    assert again["version"] == 1 and again["new_version"] is False and again["champion"] is True
     assert len(versions()) == 1
 
     worse = train(smpd_dir, WORSE)
     out = run_promote(PromoteJob(experiment="t", run_id=worse))
-    assert out["version"] == 2 and out["champion"] == 0.0
+    assert out["version"] == 2 and out["champion"] is False
     assert out["eval_rows"] > 0 and out["candidate_test_rmse"] > out["champion_test_rmse"]
     assert str(alias("champion").version) == "1" and str(alias("challenger").version) == "2"
 
@@ -70,7 +70,11 @@ def test_champion_then_challenger_and_one_version_per_run(smpd_dir):
     runs = mlflow.search_runs(experiment_names=["t"], filter_string="tags.`smp.job` = 'promote'",
                               order_by=["attributes.start_time DESC"], output_format="list")
     assert len(runs) == 3 and runs[0].data.tags["smp.decision"] == "challenger"
-    assert runs[0].data.tags["smp.candidate_run"] == worse and runs[0].data.metrics["version"] == 2
+    assert runs[0].data.tags["smp.candidate_run"] == worse and runs[0].data.tags["smp.registered_version"] == "2"
+    assert all(r.data.metrics == {} for r in runs)  # not training runs: the decision is tags, never metrics
+    v1 = mlflow.MlflowClient().get_model_version(NAME, "1")  # a first promotion names no champion it beat
+    assert "compared_against_version" not in v1.tags and "champion_test_rmse" not in v1.tags
+    assert mlflow.MlflowClient().get_registered_model(NAME).description.startswith("Predicts a Flickr post")
 
 
 def test_margin_keeps_champion_until_beaten_by_enough(smpd_dir):

@@ -60,7 +60,10 @@ def test_study_parent_nested_runs_resume_and_pruning(smpd_dir, tmp_path):
         "train", "val", "test"}
     # the parent holds the summary: best value/params, figures, the best trial's model
     p = mlflow.get_run(parent)
-    assert p.data.metrics["best_val_rmse"] == pytest.approx(study.best_value)
+    assert p.data.metrics["val_rmse"] == pytest.approx(study.best_value)  # the best trial's, charted beside them
+    assert p.data.metrics["study/trials_complete"] + p.data.metrics["study/trials_pruned"] == 3
+    assert p.info.run_name.startswith("tune · benchmark · ")
+    assert {r.info.run_name for r in children} == {"trial 0", "trial 1", "trial 2"}
     arts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent, "plots")}
     assert "plots/optimization_history.png" in arts
     assert mlflow.pyfunc.load_model(f"runs:/{parent}/best_model") is not None
