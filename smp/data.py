@@ -267,7 +267,7 @@ def _parse_numbers(df: pd.DataFrame, issues: dict, source: str) -> pd.DataFrame:
     """Parse numeric SMPD fields held as strings; unparseable values become NaN and are counted."""
     for col in NUMERIC_FIELDS:
         if col not in df.columns or pd.api.types.is_numeric_dtype(df[col]):
-            if col in df.columns and pd.api.types.is_bool_dtype(df[col]):
+            if col in df.columns:  # every number is a float64 (as the models' input schema types it)
                 df[col] = df[col].astype(float)
             continue
         raw = df[col]

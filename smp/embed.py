@@ -174,6 +174,29 @@ def _offline_message(cfg: EmbedCfg, err: Exception) -> str:
     )
 
 
+class _DownloadErrorFilter(logging.Filter):
+    """open_clip logs a failed weights download as an ERROR on the root logger, then raises; the raised
+    error (reworded by ``_offline_message``) is what the caller reports or falls back on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to download weights for tag")
+
+
+@contextlib.contextmanager
+def _no_download_error_log():
+    root, quiet = logging.getLogger(), _DownloadErrorFilter()
+    handlers = list(root.handlers)
+    for h in handlers:
+        h.addFilter(quiet)
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+        for h in handlers:
+            h.removeFilter(quiet)
+
+
 def load_clip(cfg: EmbedCfg):
     """Build the CLIP model; return ``(model, preprocess, info)``.
 
@@ -200,7 +223,7 @@ def load_clip(cfg: EmbedCfg):
             model, _, preprocess = open_clip.create_model_and_transforms(
                 cfg.clip_model, pretrained=None, **kw
             )
-        log.warning("CLIP %s has RANDOM weights (clip_pretrained=%r)", cfg.clip_model, cfg.clip_pretrained)
+        log.info("CLIP %s has RANDOM weights (clip_pretrained=%r)", cfg.clip_model, cfg.clip_pretrained)
     elif cfg.checkpoint and _is_torchscript_archive(cfg.checkpoint):
         log.info(
             "%s is a TorchScript archive (OpenAI's format), which torch.load(weights_only=True) "
@@ -229,9 +252,10 @@ def load_clip(cfg: EmbedCfg):
         )
     else:
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                cfg.clip_model, pretrained=cfg.clip_pretrained, **kw
-            )
+            with _no_download_error_log():
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    cfg.clip_model, pretrained=cfg.clip_pretrained, **kw
+                )
         except RuntimeError as e:
             if "Failed to download" in str(e):
                 raise RuntimeError(_offline_message(cfg, e)) from e
@@ -682,6 +706,10 @@ def run_embed(cfg: EmbedJob = EmbedJob()) -> dict[str, float]:
             loaded = None  # embed_images loads the random-weights model if any image is not cached
         result = embed_images(posts["Pid"].tolist(), posts["image_path"].tolist(), embed_cfg, loaded=loaded)
         info = result.info
+        if info.get("random_weights") and embed_cfg is cfg.embed:  # asked for (the fallback warned above)
+            log.warning("CLIP %s has RANDOM weights (clip_pretrained=%r): the image features carry no learned "
+                        "semantics; the run is tagged smp.clip_random_weights=true", embed_cfg.clip_model,
+                        embed_cfg.clip_pretrained)
         mlflow.set_tags({"smp.clip_random_weights": str(bool(info.get("random_weights"))).lower(),
                          "smp.clip_effective_pretrained": embed_cfg.clip_pretrained,
                          "smp.embedding_dim": str(info.get("embedding_dim"))})

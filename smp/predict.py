@@ -64,11 +64,12 @@ def run_predict(cfg: PredictJob = PredictJob()) -> dict[str, float]:
         pred, status = predict_rows(model, rows, cfg.batch_size)
         seconds = time.perf_counter() - t0
         status = [notes.get(pid, s) if s == "ok" else s for pid, s in zip(posts["Pid"], status)]
-        out = pd.DataFrame({"Pid": posts["Pid"].to_numpy(), "popularity": pred, "status": status})
+        out = pd.DataFrame({"Pid": posts["Pid"].to_numpy(), "popularity": pred,
+                            "status": pd.Series(status, dtype=object)})  # object even with zero rows
         Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
         out.to_csv(cfg.output, index=False)
         mlflow.log_artifact(cfg.output)
-        kinds = out["status"].str.split(":").str[0]
+        kinds = out["status"].astype(str).str.split(":").str[0]
         metrics = {"rows": len(out), "scored_rows": int(out["popularity"].notna().sum()),
                    "error_rows": int((kinds == "error").sum()), "partial_rows": int((kinds == "partial").sum()),
                    "load_seconds": load_seconds, "predict_seconds": seconds,

@@ -30,12 +30,16 @@ send and ``mlflow models serve`` checks types before ``predict`` (numbers must a
 as strings). The accepted columns are also listed in the MLmodel metadata (``smp_input_columns``). Callers
 in this package that hand the model precomputed image feature columns (``smp predict``, ``promote``)
 call it through ``predict_frame``, which skips MLflow's schema step (it would drop those columns).
+With the schema, a JSON value of the wrong type is refused by MLflow itself (400, "Failed to convert
+column photo_count to type 'float64'"), and a CSV body with such a value fails in MLflow's CSV parser
+(400 naming the value, with MLflow's stack trace): neither reaches ``predict``.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import logging
 import os
@@ -332,14 +336,38 @@ def log_model(model, posts_example: pd.DataFrame, name: str = "model"):
         with open(path, "wb") as fh:
             pickle.dump(model, fh, protocol=pickle.HIGHEST_PROTOCOL)
         code = bundle_code(Path(tmp) / "code")
-        return mlflow.pyfunc.log_model(
-            name=name, python_model=PopularityModel(), artifacts={"smp_model": str(path)},
-            signature=signature, input_example=example, model_type=family,
-            tags={"smp.family": family, "smp.description": MODEL_DESCRIPTIONS.get(family, "")},
-            metadata={"smp_family": family, "smp_input_columns": columns, "smp_required_columns": ["Pid"]},
-            pip_requirements=pip_requirements(getattr(model, "needs_images", False)),
-            code_paths=[str(p) for p in code],
-        )
+        with _quiet_pickle_notice():
+            return _log_pyfunc(name, path, signature, example, family, columns, model, code)
+
+
+class _PickleNotice(logging.Filter):
+    """Drops MLflow's notice that a ``python_model`` object is cloudpickled: ``PopularityModel`` holds no
+    state (the fitted model is the ``smp_model`` artifact), so there is nothing for a user to act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "serialized using CloudPickle" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_pickle_notice():
+    target = logging.getLogger("mlflow.pyfunc")
+    notice = _PickleNotice()
+    target.addFilter(notice)
+    try:
+        yield
+    finally:
+        target.removeFilter(notice)
+
+
+def _log_pyfunc(name, path, signature, example, family, columns, model, code):
+    return mlflow.pyfunc.log_model(
+        name=name, python_model=PopularityModel(), artifacts={"smp_model": str(path)},
+        signature=signature, input_example=example, model_type=family,
+        tags={"smp.family": family, "smp.description": MODEL_DESCRIPTIONS.get(family, "")},
+        metadata={"smp_family": family, "smp_input_columns": columns, "smp_required_columns": ["Pid"]},
+        pip_requirements=pip_requirements(getattr(model, "needs_images", False)),
+        code_paths=[str(p) for p in code],
+    )
 
 
 MODEL_DESCRIPTIONS = {

@@ -149,7 +149,9 @@ def job_run(job: str, experiment: str, params: dict, tags: dict | None = None, n
     experiment_id = None
     if parent:  # the trial's run goes in its parent's experiment (`tune` looks it up once per worker)
         experiment_id = context.get("experiment_id") or mlflow.get_run(parent).info.experiment_id
-    elif not nested and not launched:
+    elif mlflow.active_run() is not None:  # a nested run stays in its parent's experiment
+        experiment_id = mlflow.active_run().info.experiment_id
+    elif not launched:
         experiment_id = resolve_experiment(experiment)
     trial = context.get("tags", {}).get("optuna.trial_number") if parent else None
     name = run_label(job, params, trial)
@@ -274,8 +276,9 @@ def dataset_source(location: str):
 
 
 def log_data_inputs(posts: pd.DataFrame, parts: dict[str, np.ndarray], name: str, digest: str,
-                    split: str, seed: int) -> None:
-    """Log each split's rows as an MLflow dataset input (context = split), same digest for the data.
+                    split: str, seed: int) -> dict:
+    """Log each split's rows as an MLflow dataset input (context = split), same digest for the data; return
+    ``{split: dataset}``.
 
     Every row of a split is passed (only its schema and row count are stored, so the dataset drawer shows
     the true count); one ``log_inputs`` call for all parts (one request against a tracking server).
@@ -296,6 +299,7 @@ def log_data_inputs(posts: pd.DataFrame, parts: dict[str, np.ndarray], name: str
         for d in datasets:
             d.schema  # noqa: B018 - inferred (and cached) here, inside the filter
         upsert(mlflow.log_inputs, datasets=datasets, contexts=contexts, tags_list=tags)  # workers race on a dataset
+    return dict(zip(contexts, datasets))
 
 
 def figures_wanted() -> bool:

@@ -51,6 +51,7 @@ class Prepared:
     parts: dict[str, np.ndarray]
     digest: str
     n_missing_label: int
+    datasets: dict = field(default_factory=dict)  # split -> the MLflow dataset logged for it (log_prepared)
 
     def rows(self, part: str) -> pd.DataFrame:
         return self.posts.iloc[self.parts[part]].reset_index(drop=True)
@@ -113,7 +114,7 @@ def prepare(source: DataCfg, splitting: SplitCfg) -> Prepared:
 def log_prepared(prep: Prepared, splitting: SplitCfg) -> None:
     """Log the data inputs, the data hash and the row counts of a prepared split."""
     name = str(prep.posts.attrs.get("source", "data")).rstrip("/").split("/")[-1] or "data"
-    log_data_inputs(prep.posts, prep.parts, name, prep.digest, splitting.split, splitting.seed)
+    prep.datasets = log_data_inputs(prep.posts, prep.parts, name, prep.digest, splitting.split, splitting.seed)
     mlflow.set_tags({"smp.data_hash": prep.digest, "smp.data_source": str(prep.posts.attrs.get("source")),
                      "smp.split": splitting.split})
     issues = prep.posts.attrs.get("parse_issues") or {}
@@ -125,7 +126,8 @@ def log_prepared(prep: Prepared, splitting: SplitCfg) -> None:
 
 
 def evaluate_and_log(model, prep: Prepared, preds: dict[str, np.ndarray] | None = None) -> dict[str, float]:
-    """Compute val/test metrics (and the mean baseline), log them and the two standard figures."""
+    """Compute val/test metrics (and the mean baseline) and log the two standard figures; the metrics are
+    logged by ``log_model_and_metrics`` once the model exists (so they are linked to it)."""
     metrics: dict[str, float] = {}
     preds = preds or {}
     for part in ("val", "test"):
@@ -135,11 +137,19 @@ def evaluate_and_log(model, prep: Prepared, preds: dict[str, np.ndarray] | None 
             preds[part] = p
         metrics.update(regression_metrics(prep.y(part), p, part))
         metrics.update(baseline_metrics(prep.y("train"), prep.y(part), part))
-    mlflow.log_metrics({k: v for k, v in metrics.items() if np.isfinite(v)})
     y, p = prep.y("test"), preds["test"]
     log_figure(lambda: plots.pred_vs_actual(y, p, f"{model.family}: test"), "pred_vs_actual.png")
     log_figure(lambda: plots.error_hist(y, p, f"{model.family}: test error"), "error_hist.png")
     return metrics
+
+
+def log_model_and_metrics(model, example: pd.DataFrame, metrics: dict[str, float], prep: Prepared) -> None:
+    """Log the model, then each split's metrics on the run, linked to the model and to that split's dataset
+    (the logged model's page lists them with the data they were measured on)."""
+    info = log_model(model, example)
+    for part in ("val", "test"):
+        values = {k: v for k, v in metrics.items() if k.startswith(f"{part}_") and np.isfinite(v)}
+        mlflow.log_metrics(values, model_id=getattr(info, "model_id", None), dataset=prep.datasets.get(part))
 
 
 def run_benchmark(cfg: BenchmarkJob = BenchmarkJob(), callbacks=None) -> dict[str, float]:
@@ -156,11 +166,11 @@ def run_benchmark(cfg: BenchmarkJob = BenchmarkJob(), callbacks=None) -> dict[st
         mlflow.log_metrics({"time/fit_s": time.perf_counter() - t0, "fit/best_iteration": model.best_iteration_,
                             "fit/n_features": float(len(model.featurizer_.feature_names_))})
         metrics = evaluate_and_log(model, prep)
+        log_model_and_metrics(model, example_input(prep.rows("test"), model.input_fields_), metrics, prep)
         names, gain = model.importance()
         log_figure(lambda: plots.feature_importance(names, gain), "feature_importance.png")
         mlflow.log_dict(json.loads(pd.Series(gain, index=names).sort_values(ascending=False).to_json()),
                         "feature_importance.json")
-        log_model(model, example_input(prep.rows("test"), model.input_fields_))
     log.info("benchmark: test RMSE %.4f (baseline %.4f)", metrics["test_rmse"], metrics["test_rmse_baseline"])
     return metrics
 
@@ -361,7 +371,8 @@ def run_pca_boost(cfg: PCABoostJob = PCABoostJob(), callbacks=None) -> dict[str,
         log_figure(lambda: plots.explained_variance(model.pca_.explained_variance_ratio_), "explained_variance.png")
         preds = {p: model.predict(prep.rows(p), blocks[p]) for p in ("val", "test")}
         metrics = evaluate_and_log(model, prep, preds)
-        log_model(model, example_input(prep.rows("test"), model.input_fields_, images=True))
+        log_model_and_metrics(model, example_input(prep.rows("test"), model.input_fields_, images=True), metrics,
+                              prep)
     return metrics
 
 
@@ -403,7 +414,8 @@ def run_ensemble(cfg, family: str, on_epoch=None) -> dict[str, float]:
         # the benchmark prediction the net was handed, scored on the same test posts (what the net must beat)
         metrics["stacked_input/test_rmse"] = regression_metrics(prep.y("test"), stack["test"], "test")["test_rmse"]
         mlflow.log_metric("stacked_input/test_rmse", metrics["stacked_input/test_rmse"])
-        log_model(model, example_input(prep.rows("test"), model.input_fields_, images=True))
+        log_model_and_metrics(model, example_input(prep.rows("test"), model.input_fields_, images=True),
+                              metrics, prep)
     return metrics
 
 

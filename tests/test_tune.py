@@ -66,7 +66,15 @@ def test_study_parent_nested_runs_resume_and_pruning(smpd_dir, tmp_path):
     assert {r.info.run_name for r in children} == {"trial 0", "trial 1", "trial 2"}
     arts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent, "plots")}
     assert "plots/optimization_history.png" in arts
-    assert mlflow.pyfunc.load_model(f"runs:/{parent}/best_model") is not None
+    # the parent's best_model is the best trial's model: same predictions on the same posts
+    from smp.data import load_data
+    from smp.serving import predict_frame
+
+    posts = load_data(str(smpd_dir)).drop(columns=["label"]).head(8)
+    best_trial_run = next(r for r in children if r.data.tags.get("optuna.trial_number") == str(study.best_trial.number))
+    copied = mlflow.pyfunc.load_model(f"runs:/{parent}/best_model")
+    original = mlflow.pyfunc.load_model(f"runs:/{best_trial_run.info.run_id}/model")
+    assert predict_frame(copied, posts) == pytest.approx(predict_frame(original, posts))
     # the same name continues the study under the same parent run
     run_tune(_job(smpd_dir, tmp_path, n_trials=1))
     study = optuna.load_study(study_name="t", storage=cfg.study.storage)
