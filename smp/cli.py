@@ -258,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run_fn, default, _ = job(args.job)
+    from smp.tracking import Terminated, raise_on_sigterm
+
+    raise_on_sigterm()
     values = {path[-1]: getattr(args, path[-1]) for path, _ in leaves(default)}
     from smp.data import DataError
 
@@ -266,6 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as exc:
         logging.getLogger("smp").error("%s", exc)
         return 2
+    except (KeyboardInterrupt, Terminated) as exc:
+        logging.getLogger("smp").warning("%s stopped (%s); its MLflow runs ended KILLED", args.job,
+                                         "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C")
+        return 143 if isinstance(exc, Terminated) else 130
     if isinstance(result, dict):
         for key in sorted(result):
             if key.startswith("test_") or key.startswith("val_rmse") or not key.startswith(("val_",)):

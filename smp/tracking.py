@@ -131,6 +131,23 @@ def params_hash(params: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+class Terminated(BaseException):
+    """Raised in the main thread on SIGTERM (``smp`` installs the handler) so every open run ends KILLED."""
+
+
+def raise_on_sigterm() -> None:
+    """Turn SIGTERM into ``Terminated``: the runs a job has open end KILLED with ``smp.end_reason=SIGTERM``
+    instead of staying RUNNING forever (the default SIGTERM action kills the process at once)."""
+    import signal
+    import threading
+
+    def handler(signum, frame):
+        raise Terminated("SIGTERM")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
 @contextlib.contextmanager
 def job_run(job: str, experiment: str, params: dict, tags: dict | None = None, nested: bool = False):
     """Start (or join, under ``mlflow run``) a run for ``job``, log params and tags, yield it.
@@ -176,7 +193,12 @@ def job_run(job: str, experiment: str, params: dict, tags: dict | None = None, n
             mlflow.set_tag("smp.trial_state", "PRUNED")
             mlflow.end_run(status="KILLED")
         else:
-            mlflow.end_run(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            stopped = isinstance(exc, (KeyboardInterrupt, Terminated))
+            try:
+                mlflow.set_tag("smp.end_reason", "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C (SIGINT)"
+                               if stopped else f"{type(exc).__name__}: {str(exc)[:400]}")
+            finally:
+                mlflow.end_run(status="KILLED" if stopped else "FAILED")
         raise
     else:
         mlflow.end_run()

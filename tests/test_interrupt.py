@@ -1,0 +1,46 @@
+"""A job stopped with SIGTERM ends its MLflow run KILLED, with the reason, instead of leaving it RUNNING."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_sigterm_ends_the_run_killed_with_the_reason(smpd_dir, tmp_path):
+    uri = f"sqlite:///{tmp_path}/stop.db"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "SMP_CACHE_DIR": str(tmp_path / "cache")}
+    # a fit that would run for a long time: many slow rounds, no early stopping
+    cmd = [sys.executable, "-m", "smp.cli", "benchmark", "--data", str(smpd_dir), "--sample-size", "0",
+           "--n-estimators", "1000000", "--learning-rate", "0.0001", "--early-stopping-rounds", "0",
+           "--experiment", "stop"]
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        mlflow.set_tracking_uri(uri)
+        deadline, run = time.monotonic() + 180, None
+        while time.monotonic() < deadline and run is None:
+            time.sleep(1.0)
+            exp = mlflow.get_experiment_by_name("stop")
+            if exp is not None:
+                found = mlflow.search_runs([exp.experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                           output_format="list")
+                run = found[0] if found and "data/posts" in found[0].data.params else None  # fitting by now
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert run is not None, "the job never reached its fit"
+        time.sleep(2.0)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, out[-3000:]
+    ended = mlflow.get_run(run.info.run_id)
+    assert ended.info.status == "KILLED" and ended.data.tags["smp.end_reason"] == "SIGTERM"
+    assert "stopped (SIGTERM)" in out
