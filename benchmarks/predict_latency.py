@@ -182,7 +182,7 @@ def image_benchmark(args, store: Path) -> dict:
         xgb=XGBCfg(n_estimators=args.n_estimators, max_depth=12, learning_rate=0.05,
                    early_stopping_rounds=args.n_estimators),
         upstream=UpstreamCfg(clip_pretrained="none", embed_run=embed_run), experiment="bench-img"))
-    model = mlflow.pyfunc.load_model(f"runs:/{mlflow.last_active_run().info.run_id}/model")
+    model = mlflow.pyfunc.load_model(f"runs:/{mlflow.last_active_run().info.run_id}/benchmark")
     cols = model.unwrap_python_model().model.images.columns
 
     feats = pd.read_parquet(mlflow.artifacts.download_artifacts(run_id=embed_run, artifact_path="features.parquet"))

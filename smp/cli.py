@@ -255,8 +255,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+    # smp's own progress at --log-level; other libraries (open_clip logs its model building on the root
+    # logger) only from WARNING unless DEBUG is asked for
+    level = getattr(logging, str(args.log_level).upper(), logging.INFO)
+    logging.basicConfig(level=logging.DEBUG if level <= logging.DEBUG else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("smp").setLevel(level)
     run_fn, default, _ = job(args.job)
     from smp.tracking import Terminated, raise_on_sigterm
 

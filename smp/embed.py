@@ -179,7 +179,9 @@ class _DownloadErrorFilter(logging.Filter):
     error (reworded by ``_offline_message``) is what the caller reports or falls back on."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Failed to download weights for tag")
+        message = record.getMessage()
+        # (and its warning on random weights: ``run_embed`` says so once, with the tag it sets)
+        return not message.startswith(("Failed to download weights for tag", "No pretrained weights loaded"))
 
 
 @contextlib.contextmanager
@@ -220,9 +222,10 @@ def load_clip(cfg: EmbedCfg):
     if spec["random_weights"]:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_RANDOM_SEED)
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                cfg.clip_model, pretrained=None, **kw
-            )
+            with _no_download_error_log():
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    cfg.clip_model, pretrained=None, **kw
+                )
         log.info("CLIP %s has RANDOM weights (clip_pretrained=%r)", cfg.clip_model, cfg.clip_pretrained)
     elif cfg.checkpoint and _is_torchscript_archive(cfg.checkpoint):
         log.info(

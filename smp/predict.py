@@ -37,7 +37,7 @@ _BLANK = ("", "nan", "none", "null", "0000-00-00 00:00:00")
 
 @dataclass(frozen=True)
 class PredictJob:
-    model: str = "models:/smp-popularity@champion"  # any MLflow model URI (models:/name@alias, runs:/<id>/model)
+    model: str = "models:/smp-popularity@champion"  # any MLflow model URI (models:/name@alias, runs:/<id>/<family>)
     input: str = ""        # posts table (.csv/.parquet/.json) or an SMPD directory ("" = the built-in demo set)
     images: str = ""       # images root for relative image paths (an SMPD dir's images by default)
     output: str = "predictions.csv"  # CSV written here: Pid, popularity, status (also logged to the run)
@@ -55,7 +55,7 @@ def run_predict(cfg: PredictJob = PredictJob()) -> dict[str, float]:
             model = mlflow.pyfunc.load_model(cfg.model)
         except mlflow.exceptions.MlflowException as exc:
             raise DataError(f"model {cfg.model!r} cannot be loaded ({exc.message}); register one with "
-                            "`smp promote` or pass a runs:/<run_id>/model URI") from None
+                            "`smp promote` or pass a runs:/<run_id>/<family> URI (e.g. runs:/<id>/benchmark)") from None
         load_seconds = time.perf_counter() - t0
         mlflow.set_tags(model_lineage(cfg.model, model))
         t0 = time.perf_counter()

@@ -31,7 +31,7 @@ from smp.data import DataCfg, DataError
 from smp.evaluate import regression_metrics
 from smp.serving import model_input, predict_frame
 from smp.splits import SplitCfg
-from smp.tracking import flat_params, job_run, upsert
+from smp.tracking import flat_params, job_run, logged_model_uri, upsert
 
 log = logging.getLogger("smp.registry")
 
@@ -131,18 +131,10 @@ def given_run(client: MlflowClient, run_id: str):
 
 
 def has_logged_model(run_id: str) -> bool:
-    """True when ``runs:/<run_id>/model`` resolves to a logged model."""
+    """True when the run logged a model (``tracking.logged_model_uri``)."""
     return logged_model_uri(run_id) is not None
 
 
-def logged_model_uri(run_id: str) -> str | None:
-    """``models:/<model_id>`` of the run's logged model "model" (MLflow 3), ``runs:/`` for an older layout."""
-    try:
-        info = mlflow.models.get_model_info(f"runs:/{run_id}/model")
-    except (MlflowException, OSError):
-        return None
-    model_id = getattr(info, "model_id", None)
-    return f"models:/{model_id}" if model_id else f"runs:/{run_id}/model"
 
 
 def versions_of_run(client: MlflowClient, name: str, run_id: str) -> list:
@@ -161,7 +153,7 @@ def register_run(client: MlflowClient, name: str, run_id: str) -> tuple[object, 
     existing = versions_of_run(client, name, run_id)
     if existing:
         return existing[0], False
-    mine = mlflow.register_model(logged_model_uri(run_id) or f"runs:/{run_id}/model", name)
+    mine = mlflow.register_model(logged_model_uri(run_id), name)
     versions = versions_of_run(client, name, run_id) or [mine]
     for extra in versions[1:]:
         try:

@@ -215,6 +215,24 @@ def name_launched_run(name: str, tags: dict | None = None) -> None:
     describe_experiment(client.get_run(run_id).info.experiment_id)
 
 
+def logged_model_uri(run_id: str) -> str | None:
+    """``models:/<model_id>`` of the model a run logged (MLflow 3 records it as the run's model output;
+    the model is named after its family), else ``runs:/<run_id>/model`` if an older layout has one, else None."""
+    client = mlflow.MlflowClient()
+    try:
+        outputs = client.get_run(run_id).outputs
+    except MlflowException:
+        return None
+    models = list(getattr(outputs, "model_outputs", None) or [])
+    if models:
+        return f"models:/{models[-1].model_id}"
+    try:
+        mlflow.models.get_model_info(f"runs:/{run_id}/model")
+    except (MlflowException, OSError):
+        return None
+    return f"runs:/{run_id}/model"
+
+
 def last_job_run_id() -> str:
     """Id of the run made by the last ``job_run`` in this context (``mlflow.last_active_run``
     returns the parent instead when the job ran nested)."""

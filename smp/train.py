@@ -29,7 +29,7 @@ from smp.nets import Conv1DCfg, MLPCfg, create_net
 from smp.serving import example_input, log_model
 from smp.splits import SplitCfg, split_indices, subsample
 from smp.tracking import (find_finished_run, flat_params, last_job_run_id, job_run, log_data_inputs, log_figure,
-                          log_params)
+                          log_params, logged_model_uri)
 
 log = logging.getLogger("smp.train")
 
@@ -146,7 +146,7 @@ def evaluate_and_log(model, prep: Prepared, preds: dict[str, np.ndarray] | None 
 def log_model_and_metrics(model, example: pd.DataFrame, metrics: dict[str, float], prep: Prepared) -> None:
     """Log the model, then each split's metrics on the run, linked to the model and to that split's dataset
     (the logged model's page lists them with the data they were measured on)."""
-    info = log_model(model, example)
+    info = log_model(model, example, name=model.family)  # named after its family in the UI
     for part in ("val", "test"):
         values = {k: v for k, v in metrics.items() if k.startswith(f"{part}_") and np.isfinite(v)}
         mlflow.log_metrics(values, model_id=getattr(info, "model_id", None), dataset=prep.datasets.get(part))
@@ -258,7 +258,7 @@ def upstream_benchmark(prep: Prepared, cfg, experiment_id: str) -> tuple[str, Be
     else:
         run_benchmark(BenchmarkJob(source=cfg.source, splitting=cfg.splitting, xgb=cfg.xgb, tabular=cfg.tabular))
         run_id = last_job_run_id()
-    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model").unwrap_python_model().model
+    model = mlflow.pyfunc.load_model(logged_model_uri(run_id)).unwrap_python_model().model
     mlflow.set_tag("smp.benchmark_run", run_id)
     return run_id, model
 

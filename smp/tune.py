@@ -53,7 +53,7 @@ import optuna
 from smp.data import DataCfg, DataError
 from smp.splits import SplitCfg
 from smp.tracking import (RUN_CONTEXT, configure_tracking, data_label, describe_experiment, flat_params, log_figure,
-                          log_params, resolve_experiment)
+                          log_params, logged_model_uri, resolve_experiment)
 
 log = logging.getLogger("smp.tune")
 
@@ -361,7 +361,7 @@ def _log_summary(study, best, parent: str, counts: dict) -> None:
         if best_run:
             with tempfile.TemporaryDirectory() as tmp:
                 try:
-                    local = mlflow.artifacts.download_artifacts(f"runs:/{best_run}/model", dst_path=tmp)
+                    local = mlflow.artifacts.download_artifacts(logged_model_uri(best_run), dst_path=tmp)
                     mlflow.log_artifacts(local, "best_model")
                 except Exception as exc:  # noqa: BLE001 - the summary still gets logged
                     log.warning("could not copy the best trial's model: %s", exc)

@@ -52,7 +52,7 @@ def test_benchmark_end_to_end(smpd_dir):
         assert json.loads(i.dataset.profile)["num_rows"] == int(logged.params[f"data/rows_{part}"])
 
     # the logged model predicts from raw SMPD rows, with unseen levels and missing fields
-    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/benchmark")  # named after its family
     raw = load_data(str(smpd_dir)).head(5).drop(columns=["label"])
     pred = model.predict(raw)
     assert len(pred) == 5 and np.isfinite(pred).all()

@@ -100,7 +100,7 @@ def test_each_pyfunc_predicts_raw_rows_and_missing_images(chain, monkeypatch, sm
     bad_pids = set(posts.loc[[0, 1, 2, 3], "Pid"])  # not necessarily the broken ones: use image_path below
     for family in ("pca_boost", "ensemble_mlp", "ensemble_conv1d"):
         run = mlflow.search_runs([exp], filter_string=f"tags.`smp.job` = '{family}'", output_format="list")[0]
-        model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+        model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/{family}")  # the model is named after its family
         rows = posts.head(12).copy()
         pred = model.predict(rows)  # features computed from image_path inside the pipeline
         assert len(pred) == 12 and np.isfinite(pred).all(), family

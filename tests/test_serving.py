@@ -325,7 +325,7 @@ def test_logged_model_ships_its_code_as_one_archive(smpd_dir, tmp_path):
     run_benchmark(BenchmarkJob(source=DataCfg(data=str(smpd_dir)), splitting=SplitCfg(sample_size=0),
                                xgb=XGBCfg(n_estimators=20, max_depth=3, early_stopping_rounds=5), experiment="t"))
     run_id = mlflow.last_active_run().info.run_id
-    local = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model", dst_path=str(tmp_path / "dl")))
+    local = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/benchmark", dst_path=str(tmp_path / "dl")))
     code_files = sorted(str(p.relative_to(local / "code")) for p in (local / "code").rglob("*") if p.is_file())
     assert code_files == ["smp.zip", "smp/__init__.py"]  # two uploads, not one per module
 

@@ -73,7 +73,7 @@ def test_study_parent_nested_runs_resume_and_pruning(smpd_dir, tmp_path):
     posts = load_data(str(smpd_dir)).drop(columns=["label"]).head(8)
     best_trial_run = next(r for r in children if r.data.tags.get("optuna.trial_number") == str(study.best_trial.number))
     copied = mlflow.pyfunc.load_model(f"runs:/{parent}/best_model")
-    original = mlflow.pyfunc.load_model(f"runs:/{best_trial_run.info.run_id}/model")
+    original = mlflow.pyfunc.load_model(f"runs:/{best_trial_run.info.run_id}/benchmark")
     assert predict_frame(copied, posts) == pytest.approx(predict_frame(original, posts))
     # the same name continues the study under the same parent run
     run_tune(_job(smpd_dir, tmp_path, n_trials=1))
