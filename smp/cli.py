@@ -261,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if level <= logging.DEBUG else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("smp").setLevel(level)
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per artifact read is noise
     run_fn, default, _ = job(args.job)
     from smp.tracking import Terminated, raise_on_sigterm
 

@@ -733,7 +733,8 @@ def run_embed(cfg: EmbedJob = EmbedJob()) -> dict[str, float]:
             bad = Path(tmp) / "bad_images.csv"
             result.bad.to_csv(bad, index=False)
             mlflow.log_artifact(str(bad))
-        mlflow.log_input(mlflow.data.from_pandas(result.features[["Pid", "has_image"]], name="image-features",
+        mlflow.log_input(mlflow.data.from_pandas(result.features[["Pid", "has_image"]].astype({"has_image": float}),
+                                                 name="image-features",
                                                  source=dataset_source(str(Path(str(posts.attrs.get("source")))
                                                                            .resolve())), digest=digest),
                          context="features")
