@@ -315,6 +315,33 @@ def _decode_pil(data: bytes) -> np.ndarray:
         raise BadImage(f"unsupported colour mode {mode!r} ({e})") from e
 
 
+MAX_PIXELS = 40_000_000  # width x height above this is refused from the header, before any decoding
+
+
+def check_image_header(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` from the encoded image's header, or None when Pillow cannot read the header;
+    ``BadImage`` when the image is larger than ``MAX_PIXELS`` (a decompression bomb: a 150 KB PNG can
+    declare 30,000 x 30,000 pixels, 2.7 GB decoded), so one image never costs more than a bounded decode."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                width, height = im.size
+    except Image.DecompressionBombError:
+        raise BadImage(f"image too large (its header declares more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels; "
+                       f"the limit is {MAX_PIXELS:,})") from None
+    except Exception:  # noqa: BLE001 - a header Pillow cannot parse: the decoders decide
+        return None
+    if width * height > MAX_PIXELS:
+        raise BadImage(f"image too large: {width} x {height} pixels, the limit is {MAX_PIXELS:,} "
+                       "(smp.image_features.MAX_PIXELS)")
+    return width, height
+
+
 def decode_image(data: bytes) -> np.ndarray:
     """Decode encoded image bytes to an HxWx3 uint8 RGB array, or raise :class:`BadImage`.
 
@@ -328,6 +355,7 @@ def decode_image(data: bytes) -> np.ndarray:
     if not data:
         raise BadImage("zero-byte file")
     is_jpeg = data[:3] == _JPEG_SOI
+    check_image_header(data)  # before any decoding: OpenCV would decode a bomb fully (it refuses only > 2^30 px)
     if is_jpeg and _jpeg_truncated(data):
         raise BadImage("truncated JPEG")
     buf = np.frombuffer(data, dtype=np.uint8)

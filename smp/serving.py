@@ -171,7 +171,7 @@ def _check_images(frame: pd.DataFrame, decode: bool) -> None:
     """Every non-empty ``image_b64`` must be base64 of an image (fully decodable when ``decode``)."""
     from PIL import Image
 
-    from smp.image_features import BadImage, decode_image
+    from smp.image_features import BadImage, check_image_header, decode_image
 
     for i, value in enumerate(frame["image_b64"]):
         if value is None or (isinstance(value, float) and np.isnan(value)) or value == "":
@@ -186,8 +186,8 @@ def _check_images(frame: pd.DataFrame, decode: bool) -> None:
         try:
             if decode:
                 decode_image(data)
-            else:
-                Image.open(io.BytesIO(data)).close()  # header only: enough to tell an image from junk
+            elif check_image_header(data) is None:  # header only: size-checked, an image or junk
+                Image.open(io.BytesIO(data)).close()
         except (BadImage, OSError, ValueError) as exc:
             reason = str(exc) if isinstance(exc, BadImage) else "not an image / cannot decode"
             raise RequestError(f"column 'image_b64': {reason} ({_row_name(frame, i)})") from None

@@ -203,3 +203,36 @@ def test_features_do_not_depend_on_opencv_thread_count():
     finally:
         cv2.setNumThreads(before)
     assert len(values) == 1
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A small PNG file whose header declares ``width`` x ``height`` grey pixels (a decompression bomb's shape)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def test_oversized_images_are_refused_from_the_header_before_decoding(monkeypatch):
+    from smp import image_features
+    from smp.image_features import MAX_PIXELS, BadImage, check_image_header, decode_image
+
+    def no_decode(*args, **kwargs):
+        raise AssertionError("an oversized image reached the decoder")
+
+    with monkeypatch.context() as m:
+        m.setattr(image_features.cv2, "imdecode", no_decode)
+        m.setattr(image_features, "_decode_pil", no_decode)
+        for side in (30000, 7000):  # past Pillow's own bomb limit, and past ours only (49 MP > 40 MP)
+            data = _png_header(side, side)
+            assert len(data) < 1000 and side * side > MAX_PIXELS
+            with pytest.raises(BadImage, match="image too large"):
+                decode_image(data)
+    assert check_image_header(_png_header(640, 480)) == (640, 480)
+    assert check_image_header(b"not an image") is None  # the decoders decide (and refuse it)
+    with pytest.raises(BadImage, match="not an image"):
+        decode_image(b"not an image")

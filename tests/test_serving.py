@@ -222,6 +222,18 @@ def post(port: int, payload, content_type="application/json") -> tuple[int, str]
     return r.status_code, r.text
 
 
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG of a few hundred bytes whose header declares ``width`` x ``height`` pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
 @pytest.mark.slow
 def test_mlflow_models_serve_champion(smpd_dir, tmp_path):
     import requests
@@ -277,6 +289,8 @@ def test_mlflow_models_serve_champion(smpd_dir, tmp_path):
             "bad image": ({"dataframe_records": [{"Pid": "1", "image_b64": "%%%"}]}, "'image_b64'"),
             "not an image": ({"dataframe_records": [{"Pid": "1", "image_b64": base64.b64encode(b"hi").decode()}]},
                              "not an image"),
+            "decompression bomb": ({"dataframe_records": [{"Pid": "1", "image_b64": base64.b64encode(
+                _png_header(30000, 30000)).decode()}]}, "image too large"),  # refused from its header
             "server path": ({"dataframe_records": [{"Pid": "1", "image_path": "../../etc/passwd"}]},
                             "'image_path'"),
             "empty": ({"dataframe_records": []}, "missing inputs ['Pid']"),  # MLflow's schema check
