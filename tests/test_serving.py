@@ -199,6 +199,13 @@ def test_smp_predict_reports_every_post(smpd_dir, tmp_path):
     assert metrics["rows"] == 12 and metrics["error_rows"] == 1 and metrics["partial_rows"] == 1
     assert metrics["scored_rows"] == 11
 
+    # a posts table with a header and no rows: zero rows out, a header-only file, the run FINISHED
+    (tmp_path / "empty.csv").write_text(",".join(posts.columns) + "\n")
+    empty = run_predict(PredictJob(input=str(tmp_path / "empty.csv"), output=str(tmp_path / "empty_out.csv")))
+    assert empty["rows"] == 0 and empty["error_rows"] == 0
+    assert pd.read_csv(tmp_path / "empty_out.csv").columns.tolist() == ["Pid", "popularity", "status"]
+    assert mlflow.last_active_run().info.status == "FINISHED"
+
     # the same rows straight through the registered pyfunc, as a notebook would
     model = mlflow.pyfunc.load_model(CHAMPION)
     ok = load_data(tmp_path / "raw.csv").drop(index=7).drop(columns=["image_b64"]).reset_index(drop=True)
