@@ -12,7 +12,7 @@ import json
 import threading
 import warnings
 import weakref
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -395,12 +395,18 @@ def _folds(n: int, folds: int, seed: int):
 
 def cross_fit(posts: pd.DataFrame, y: np.ndarray, val: pd.DataFrame, y_val: np.ndarray, cfg: XGBCfg,
               tabular: TabularCfg, seed: int, folds: int = 3) -> CrossFitBenchmark:
-    """K fold models (early stopping on ``val``), their out-of-fold predictions for every training row."""
+    """K fold models (early stopping on ``val``), their out-of-fold predictions for every training row.
+
+    The fold models use the tree method, bins and threads of a fit on all of ``posts`` (what the benchmark
+    they stand in for uses): resolved from the smaller fold size they could switch method, e.g. to
+    ``exact`` at 4,320 of 6,480 rows, 3-6x slower per round there (docs/benchmarks.md)."""
+    full = tree_settings(cfg, len(posts))
+    fold_cfg = replace(cfg, tree_method=full["tree_method"], max_bin=full["max_bin"], n_jobs=full["n_jobs"])
     oof = np.full(len(posts), np.nan)
     models = []
     for fit_idx, hold_idx in _folds(len(posts), folds, seed):
         fold_posts = posts.iloc[fit_idx].reset_index(drop=True)
-        model = BenchmarkModel(cfg, tabular, seed).fit(fold_posts, y[fit_idx], val, y_val)
+        model = BenchmarkModel(fold_cfg, tabular, seed).fit(fold_posts, y[fit_idx], val, y_val)
         oof[hold_idx] = model.predict(posts.iloc[hold_idx].reset_index(drop=True))
         models.append(model)
     return CrossFitBenchmark(models, oof)

@@ -100,3 +100,15 @@ def test_cross_fit_averages_its_fold_models_and_predicts_out_of_fold():
     assert (np.sum(held_out, axis=0) >= 1).all()
     with pytest.raises(ValueError, match="at least 2 folds"):
         cross_fit(posts, y, val, y_val, cfg, TabularCfg(), seed=0, folds=1)
+
+
+def test_fold_models_use_the_tree_settings_of_the_full_training_set(monkeypatch):
+    import smp.models as models
+
+    posts, y = _posts(300, seed=2)
+    val, y_val = posts.head(40), y[:40]
+    cfg = XGBCfg(n_estimators=10, max_depth=3, learning_rate=0.2, early_stopping_rounds=0)
+    monkeypatch.setattr(models, "EXACT_MAX_ROWS", 250)  # 300 training rows: hist; a fold's 200 alone: exact
+    assert tree_settings(cfg, 200)["tree_method"] == "exact" and tree_settings(cfg, 300)["tree_method"] == "hist"
+    fitted = cross_fit(posts, y, val, y_val, cfg, TabularCfg(), seed=0, folds=3)
+    assert [m.tree_settings_ for m in fitted.models] == [tree_settings(cfg, 300)] * 3
