@@ -174,29 +174,13 @@ def _offline_message(cfg: EmbedCfg, err: Exception) -> str:
     )
 
 
-class _DownloadErrorFilter(logging.Filter):
-    """open_clip logs a failed weights download as an ERROR on the root logger, then raises; the raised
-    error (reworded by ``_offline_message``) is what the caller reports or falls back on."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        # (and its warning on random weights: ``run_embed`` says so once, with the tag it sets)
-        return not message.startswith(("Failed to download weights for tag", "No pretrained weights loaded"))
-
-
-@contextlib.contextmanager
 def _no_download_error_log():
-    root, quiet = logging.getLogger(), _DownloadErrorFilter()
-    handlers = list(root.handlers)
-    for h in handlers:
-        h.addFilter(quiet)
-    root.addFilter(quiet)
-    try:
-        yield
-    finally:
-        root.removeFilter(quiet)
-        for h in handlers:
-            h.removeFilter(quiet)
+    """open_clip logs a failed weights download as an ERROR on the root logger, then raises (the raised
+    error, reworded by ``_offline_message``, is what the caller reports or falls back on), and warns on
+    random weights (``run_embed`` says so once, with the tag it sets)."""
+    from smp.tracking import muted
+
+    return muted("", "Failed to download weights for tag", "No pretrained weights loaded")
 
 
 def load_clip(cfg: EmbedCfg):

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import io
 import logging
 import os
@@ -52,6 +51,8 @@ import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
+
+from smp.tracking import muted
 
 log = logging.getLogger("smp.serving")
 
@@ -336,38 +337,17 @@ def log_model(model, posts_example: pd.DataFrame, name: str = "model"):
         with open(path, "wb") as fh:
             pickle.dump(model, fh, protocol=pickle.HIGHEST_PROTOCOL)
         code = bundle_code(Path(tmp) / "code")
-        with _quiet_pickle_notice():
-            return _log_pyfunc(name, path, signature, example, family, columns, model, code)
-
-
-class _PickleNotice(logging.Filter):
-    """Drops MLflow's notice that a ``python_model`` object is cloudpickled: ``PopularityModel`` holds no
-    state (the fitted model is the ``smp_model`` artifact), so there is nothing for a user to act on."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "serialized using CloudPickle" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def _quiet_pickle_notice():
-    target = logging.getLogger("mlflow.pyfunc")
-    notice = _PickleNotice()
-    target.addFilter(notice)
-    try:
-        yield
-    finally:
-        target.removeFilter(notice)
-
-
-def _log_pyfunc(name, path, signature, example, family, columns, model, code):
-    return mlflow.pyfunc.log_model(
-        name=name, python_model=PopularityModel(), artifacts={"smp_model": str(path)},
-        signature=signature, input_example=example, model_type=family,
-        tags={"smp.family": family, "smp.description": MODEL_DESCRIPTIONS.get(family, "")},
-        metadata={"smp_family": family, "smp_input_columns": columns, "smp_required_columns": ["Pid"]},
-        pip_requirements=pip_requirements(getattr(model, "needs_images", False)),
-        code_paths=[str(p) for p in code],
-    )
+        # PopularityModel holds no state (the fitted model is the smp_model artifact): MLflow's notice that
+        # a python_model object is cloudpickled leaves a user nothing to act on
+        with muted("mlflow.pyfunc", "Passing a Python object as `python_model`"):
+            return mlflow.pyfunc.log_model(
+                name=name, python_model=PopularityModel(), artifacts={"smp_model": str(path)},
+                signature=signature, input_example=example, model_type=family,
+                tags={"smp.family": family, "smp.description": MODEL_DESCRIPTIONS.get(family, "")},
+                metadata={"smp_family": family, "smp_input_columns": columns, "smp_required_columns": ["Pid"]},
+                pip_requirements=pip_requirements(getattr(model, "needs_images", False)),
+                code_paths=[str(p) for p in code],
+            )
 
 
 MODEL_DESCRIPTIONS = {

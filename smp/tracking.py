@@ -53,9 +53,10 @@ def resolve_experiment(name: str = "") -> str:
     """Id of the experiment a job logs to: ``name``, else ``MLFLOW_EXPERIMENT_ID`` / ``MLFLOW_EXPERIMENT_NAME``,
     else the project's ``smp``; created if missing, and described (see ``describe_experiment``)."""
     env_id = os.environ.get("MLFLOW_EXPERIMENT_ID", "")
-    name = name or ("" if env_id else os.environ.get("MLFLOW_EXPERIMENT_NAME", "")) or ("" if env_id else
-                                                                                       DEFAULT_EXPERIMENT)
-    if name:
+    if not name and env_id:
+        exp_id = env_id
+    else:
+        name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
         exp = mlflow.get_experiment_by_name(name)
         if exp is None:
             try:
@@ -64,8 +65,6 @@ def resolve_experiment(name: str = "") -> str:
                 exp_id = mlflow.get_experiment_by_name(name).experiment_id
         else:
             exp_id = exp.experiment_id
-    else:
-        exp_id = env_id
     describe_experiment(exp_id)
     return exp_id
 
@@ -73,8 +72,8 @@ def resolve_experiment(name: str = "") -> str:
 def describe_experiment(experiment_id: str) -> None:
     """Give the experiment the project's description and the model-training kind, unless it has its own."""
     try:
-        tags = mlflow.MlflowClient().get_experiment(experiment_id).tags
         client = mlflow.MlflowClient()
+        tags = client.get_experiment(experiment_id).tags
         if "mlflow.note.content" not in tags:
             client.set_experiment_tag(experiment_id, "mlflow.note.content", EXPERIMENT_DESCRIPTION)
         if EXPERIMENT_KIND[0] not in tags:
@@ -110,6 +109,27 @@ def run_label(job: str, params: dict, trial: str | None = None) -> str:
         if "seed" in params and "split" in params:
             parts.append(f"s{params['seed']}")
     return " · ".join(p for p in parts if p)
+
+
+class _Muted(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+@contextlib.contextmanager
+def muted(logger: str, *prefixes: str):
+    """Drop the records of ``logger`` (``""`` = root) whose message starts with one of ``prefixes`` while
+    inside: a library's notice the user cannot act on, said better (or not needed) by smp itself."""
+    target, muting = logging.getLogger(logger), _Muted(prefixes)
+    target.addFilter(muting)
+    try:
+        yield
+    finally:
+        target.removeFilter(muting)
 
 
 def flat_params(*cfgs) -> dict[str, object]:
