@@ -169,14 +169,36 @@ def data_hash(df: pd.DataFrame) -> str:
     return h.hexdigest()[:16]
 
 
+MAX_INVALID_LABEL_SHARE = 0.01  # +-inf labels: up to 1% are excluded (counted), more means a broken label column
+
+
 def labelled(posts: pd.DataFrame) -> tuple[pd.DataFrame, int]:
-    """Return the rows with a finite label and how many were excluded."""
+    """Return the rows with a finite label and how many were excluded.
+
+    A missing label (blank or ``nan``: an unlabelled post) is excluded and
+    counted.  Labels that are there but unusable refuse the data with a
+    ``DataError`` naming the file: any text that is not a number (as an SMPD
+    directory's ``train_label.txt`` is refused), and infinite labels in more
+    than ``MAX_INVALID_LABEL_SHARE`` of the posts (fewer are excluded, counted
+    and logged).
+    """
+    source = posts.attrs.get("source", "data")
     if "label" not in posts.columns:
-        raise DataError(f"{posts.attrs.get('source', 'data')}: no 'label' column; training needs labels")
-    keep = np.isfinite(posts["label"].to_numpy(dtype=float))
+        raise DataError(f"{source}: no 'label' column; training needs labels")
+    text_labels = (posts.attrs.get("parse_issues") or {}).get("label:unparseable", 0)
+    if text_labels:
+        raise DataError(f"{source}: field label: {text_labels} of {len(posts)} values are not numbers")
+    y = posts["label"].to_numpy(dtype=float)
+    infinite = int(np.isinf(y).sum())
+    if infinite > MAX_INVALID_LABEL_SHARE * len(posts):
+        raise DataError(f"{source}: field label: {infinite} of {len(posts)} values are infinite "
+                        f"(more than {MAX_INVALID_LABEL_SHARE:.0%}); fix or drop those posts")
+    keep = np.isfinite(y)
     n_missing = int((~keep).sum())
-    if n_missing:
-        log.warning("%d posts have no label and are excluded from training", n_missing)
+    if infinite:
+        log.warning("%s: %d posts with an infinite label are excluded from training", source, infinite)
+    if n_missing - infinite:
+        log.warning("%d posts have no label and are excluded from training", n_missing - infinite)
     out = posts.loc[keep].reset_index(drop=True)
     out.attrs.update(posts.attrs)
     return out, n_missing

@@ -3,15 +3,18 @@
 ``run_promote`` picks the best finished model run by ``val_rmse`` (or the run
 it is given), registers its logged model once (a second promote of the same
 run reuses its version), and compares it with the current ``@champion`` on the
-same test posts: both pyfunc models predict the rows that neither trained on
-(the candidate's test split, intersected with the champion's when the two runs
-were split differently).  The candidate takes ``@champion`` only when its test
-RMSE beats the champion's by more than ``margin``; otherwise it is
-``@challenger``.  When the two runs were trained on different data (their
-``smp.data_hash`` differ) or the data can no longer be read, the logged
-``test_rmse`` values are compared instead and the description says so.  The
-comparison is kept as model-version tags and a description, and the decision
-as a ``promote`` run.  Aliases only, no stages.
+same posts: both pyfunc models predict the candidate's test split, less every
+post the champion trained or early-stopped on (the champion's own split of its
+own data, rebuilt from its run's params; the models read raw rows, so a
+champion trained on other data is scored the same way).  The candidate takes
+``@champion`` only when its RMSE on those posts beats the champion's by more
+than ``margin``.  When no fair comparison is possible (either run's data can
+no longer be read or has changed, fewer than ``MIN_SHARED_TEST_ROWS`` posts
+are unseen by both, an image model meets posts without images) the candidate
+is refused the title: it becomes ``@challenger`` and the reason is recorded.
+Logged test RMSEs of two runs are never compared: they are figures on
+different posts.  The comparison is kept as model-version tags and a
+description, and the decision as a ``promote`` run.  Aliases only, no stages.
 """
 
 from __future__ import annotations
@@ -30,14 +33,14 @@ from mlflow.exceptions import MlflowException
 from smp.data import DataCfg, DataError
 from smp.evaluate import regression_metrics
 from smp.serving import model_input, predict_frame
-from smp.splits import SplitCfg
+from smp.splits import MIN_SPLIT_ROWS, Prepared, SplitCfg, prepare
 from smp.tracking import flat_params, job_run, logged_model_uri, upsert
 
 log = logging.getLogger("smp.registry")
 
 FAMILIES = ("benchmark", "pca_boost", "ensemble_mlp", "ensemble_conv1d")
 CHAMPION, CHALLENGER = "champion", "challenger"
-MIN_SHARED_TEST_ROWS = 30  # runs split differently sharing fewer unseen test posts: compare logged test_rmse
+MIN_SHARED_TEST_ROWS = MIN_SPLIT_ROWS  # fewer posts unseen by both models: no comparison (the test split's minimum)
 
 
 @dataclass(frozen=True)
@@ -56,8 +59,9 @@ class Comparison:
 
     candidate_rmse: float
     champion_rmse: float
-    method: str   # "same_rows" (both models predicted the same posts) or "logged_metrics"
-    rows: int     # posts both models predicted (0 for logged_metrics)
+    method: str   # "same_rows" (both models predicted the same posts), "refused" (no fair comparison: the note
+    #               says why), "first" (there was no champion) or "unchanged" (already the champion)
+    rows: int     # posts both models predicted (0 unless same_rows)
     note: str     # one sentence for the description
 
 
@@ -74,12 +78,13 @@ def run_promote(cfg: PromoteJob = PromoteJob()) -> dict[str, float]:
         champ = current_alias(client, cfg.model_name, CHAMPION)
         cand_logged = cand_run.data.metrics.get("test_rmse", math.nan)
         if champ is None:
-            comp, decision = Comparison(cand_logged, math.nan, "logged_metrics", 0, "there was no champion"), CHAMPION
+            comp, decision = Comparison(cand_logged, math.nan, "first", 0, "there was no champion"), CHAMPION
         elif str(champ.version) == str(version.version):
             comp, decision = Comparison(cand_logged, cand_logged, "unchanged", 0, "already the champion"), CHAMPION
         else:
             comp = compare(cand_run, client.get_run(champ.run_id), cfg.model_name, version.version, champ.version)
-            decision = CHAMPION if comp.candidate_rmse < comp.champion_rmse - cfg.margin else CHALLENGER
+            wins = comp.method == "same_rows" and comp.candidate_rmse < comp.champion_rmse - cfg.margin
+            decision = CHAMPION if wins else CHALLENGER
         if comp.method != "unchanged":  # a champion promoted again keeps the record of how it won
             set_alias(client, cfg.model_name, decision, version.version)
             record(client, cfg, cand_run, version.version, champ, comp, decision)
@@ -92,6 +97,8 @@ def run_promote(cfg: PromoteJob = PromoteJob()) -> dict[str, float]:
                          "mlflow.runName": f"promote · {cfg.model_name} v{version.version} → {decision}"}
         if champ is not None:
             decision_tags["smp.compared_against_version"] = str(champ.version)
+        if comp.method == "refused":
+            decision_tags["smp.refused_because"] = comp.note[:500]
         mlflow.set_tags(decision_tags)
     log.info("%s v%s (run %s) -> @%s: %s", cfg.model_name, version.version, cand_id, decision, comp.note)
     return outcome
@@ -114,9 +121,25 @@ def best_model_run(experiment_id: str, family: str = "", split: str = ""):
         if has_logged_model(r.info.run_id):
             return r
         log.warning("run %s (val_rmse %.4f) has no logged model; skipped", r.info.run_id, val)
+    raise DataError(nothing_to_promote(experiment_id, family, split))
+
+
+def nothing_to_promote(experiment_id: str, family: str = "", split: str = "") -> str:
+    """Why there is no run to promote: the experiment is empty, its model runs all failed, or none matches."""
+    name = mlflow.MlflowClient().get_experiment(experiment_id).name
     what = " and ".join(x for x in (f"family={family}" if family else "", f"split={split}" if split else "") if x)
-    raise DataError(f"experiment {experiment_id}: no finished model run with val_rmse and a logged model"
-                    + (f" ({what})" if what else ""))
+    models = [r for r in mlflow.search_runs([experiment_id], output_format="list")
+              if r.data.tags.get("smp.model") in FAMILIES]
+    head = f"experiment {name!r} (id {experiment_id}): nothing to promote: "
+    if not models:
+        return head + ("it has no model runs; train one first (e.g. `smp benchmark`, or "
+                       "`mlflow run . -e benchmark --experiment-name smp`)")
+    statuses = pd.Series([r.info.status for r in models]).value_counts()
+    if "FINISHED" not in statuses:
+        counts = ", ".join(f"{n} {status}" for status, n in statuses.items())
+        return head + f"none of its {len(models)} model runs finished ({counts}); see their logs, then train again"
+    return head + ("no finished model run with val_rmse and a logged model"
+                   + (f" ({what})" if what else "") + f"; it has {int(statuses['FINISHED'])} finished model run(s)")
 
 
 def given_run(client: MlflowClient, run_id: str):
@@ -193,62 +216,79 @@ def split_cfg(params: dict) -> SplitCfg:
                     test_frac=float(params.get("test_frac", d.test_frac)))
 
 
+def refused(cand_run, reason: str) -> Comparison:
+    """No fair comparison is possible: the candidate becomes ``@challenger`` and ``reason`` says why."""
+    return Comparison(cand_run.data.metrics.get("test_rmse", math.nan), math.nan, "refused", 0, reason)
+
+
 def compare(cand_run, champ_run, name: str, cand_version, champ_version) -> Comparison:
-    """Test RMSE of the candidate and the champion on the same unseen posts (or their logged figures)."""
-    cand_hash = cand_run.data.tags.get("smp.data_hash", "")
-    champ_hash = champ_run.data.tags.get("smp.data_hash", "")
-    logged = (cand_run.data.metrics.get("test_rmse", math.nan), champ_run.data.metrics.get("test_rmse", math.nan))
-    if not cand_hash or cand_hash != champ_hash:
-        return Comparison(*logged, "logged_metrics", 0,
-                          f"the runs were trained on different data (data hash {cand_hash or '?'} vs "
-                          f"{champ_hash or '?'}), so their logged test RMSEs (on different test posts) are compared")
+    """Test RMSE of the candidate and the champion on the same posts, unseen by both in training; or a refusal.
+
+    The posts are the candidate's test split, less every post the champion trained or early-stopped on
+    (``eval_posts``). Logged test RMSEs are never compared: two runs' test splits are different posts.
+    """
     try:
-        rows, y = shared_test_rows(cand_run, champ_run)
+        rows, y, where = eval_posts(cand_run, champ_run)
     except (DataError, OSError) as exc:
-        return Comparison(*logged, "logged_metrics", 0,
-                          f"the training data could not be read again ({exc}); logged test RMSEs compared")
-    same = split_cfg(cand_run.data.params) == split_cfg(champ_run.data.params)
-    if len(rows) == 0 or (not same and len(rows) < MIN_SHARED_TEST_ROWS):
-        return Comparison(*logged, "logged_metrics", 0,
-                          f"the runs were split differently and only {len(rows)} test posts are unseen by both "
-                          "models, so their logged test RMSEs are compared")
+        return refused(cand_run, str(exc))
+    if len(rows) < MIN_SHARED_TEST_ROWS:
+        return refused(cand_run, f"only {len(rows)} of the candidate's test posts are unseen by both models "
+                                 f"(at least {MIN_SHARED_TEST_ROWS} are needed to compare them)")
     rmse = []
     for run, version in ((cand_run, cand_version), (champ_run, champ_version)):
         try:
             model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
             pred = np.asarray(predict_frame(model, model_input(model, model_rows(rows, run))), dtype=float)
-        except Exception as exc:  # noqa: BLE001 - recorded in the description; the logged figures decide
+        except DataError as exc:
+            return refused(cand_run, f"v{version} cannot be scored fairly on those posts: {exc}")
+        except Exception as exc:  # noqa: BLE001 - recorded in the description and as the refusal reason
             log.exception("v%s could not predict the shared test posts", version)
-            return Comparison(*logged, "logged_metrics", 0, f"v{version} could not predict the shared test posts "
-                              f"({type(exc).__name__}: {exc}); logged test RMSEs compared")
+            return refused(cand_run, f"v{version} could not predict the shared test posts ({type(exc).__name__}: "
+                                     f"{exc})")
         rmse.append(regression_metrics(y, pred, "test")["test_rmse"])
-    where = "the candidate's test split" if same else "the posts in both runs' test splits"
     return Comparison(rmse[0], rmse[1], "same_rows", len(rows),
                       f"both models predicted the same {len(rows)} posts ({where})")
 
 
-def shared_test_rows(cand_run, champ_run) -> tuple[pd.DataFrame, np.ndarray]:
-    """Raw test rows (and labels) that neither run trained on: the candidate's test split, less any post
-    that is not also in the champion's test split when the two were split differently."""
-    from smp.train import prepare
-
-    params = cand_run.data.params
+def prepared_for(run) -> Prepared:
+    """A run's labelled posts and split rebuilt from its params; ``DataError`` if its data changed or is gone."""
+    params = run.data.params
     source = DataCfg(data=params.get("data", DataCfg.data), images=params.get("images", ""))
-    prep = prepare(source, split_cfg(params))
-    if prep.digest != cand_run.data.tags.get("smp.data_hash"):
-        raise DataError(f"{source.data} has changed since run {cand_run.info.run_id} was trained "
-                        f"(data hash {prep.digest}, run has {cand_run.data.tags.get('smp.data_hash')})")
-    rows, y = prep.rows("test"), prep.y("test")
-    champ_split = split_cfg(champ_run.data.params)
-    if champ_split != split_cfg(params):
-        other = prepare(source, champ_split)
-        keep = rows["Pid"].isin(other.rows("test")["Pid"]).to_numpy()
-        rows, y = rows.loc[keep].reset_index(drop=True), y[keep]
-    return rows.drop(columns=["label"]), y
+    try:
+        prep = prepare(source, split_cfg(params))
+    except (DataError, OSError) as exc:
+        raise DataError(f"the data of run {run.info.run_id} ({source.data}) cannot be read again: {exc}") from None
+    logged = run.data.tags.get("smp.data_hash")
+    if prep.digest != logged:
+        raise DataError(f"{source.data} has changed since run {run.info.run_id} was trained "
+                        f"(data hash {prep.digest}, the run has {logged})")
+    return prep
+
+
+def eval_posts(cand_run, champ_run) -> tuple[pd.DataFrame, np.ndarray, str]:
+    """Raw rows, labels and a description of the posts to score both models on: the candidate's test split
+    minus the posts in the champion's train and validation splits (its own data, rebuilt from its params)."""
+    cand = prepared_for(cand_run)
+    rows, y = cand.rows("test"), cand.y("test")
+    same_data = cand_run.data.tags.get("smp.data_hash") == champ_run.data.tags.get("smp.data_hash")
+    if same_data and split_cfg(cand_run.data.params) == split_cfg(champ_run.data.params):
+        return rows.drop(columns=["label"]), y, "the candidate's test split, also the champion's"
+    try:
+        champ = prepared_for(champ_run)
+    except DataError as exc:
+        raise DataError(f"it cannot be checked which of the candidate's test posts the champion trained on ({exc})") \
+            from None
+    seen = pd.concat([champ.rows("train")["Pid"], champ.rows("val")["Pid"]])
+    keep = ~rows["Pid"].isin(seen).to_numpy()
+    what = "the same data split differently" if same_data else "other data"
+    where = (f"the candidate's test split less the {int((~keep).sum())} posts the champion trained on; the champion "
+             f"was trained on {what}")
+    return rows.loc[keep].drop(columns=["label"]).reset_index(drop=True), y[keep], where
 
 
 def model_rows(rows: pd.DataFrame, run) -> pd.DataFrame:
-    """The rows a run's model predicts from: raw fields plus, for image models, its embed run's features."""
+    """The rows a run's model predicts from: raw fields plus, for image models, the image features of its embed
+    run; when that run lacks some of the posts (other data), the model computes them from ``image_path``."""
     embed_run = run.data.tags.get("smp.embed_run")
     if not embed_run:
         return rows
@@ -257,9 +297,14 @@ def model_rows(rows: pd.DataFrame, run) -> pd.DataFrame:
     path = mlflow.artifacts.download_artifacts(run_id=embed_run, artifact_path="features.parquet")
     feats = pd.read_parquet(path)
     feats["Pid"] = feats["Pid"].astype(str)
-    cols = [c for c in image_columns(feats) if c not in rows.columns]
-    merged = rows.merge(feats[["Pid", *cols]], on="Pid", how="left", validate="one_to_one")
-    return merged.drop(columns=[c for c in ("image_path",) if c in merged.columns])
+    if rows["Pid"].isin(feats["Pid"]).all():
+        cols = [c for c in image_columns(feats) if c not in rows.columns]
+        merged = rows.merge(feats[["Pid", *cols]], on="Pid", how="left", validate="one_to_one")
+        return merged.drop(columns=[c for c in ("image_path",) if c in merged.columns])
+    has_image = rows["image_path"].notna() if "image_path" in rows.columns else pd.Series(False, index=rows.index)
+    if not has_image.any():
+        raise DataError("it reads images and these posts have none (no image_path)")
+    return rows
 
 
 # --------------------------------------------------------------------------- recording the decision
@@ -295,6 +340,8 @@ def record(client: MlflowClient, cfg: PromoteJob, cand_run, version, champ, comp
     if champ is not None:  # only what was compared: a first promotion has no champion to name
         version_tags.update({"compared_against_version": str(champ.version), "eval_rows": str(comp.rows),
                              "champion_test_rmse": rmse(comp.champion_rmse)})
+    if comp.method == "refused":
+        version_tags["refused_because"] = comp.note[:500]
     for key, value in version_tags.items():
         if value not in ("", "nan"):
             set_version_tag(client, cfg.model_name, str(version), key, value)
@@ -305,6 +352,9 @@ def record(client: MlflowClient, cfg: PromoteJob, cand_run, version, champ, comp
             f"val RMSE {rmse(cand_run.data.metrics.get('val_rmse', math.nan))}).")
     if champ is None:
         body = f"Alias `{CHAMPION}`: {comp.note} (logged test RMSE {rmse(comp.candidate_rmse)})."
+    elif comp.method == "refused":
+        body = (f"Alias `{decision}`: not compared with champion v{champ.version}, so it cannot take `{CHAMPION}`: "
+                f"{comp.note}.")
     else:
         verb = "beats" if decision == CHAMPION else "does not beat"
         body = (f"Alias `{decision}`: test RMSE {rmse(comp.candidate_rmse)} {verb} champion v{champ.version}'s "

@@ -20,14 +20,14 @@ import numpy as np
 import pandas as pd
 
 from smp import plots
-from smp.data import DataCfg, DataError, data_hash, labelled, load_data
+from smp.data import DataCfg, DataError
 from smp.evaluate import baseline_metrics, regression_metrics
 from smp.features import TabularCfg
 from smp.models import (BenchmarkModel, CrossFitBenchmark, EnsembleModel, ImageFeatureSource, PCABoostModel,
                         PCACfg, XGBCfg, cross_fit)
 from smp.nets import Conv1DCfg, MLPCfg, create_net
 from smp.serving import example_input, log_model
-from smp.splits import SplitCfg, split_indices, subsample
+from smp.splits import Prepared, SplitCfg, prepare
 from smp.tracking import (find_finished_run, flat_params, last_job_run_id, job_run, log_data_inputs, log_figure,
                           log_params, logged_model_uri)
 
@@ -41,23 +41,6 @@ class BenchmarkJob:
     xgb: XGBCfg = field(default_factory=XGBCfg)
     tabular: TabularCfg = field(default_factory=TabularCfg)
     experiment: str = ""  # "" = MLFLOW_EXPERIMENT_NAME, else "smp" (under `mlflow run`: its --experiment-name)
-
-
-@dataclass
-class Prepared:
-    """Labelled, subsampled posts and their split, ready for any model."""
-
-    posts: pd.DataFrame
-    parts: dict[str, np.ndarray]
-    digest: str
-    n_missing_label: int
-    datasets: dict = field(default_factory=dict)  # split -> the MLflow dataset logged for it (log_prepared)
-
-    def rows(self, part: str) -> pd.DataFrame:
-        return self.posts.iloc[self.parts[part]].reset_index(drop=True)
-
-    def y(self, part: str) -> np.ndarray:
-        return self.posts["label"].to_numpy(dtype=float)[self.parts[part]]
 
 
 # split=chrono (unless chrono_tuned=false): settings measured to generalise to later posts on the real posts
@@ -95,20 +78,6 @@ def log_tree_settings(model) -> None:
     settings = getattr(model, "tree_settings_", None)
     if settings:
         mlflow.log_params({f"xgb/{k}": v for k, v in settings.items()})
-
-
-def prepare(source: DataCfg, splitting: SplitCfg) -> Prepared:
-    """Load, drop unlabelled rows, subsample and split."""
-    t0 = time.perf_counter()
-    posts = load_data(source.data, images_root=source.images or None)
-    digest = data_hash(posts)
-    posts, n_missing = labelled(posts)
-    posts = subsample(posts, splitting.sample_size, splitting.seed)
-    parts = split_indices(posts, splitting)
-    log.info("data %s: %d labelled posts (%d without label excluded), split %s -> %s in %.1fs",
-             posts.attrs.get("source"), len(posts), n_missing, splitting.split,
-             {k: len(v) for k, v in parts.items()}, time.perf_counter() - t0)
-    return Prepared(posts, parts, digest, n_missing)
 
 
 def log_prepared(prep: Prepared, splitting: SplitCfg) -> None:

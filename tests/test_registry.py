@@ -105,25 +105,29 @@ def test_racing_promoters_leave_one_version(smpd_dir, monkeypatch):
     assert [str(v.version) for v in versions()] == ["1"] and versions()[0].run_id == run_id
 
 
-def test_different_data_falls_back_to_logged_metrics(smpd_dir, tmp_path):
-    train(smpd_dir)
+def test_different_data_scores_the_champion_on_the_candidates_test_posts(smpd_dir, tmp_path):
+    champion = train(smpd_dir)
     run_promote(PromoteJob(experiment="t"))
     rng = np.random.default_rng(0)
-    n = 200
-    df = pd.DataFrame({"Pid": np.arange(n), "Category": rng.choice(["Fashion", "Travel"], n),
+    n = 400
+    df = pd.DataFrame({"Pid": [f"other{i}" for i in range(n)], "Category": rng.choice(["Fashion", "Travel"], n),
                        "Postdate": rng.uniform(1.42e9, 1.46e9, n), "tag_count": rng.integers(0, 40, n)})
     df["label"] = 5 + 0.1 * df["tag_count"] + rng.normal(0, 0.3, n)
     df.to_csv(tmp_path / "posts.csv", index=False)
     other = train(tmp_path / "posts.csv")
     out = run_promote(PromoteJob(experiment="t", run_id=other))
     v = mlflow.MlflowClient().get_model_version(NAME, str(int(out["version"])))
-    assert v.tags["comparison"] == "logged_metrics" and "different data" in v.description
-    assert out["candidate_test_rmse"] == pytest.approx(mlflow.get_run(other).data.metrics["test_rmse"])
+    assert v.tags["comparison"] == "same_rows" and "other data" in v.description
+    # no Pid is shared, so every one of the candidate's 40 test posts is unseen by the champion
+    assert out["eval_rows"] == 40
+    assert out["candidate_test_rmse"] == pytest.approx(mlflow.get_run(other).data.metrics["test_rmse"], rel=1e-5)
+    # the champion's figure is its RMSE on those posts, not the one its run logged on its own test split
+    assert out["champion_test_rmse"] != pytest.approx(mlflow.get_run(champion).data.metrics["test_rmse"], rel=1e-3)
     assert out["champion"] == float(out["candidate_test_rmse"] < out["champion_test_rmse"])
 
 
 def test_filters_and_nothing_to_promote(smpd_dir):
-    with pytest.raises(DataError, match="no finished model run"):
+    with pytest.raises(DataError, match="'t'.*nothing to promote: it has no model runs"):
         run_promote(PromoteJob(experiment="t"))
     train(smpd_dir)
     with pytest.raises(DataError, match="family=pca_boost"):
