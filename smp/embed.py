@@ -10,7 +10,10 @@ Decoding and preprocessing run in DataLoader workers, the model in the main
 process (channels_last, ``torch.inference_mode``; CUDA + fp16 autocast when a
 GPU is there, fp32 on CPU; on CPU a frozen TorchScript graph). Results are cached by
 image content in chunk files written atomically, so a rerun over the same
-images computes nothing and an interrupted run resumes where it stopped.
+images computes nothing and an interrupted run resumes where it stopped: a chunk
+is written every ``chunk_size`` images and at least every ``flush_seconds``, so
+a kill loses at most that much work. A damaged chunk (unreadable, wrong shapes,
+non-finite values) is renamed ``*.npz.damaged`` and its images are recomputed.
 
 Bad images (no path, missing, zero-byte, truncated, not an image, unreadable
 colour mode) never stop a run: their row is kept with ``has_image=0`` and NaN
@@ -67,6 +70,7 @@ class EmbedCfg:
     num_workers: int = 2  # DataLoader workers decoding+preprocessing in parallel
     device: str = "auto"  # auto -> cuda if available else cpu
     chunk_size: int = 256  # images per cache chunk written atomically
+    flush_seconds: float = 30.0  # also write a (smaller) chunk this long after the last write: a kill loses at most this much work; 0 = by count only
     cache_dir: str = ""  # "" -> $SMP_CACHE_DIR or ./.smp_cache, subfolder "features"
     clip_cache_dir: str = ""  # where open_clip downloads weights ("" = open_clip default)
     force_quick_gelu: bool = False  # set when a local checkpoint is OpenAI's (RN50 needs QuickGELU)
@@ -366,23 +370,110 @@ def _cache_dir(cfg: EmbedCfg, spec: dict) -> Path:
     return _cache_root(cfg) / re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
-class _Cache:
-    """Chunk files ``chunk-*.npz`` (keys, handcrafted, clip) in one spec directory."""
+_CHUNK_ARRAYS = ("keys", "hc", "clip")  # what every chunk file holds, one row per image
+_KEY_LENGTH = 64  # a key is the image's sha256 in hex
 
-    def __init__(self, directory: Path):
+
+class _DamagedChunk(Exception):
+    """A cache chunk that cannot be used; the message says what is wrong with it."""
+
+
+def _chunk_problem(arrays: dict[str, np.ndarray], widths: dict[str, int]) -> str | None:
+    """What is wrong with a chunk's arrays, or None: names, dtypes, row counts, ``widths`` (array name ->
+    columns, where known) and finiteness (every row written was a finite, computed vector)."""
+    missing = [name for name in _CHUNK_ARRAYS if name not in arrays]
+    if missing:
+        return f"missing arrays {missing}"
+    for name in _CHUNK_ARRAYS:
+        if not isinstance(arrays[name], np.ndarray):  # np.load returns a member that is not .npy as bytes
+            return f"{name} is not an .npy array"
+    keys = arrays["keys"]
+    if keys.dtype.kind != "U" or keys.ndim != 1:
+        return f"keys are {keys.dtype} of shape {keys.shape}, not a 1-D string array"
+    if not np.all(np.char.str_len(keys) == _KEY_LENGTH):
+        return "keys are not sha256 hex digests"
+    for name in ("hc", "clip"):
+        a = arrays[name]
+        if a.dtype.kind != "f" or a.ndim != 2:
+            return f"{name} is {a.dtype} of shape {a.shape}, not a 2-D float array"
+        if a.shape[0] != len(keys):
+            return f"{name} has {a.shape[0]} rows for {len(keys)} keys"
+        if name in widths and a.shape[1] != widths[name]:
+            return f"{name} has {a.shape[1]} columns, expected {widths[name]}"
+        if not np.isfinite(a).all():
+            return f"{name} has non-finite values"
+    return None
+
+
+def _read_chunk(path: Path, widths: dict[str, int]) -> dict[str, np.ndarray]:
+    """Every array of a chunk file, read in full and checked; raises :class:`_DamagedChunk`.
+
+    In full: ``np.load`` opens a zip whose members are damaged, the error (BadZipFile on a bad CRC,
+    ValueError on a bad array header, ...) only comes when a member is read.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {name: z[name] for name in z.files}
+    except Exception as e:  # noqa: BLE001 - zip, zlib, npy-header and OS errors all mean "cannot use it"
+        raise _DamagedChunk(f"{type(e).__name__}: {e}") from e
+    problem = _chunk_problem(arrays, widths)
+    if problem is not None:
+        raise _DamagedChunk(problem)
+    return arrays
+
+
+def _file_id(path: Path) -> tuple[int, int, int] | None:
+    """Inode, size and mtime of ``path`` (None if it is gone): tells a rewritten file from the one read."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+class _Cache:
+    """Chunk files ``chunk-*.npz`` (keys, handcrafted, clip) in one spec directory.
+
+    Every chunk is read and checked when the index is built; a damaged one is left out of the index (its
+    images are recomputed and written to a new chunk), renamed ``*.npz.damaged`` so later runs do not
+    read it again, and listed in ``damaged`` as (file name, problem).
+    """
+
+    def __init__(self, directory: Path, widths: dict[str, int] | None = None):
         self.dir = directory
+        self.widths = dict(widths or {})  # array name -> expected columns (hc, clip)
         self.index: dict[str, tuple[str, int]] = {}  # image sha256 -> (chunk file, row)
+        self.damaged: list[tuple[str, str]] = []  # (chunk file, problem), in the order found
         if not directory.is_dir():
             return
         for path in sorted(directory.glob("chunk-*.npz")):
+            seen = _file_id(path)
             try:
-                with np.load(path, allow_pickle=False) as z:
-                    keys = z["keys"]
-            except Exception as e:  # noqa: BLE001 - a damaged chunk is recomputed, not fatal
-                log.warning("ignoring unreadable cache chunk %s (%s)", path, e)
+                keys = _read_chunk(path, self.widths)["keys"]
+            except _DamagedChunk as e:
+                self._set_aside(path, seen, str(e))
                 continue
             for row, key in enumerate(keys):
                 self.index.setdefault(str(key), (path.name, row))
+
+    def _set_aside(self, path: Path, seen: tuple | None, problem: str) -> None:
+        """Record a damaged chunk, drop it from the index and rename it ``*.npz.damaged``."""
+        self.damaged.append((path.name, problem))
+        self.index = {k: v for k, v in self.index.items() if v[0] != path.name}
+        aside = path.with_name(path.name + ".damaged")
+        # another run sharing the cache may have set it aside and written a good chunk of the same name
+        # since we read it: rename only the file we read
+        if seen is None or _file_id(path) != seen:
+            log.warning("damaged cache chunk %s (%s); its images are recomputed", path, problem)
+            return
+        try:
+            os.replace(path, aside)
+        except OSError as e:
+            log.warning("damaged cache chunk %s (%s); its images are recomputed (could not rename it: %s)",
+                        path, problem, e)
+            return
+        log.warning("damaged cache chunk %s (%s): renamed %s, its images are recomputed", path, problem,
+                    aside.name)
 
     def write(self, keys: list[str], hc: np.ndarray, clip: np.ndarray, spec: dict) -> Path:
         """Write one chunk atomically (temp file + os.replace); return its path."""
@@ -407,18 +498,80 @@ class _Cache:
             self.index.setdefault(key, (path.name, row))
         return path
 
-    def read(self, wanted: dict[str, list[int]], hc_out: np.ndarray, clip_out: np.ndarray) -> None:
-        """Fill output rows from the cache: ``wanted`` maps key -> output row indices."""
-        by_chunk: dict[str, list[tuple[int, list[int]]]] = {}
+    def read(self, wanted: dict[str, list[int]], hc_out: np.ndarray, clip_out: np.ndarray) -> set[str]:
+        """Fill output rows from the cache: ``wanted`` maps key -> output row indices.
+
+        Returns the keys that could not be served because their chunk became unreadable (or changed)
+        since the index was built; that chunk is set aside like a damaged one and the caller recomputes.
+        """
+        by_chunk: dict[str, list[tuple[str, int, list[int]]]] = {}
         for key, rows in wanted.items():
             name, row = self.index[key]
-            by_chunk.setdefault(name, []).append((row, rows))
+            by_chunk.setdefault(name, []).append((key, row, rows))
+        lost: set[str] = set()
         for name, items in by_chunk.items():
-            with np.load(self.dir / name, allow_pickle=False) as z:
-                hc, clip = z["hc"], z["clip"]
-            for row, out_rows in items:
+            path = self.dir / name
+            seen = _file_id(path)
+            try:
+                arrays = _read_chunk(path, self.widths)
+                keys = arrays["keys"]
+                if any(row >= len(keys) or str(keys[row]) != key for key, row, _ in items):
+                    raise _DamagedChunk("its keys differ from the ones indexed (rewritten meanwhile?)")
+            except _DamagedChunk as e:
+                self._set_aside(path, seen, f"{e}, when reading")
+                lost.update(key for key, _, _ in items)
+                continue
+            hc, clip = arrays["hc"], arrays["clip"]
+            for _, row, out_rows in items:
                 hc_out[out_rows] = hc[row]
                 clip_out[out_rows] = clip[row]
+        return lost
+
+
+class _ChunkWriter:
+    """Computed rows waiting to be written to the cache, and when to write them.
+
+    A chunk is written when ``chunk_size`` rows are pending, when ``flush_seconds`` (0 = never) have
+    passed on ``clock`` since the last write -- on a slow machine 256 images can be many minutes of
+    work, and a kill loses what is pending -- and at the end (``flush(final=True)``).
+    ``on_chunk(info)`` is called after each write (info: path, rows, chunks_written, computed).
+    """
+
+    def __init__(self, cache: _Cache, spec: dict, chunk_size: int, flush_seconds: float,
+                 on_chunk: Callable[[dict], None] | None = None, clock: Callable[[], float] = time.monotonic):
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be at least 1, not {chunk_size}")
+        if not flush_seconds >= 0:
+            raise ValueError(f"flush_seconds must be >= 0 (0 = by count only), not {flush_seconds}")
+        self.cache, self.spec, self.on_chunk, self.clock = cache, spec, on_chunk, clock
+        self.chunk_size, self.flush_seconds = chunk_size, flush_seconds
+        self.keys: list[str] = []
+        self.hc: list[np.ndarray] = []
+        self.clip: list[np.ndarray] = []
+        self.added = self.chunks = 0
+        self.last_write = clock()
+
+    def add(self, keys: list[str], hc: np.ndarray, clip: np.ndarray) -> None:
+        """Queue computed rows (one key per row) and write what is due."""
+        self.keys += keys
+        self.hc += list(hc)
+        self.clip += list(clip)
+        self.added += len(keys)
+        self.flush(final=False)
+
+    def flush(self, final: bool) -> None:
+        """Write every full chunk; the rest too when ``final`` or when the time since the last write is up."""
+        while self.keys and (len(self.keys) >= self.chunk_size or final or self._due()):
+            m = min(self.chunk_size, len(self.keys))
+            path = self.cache.write(self.keys[:m], np.stack(self.hc[:m]), np.stack(self.clip[:m]), self.spec)
+            del self.keys[:m], self.hc[:m], self.clip[:m]
+            self.chunks += 1
+            self.last_write = self.clock()
+            if self.on_chunk is not None:
+                self.on_chunk({"path": str(path), "rows": m, "chunks_written": self.chunks, "computed": self.added})
+
+    def _due(self) -> bool:
+        return self.flush_seconds > 0 and self.clock() - self.last_write >= self.flush_seconds
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -437,16 +590,20 @@ def _no_path(path) -> bool:
 
 
 class _Images:
-    """Map-style dataset over paths: read -> sha256 -> (cached: key only | decode ->
-    handcrafted -> preprocess). Never raises for a bad image: it returns a reason."""
+    """Map-style dataset over ``paths[i]`` for each i in ``rows`` (default: all): read -> sha256 ->
+    (cached: key only | decode -> handcrafted -> preprocess). Never raises for a bad image: it returns
+    a reason. Items carry ``i``, the row in ``paths``."""
 
-    def __init__(self, paths: Sequence[str | None], cached: frozenset[str], preprocess):
+    def __init__(self, paths: Sequence[str | None], cached: frozenset[str], preprocess,
+                 rows: Sequence[int] | None = None):
         self.paths, self.cached, self.preprocess = paths, cached, preprocess
+        self.rows = range(len(paths)) if rows is None else rows
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.rows)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, j: int) -> dict:
+        i = self.rows[j]
         path = self.paths[i]
         if _no_path(path):
             return {"i": i, "bad": "no image path"}
@@ -483,6 +640,22 @@ def _collate(items: list[dict]) -> dict:
     }
 
 
+def _loader(dataset: _Images, cfg: EmbedCfg, device: str) -> DataLoader:
+    """Batches of ``dataset`` decoded and preprocessed in ``cfg.num_workers`` workers, in order."""
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=False,
+        num_workers=cfg.num_workers,
+        collate_fn=_collate,
+        # fork workers: no re-import; torch sets 1 thread in each, OpenCV inherits the 1
+        # thread set by embed_images (calling cv2.setNumThreads inside a forked child can deadlock)
+        pin_memory=device.startswith("cuda"),
+        prefetch_factor=2 if cfg.num_workers > 0 else None,  # bounds memory: 2 batches per worker
+        generator=torch.Generator().manual_seed(0),  # worker seeds without touching global RNG
+    )
+
+
 # ----------------------------------------------------------------------------- pipeline
 
 
@@ -492,6 +665,7 @@ def embed_images(
     cfg: EmbedCfg,
     on_chunk: Callable[[dict], None] | None = None,
     loaded: tuple | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> EmbedResult:
     """Handcrafted + CLIP features for each post; one row per pid, in input order.
 
@@ -499,12 +673,15 @@ def embed_images(
     :data:`~smp.image_features.HANDCRAFTED` features and ``clip_0..clip_{d-1}``
     (float32, the unnormalised ``encode_image`` output); posts without a usable
     image keep their row with NaN features and appear in ``bad``. ``stats`` has
-    images, bad_images, cache_hits, computed, seconds, images_per_s (computed /
-    compute seconds), steady_images_per_s (after the first batch, i.e. without
-    model load / compilation), embedding_dim. ``on_chunk(info)`` is called after
-    each cache chunk is written (``info``: path, rows, chunks_written, computed).
+    images, bad_images, cache_hits, computed, damaged_chunks (cache chunks found
+    damaged and set aside; their images are among ``computed``), seconds,
+    images_per_s (computed / compute seconds), steady_images_per_s (after the
+    first batch, i.e. without model load / compilation), embedding_dim;
+    ``info["damaged_chunks"]`` lists them as (file, problem). ``on_chunk(info)`` is called
+    after each cache chunk is written (``info``: path, rows, chunks_written, computed).
     ``loaded`` is ``load_clip(cfg)``'s result, to reuse one model across calls (serving);
     by default the model is loaded on the first image that is not in the cache.
+    ``clock`` times ``cfg.flush_seconds`` (a fake one in tests).
     """
     t_start = time.perf_counter()
     if len(pids) != len(paths):
@@ -517,96 +694,78 @@ def embed_images(
         if any(loaded[2].get(k) != spec[k] for k in same):
             raise ValueError(f"`loaded` was built for {[loaded[2].get(k) for k in same]}, "
                              f"cfg asks for {[spec[k] for k in same]}")
-    cache = _Cache(_cache_dir(cfg, spec))
-    log.info("feature cache %s: %d images indexed", cache.dir, len(cache.index))
+    cache = _Cache(_cache_dir(cfg, spec), widths={"hc": len(HANDCRAFTED), "clip": d})
+    log.info("feature cache %s: %d images indexed%s", cache.dir, len(cache.index),
+             f", {len(cache.damaged)} damaged chunks set aside" if cache.damaged else "")
 
     hc_out = np.full((n, len(HANDCRAFTED)), np.nan, dtype=np.float64)
     clip_out = np.full((n, d), np.nan, dtype=np.float32)
     has_image = np.zeros(n, dtype=np.int64)
     bad_rows: list[tuple[int, str]] = []
-    hits: dict[str, list[int]] = {}  # cached image key -> output rows
     n_hits = 0
-    pending_keys: list[str] = []
-    pending_hc: list[np.ndarray] = []
-    pending_clip: list[np.ndarray] = []
     encoder: _Encoder | None = None
     info = dict(spec, cache_dir=str(cache.dir), device=_resolve_device(cfg))
-    computed = chunks = 0
+    computed = 0
     t_first_done = None
     computed_after_first = 0
+    read_s = 0.0  # time spent reading cached rows (not computing)
 
     graph_mode = _graph_mode(cfg, info["device"], sum(not _no_path(p) for p in paths))
-
-    def flush(final: bool) -> None:
-        nonlocal chunks, pending_keys, pending_hc, pending_clip
-        while len(pending_keys) >= cfg.chunk_size or (final and pending_keys):
-            m = min(cfg.chunk_size, len(pending_keys))
-            path = cache.write(
-                pending_keys[:m], np.stack(pending_hc[:m]), np.stack(pending_clip[:m]), spec
-            )
-            pending_keys, pending_hc, pending_clip = (
-                pending_keys[m:], pending_hc[m:], pending_clip[m:],
-            )
-            chunks += 1
-            if on_chunk is not None:
-                on_chunk({"path": str(path), "rows": m, "chunks_written": chunks, "computed": computed})
-
-    dataset = _Images(list(paths), frozenset(cache.index), _preprocess_from_spec(cfg))
-    loader = DataLoader(
-        dataset,
-        batch_size=cfg.batch_size,
-        shuffle=False,
-        num_workers=cfg.num_workers,
-        collate_fn=_collate,
-        # fork workers: no re-import; torch sets 1 thread in each, OpenCV inherits the 1
-        # thread set below (calling cv2.setNumThreads inside a forked child can deadlock)
-        pin_memory=info["device"].startswith("cuda"),
-        prefetch_factor=2 if cfg.num_workers > 0 else None,  # bounds memory: 2 batches per worker
-        generator=torch.Generator().manual_seed(0),  # worker seeds without touching global RNG
-    )
+    writer = _ChunkWriter(cache, spec, cfg.chunk_size, cfg.flush_seconds, on_chunk, clock)
+    preprocess = _preprocess_from_spec(cfg)
     bar = tqdm(total=n, unit="img", desc="embed", disable=not cfg.progress, smoothing=0.1)
     t_loop = time.perf_counter()
     cv2_threads = cv2.getNumThreads()
     cv2.setNumThreads(1)  # parallelism is across images (workers), not inside OpenCV calls
+    visit: Sequence[int] = range(n)  # rows to go through: all, then those whose cached chunk failed to read
     try:
-        for batch in loader:
-            for i, reason in batch["bad"]:
-                bad_rows.append((i, reason))
-            for i, key in batch["cached"]:
-                hits.setdefault(key, []).append(i)
-            n_hits += len(batch["cached"])
-            if batch["todo"]:
-                t_b = time.perf_counter()
-                if encoder is None:
-                    model, _, model_info = loaded if loaded is not None else load_clip(cfg)
-                    info.update(model_info)
-                    encoder = _Encoder(model, info["device"], cfg.batch_size, graph_mode)
-                emb = encoder(batch["pixels"])
-                rows = [i for i, _ in batch["todo"]]
-                hc_out[rows], clip_out[rows], has_image[rows] = batch["hc"], emb, 1
-                computed += len(rows)
-                if t_first_done is None:
-                    t_first_done = time.perf_counter()
-                    log.info("first batch of %d took %.1fs (model load%s)", len(rows),
-                             t_first_done - t_b, f" + {encoder.mode} graph" if encoder.mode != "eager" else "")
+        while visit:
+            hits: dict[str, list[int]] = {}  # cached image key -> output rows
+            for batch in _loader(_Images(list(paths), frozenset(cache.index), preprocess, visit), cfg,
+                                 info["device"]):
+                for i, reason in batch["bad"]:
+                    bad_rows.append((i, reason))
+                for i, key in batch["cached"]:
+                    hits.setdefault(key, []).append(i)
+                n_hits += len(batch["cached"])
+                if batch["todo"]:
+                    t_b = time.perf_counter()
+                    if encoder is None:
+                        model, _, model_info = loaded if loaded is not None else load_clip(cfg)
+                        info.update(model_info)
+                        encoder = _Encoder(model, info["device"], cfg.batch_size, graph_mode)
+                    emb = encoder(batch["pixels"])
+                    rows = [i for i, _ in batch["todo"]]
+                    hc_out[rows], clip_out[rows], has_image[rows] = batch["hc"], emb, 1
+                    computed += len(rows)
+                    if t_first_done is None:
+                        t_first_done = time.perf_counter()
+                        log.info("first batch of %d took %.1fs (model load%s)", len(rows), t_first_done - t_b,
+                                 f" + {encoder.mode} graph" if encoder.mode != "eager" else "")
+                    else:
+                        computed_after_first += len(rows)
+                    writer.add([k for _, k in batch["todo"]], batch["hc"], emb)
+                    bar.set_postfix(computed=computed, cached=n_hits)
                 else:
-                    computed_after_first += len(rows)
-                pending_keys += [k for _, k in batch["todo"]]
-                pending_hc += list(batch["hc"])
-                pending_clip += list(emb)
-                flush(final=False)
-                bar.set_postfix(computed=computed, cached=n_hits)
-            bar.update(batch["n"])
-        flush(final=True)
+                    writer.flush(final=False)  # rows computed before a run of cached batches wait no longer
+                bar.update(batch["n"])
+            writer.flush(final=True)
+            t_read = time.perf_counter()
+            lost = cache.read(hits, hc_out, clip_out) if hits else set()
+            read_s += time.perf_counter() - t_read
+            for key, rows in hits.items():
+                if key not in lost:
+                    has_image[rows] = 1
+            visit = sorted(i for key in lost for i in hits[key])
+            if visit:
+                log.warning("%d cached images could not be read back; computing them again", len(visit))
+                n_hits -= len(visit)
+                bar.total += len(visit)
     finally:
         cv2.setNumThreads(cv2_threads)
         bar.close()
     t_end = time.perf_counter()
 
-    if hits:
-        cache.read(hits, hc_out, clip_out)
-        for rows in hits.values():
-            has_image[rows] = 1
     if computed == 0 and n_hits:
         log.info("all %d images served from cache (%s)", n_hits, cache.dir)
     elif n_hits:
@@ -632,19 +791,21 @@ def embed_images(
             "reason": pd.Series([r for _, r in bad_rows], dtype=object),
         }
     )
-    loop_s = t_end - t_loop
+    loop_s = t_end - t_loop - read_s
     steady_s = t_end - t_first_done if t_first_done is not None else 0.0
     stats = {
         "images": float(n),
         "bad_images": float(len(bad_rows)),
         "cache_hits": float(n_hits),
         "computed": float(computed),
+        "damaged_chunks": float(len(cache.damaged)),
         "seconds": time.perf_counter() - t_start,
         "images_per_s": computed / loop_s if computed and loop_s > 0 else 0.0,
         "steady_images_per_s": computed_after_first / steady_s if computed_after_first and steady_s > 0 else 0.0,
         "embedding_dim": float(d),
     }
     info["compile"] = encoder.mode if encoder is not None else "not loaded (nothing to compute)"
+    info["damaged_chunks"] = list(cache.damaged)
     return EmbedResult(features=features, bad=bad, stats=stats, info=info)
 
 
@@ -705,10 +866,12 @@ def run_embed(cfg: EmbedJob = EmbedJob()) -> dict[str, float]:
         log_params({"clip/effective_pretrained": embed_cfg.clip_pretrained, "clip/device_used": info.get("device"),
                     "clip/image_size": info.get("image_size"), "clip/embedding_dim": int(stats["embedding_dim"]),
                     "data/images": int(stats["images"]), "data/bad_images": int(stats["bad_images"]),
-                    "cache/hits": int(stats["cache_hits"]), "cache/computed": int(stats["computed"])})
+                    "cache/hits": int(stats["cache_hits"]), "cache/computed": int(stats["computed"]),
+                    "cache/damaged_chunks": int(stats["damaged_chunks"])})
         mlflow.log_metrics({"time/embed_s": stats["seconds"], "time/images_per_s": stats["images_per_s"],
                             "time/steady_images_per_s": stats["steady_images_per_s"]})
-        metrics = {k: int(v) if k in ("images", "bad_images", "cache_hits", "computed", "embedding_dim") else float(v)
+        counts = ("images", "bad_images", "cache_hits", "computed", "damaged_chunks", "embedding_dim")
+        metrics = {k: int(v) if k in counts else float(v)
                    for k, v in stats.items() if isinstance(v, (int, float))}
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "features.parquet"
