@@ -67,6 +67,7 @@ def time_batch(predict, rows, repeats: int) -> dict[str, float]:
         t0 = time.perf_counter()
         pred = predict(rows)
         runs.append(time.perf_counter() - t0)
+        pred = getattr(pred, "popularity", pred)  # the pyfunc answers a frame (popularity, status); bare models an array
         assert len(pred) == len(rows) and np.isfinite(np.asarray(pred, dtype=float)).all()
     best = min(runs)
     return {"rows": len(rows), "best_s": best, "median_s": float(np.median(runs)), "posts_per_s": len(rows) / best}

@@ -342,6 +342,37 @@ def check_image_header(data: bytes) -> tuple[int, int] | None:
     return width, height
 
 
+MAX_IMAGE_BYTES = 50_000_000  # an encoded image above this is refused unread (SMPD's JPEGs are ~100 KB)
+
+
+def bytes_problem(n_bytes: int) -> str | None:
+    """Why an encoded image of ``n_bytes`` is refused before it is read (empty or over ``MAX_IMAGE_BYTES``), or None."""
+    if n_bytes == 0:
+        return "zero-byte file"
+    if n_bytes > MAX_IMAGE_BYTES:
+        return (f"image too large: {n_bytes:,} bytes, the limit is {MAX_IMAGE_BYTES:,} "
+                "(smp.image_features.MAX_IMAGE_BYTES)")
+    return None
+
+
+def image_problem(data: bytes, complete: bool = True) -> str | None:
+    """Why encoded image bytes cannot be used, judged without decoding them, or None (decoding decides).
+
+    Checks the size (``bytes_problem``; skipped when ``data`` is only the file's first bytes,
+    ``complete=False``) and the pixel count the header declares (``check_image_header``): cheap, so a
+    server can turn a decompression bomb away per post before any decoder allocates its pixels.
+    """
+    if complete:
+        problem = bytes_problem(len(data))
+        if problem is not None:
+            return problem
+    try:
+        check_image_header(data)
+    except BadImage as exc:
+        return str(exc)
+    return None
+
+
 def decode_image(data: bytes) -> np.ndarray:
     """Decode encoded image bytes to an HxWx3 uint8 RGB array, or raise :class:`BadImage`.
 

@@ -3,15 +3,24 @@
 ``run_predict`` reads posts the way training does (``smp.data.load_data``:
 an SMPD directory or a posts table), loads the pyfunc model once and scores
 the posts in batches.  Every input post gets a row in the output CSV
-(``Pid, popularity, status``):
+(``Pid, popularity, status``), with the statuses the served model returns
+(``smp.serving``):
 
 * ``ok``: scored from the values given;
 * ``partial: <what>``: scored, but some input was unusable and treated as
-  missing (a value ``load_data`` could not parse; for an image model, a post
-  without an image or whose image could not be read);
-* ``error: <reason>``: not scored (``popularity`` empty).  A batch the model
-  refuses is split in halves until the rows it refuses are found, so one bad
-  post never costs the others their prediction.
+  missing, each note joined by ``"; "``: a value ``load_data`` could not parse
+  (``unparseable photo_count='abc'; treated as missing``) or that is out of
+  its range in ``smp.data.FIELD_RANGES`` or infinite (``tag_count=-3 out of
+  range [0, 10000]; treated as missing``); for an image model, a post without
+  an image or whose image could not be used (``image unusable (truncated
+  JPEG); scored without image features``);
+* ``error: <reason>``: not scored (``popularity`` empty): what the served model
+  refuses a whole request for, e.g. an ``image_b64`` that is not base64.  A
+  batch the model refuses is split in halves until the rows it refuses are
+  found, so one bad post never costs the others their prediction.
+
+A duplicate ``Pid`` refuses the whole input (``load_data``), as the server
+refuses a request with one.
 """
 
 from __future__ import annotations
@@ -25,14 +34,14 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+from smp import serving
 from smp.data import DataError, load_data
-from smp.serving import model_input, predict_frame
+from smp.serving import model_input, predict_table, status_text
 from smp.tracking import flat_params, job_run, log_params
 
 log = logging.getLogger("smp.predict")
 
 MAX_ROW_FAILURES = 1000  # past this many refused posts, stop hunting for them one by one
-_BLANK = ("", "nan", "none", "null", "0000-00-00 00:00:00")
 
 
 @dataclass(frozen=True)
@@ -48,7 +57,7 @@ class PredictJob:
 def run_predict(cfg: PredictJob = PredictJob()) -> dict[str, float]:
     """Score every post of ``cfg.input`` with ``cfg.model``, write ``cfg.output``; return row counts and timing."""
     posts = load_data(cfg.input, images_root=cfg.images or None)
-    notes = unparseable_notes(posts)
+    load_notes = posts.attrs.get("row_notes") or {}  # values load_data treated as missing, per Pid
     with job_run("predict", cfg.experiment, flat_params(cfg), {"smp.model_uri": cfg.model}):
         t0 = time.perf_counter()
         try:
@@ -59,11 +68,14 @@ def run_predict(cfg: PredictJob = PredictJob()) -> dict[str, float]:
         load_seconds = time.perf_counter() - t0
         mlflow.set_tags(model_lineage(cfg.model, model))
         t0 = time.perf_counter()
-        rows, image_issues = with_image_features(model, model_input(model, posts))
-        notes = {**image_issues, **notes}
+        rows = model_input(model, posts)
+        read = set(rows.columns)  # a field the model does not read is not noted (the server drops it unseen)
+        rows, image_notes = with_image_features(model, rows)
         pred, status = predict_rows(model, rows, cfg.batch_size)
         seconds = time.perf_counter() - t0
-        status = [notes.get(pid, s) if s == "ok" else s for pid, s in zip(posts["Pid"], status)]
+        status = [with_notes(s, [*(n for n in load_notes.get(pid, ()) if note_field(n) in read),
+                                 *image_notes.get(pid, ())])
+                  for pid, s in zip(posts["Pid"], status)]
         out = pd.DataFrame({"Pid": posts["Pid"].to_numpy(), "popularity": pred,
                             "status": pd.Series(status, dtype=object)})  # object even with zero rows
         Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
@@ -86,7 +98,7 @@ def run_predict(cfg: PredictJob = PredictJob()) -> dict[str, float]:
 
 
 def predict_rows(model, rows: pd.DataFrame, batch_size: int = 10000) -> tuple[np.ndarray, list[str]]:
-    """Predictions (NaN where not scored) and a status per row.
+    """Predictions (NaN where not scored) and a status per row (the model's own, ``smp.serving``).
 
     A batch that fails is halved until the failing rows are isolated; each of
     those gets ``error: <reason>``.  After ``MAX_ROW_FAILURES`` such rows the
@@ -98,10 +110,11 @@ def predict_rows(model, rows: pd.DataFrame, batch_size: int = 10000) -> tuple[np
 
     def score(lo: int, hi: int) -> None:
         try:
-            p = np.asarray(predict_frame(model, rows.iloc[lo:hi].reset_index(drop=True)), dtype=float).reshape(-1)
-            if len(p) != hi - lo:
-                raise ValueError(f"the model returned {len(p)} predictions for {hi - lo} posts")
-            pred[lo:hi] = p
+            table = predict_table(model, rows.iloc[lo:hi].reset_index(drop=True))
+            if len(table) != hi - lo:
+                raise ValueError(f"the model returned {len(table)} predictions for {hi - lo} posts")
+            pred[lo:hi] = table["popularity"].to_numpy(dtype=float)
+            status[lo:hi] = [str(s) for s in table["status"]]
         except Exception as exc:  # noqa: BLE001 - any refusal is reported per post, never raised
             if hi - lo == 1 or len(failures) >= MAX_ROW_FAILURES:
                 reason = failure_reason(exc)
@@ -114,7 +127,7 @@ def predict_rows(model, rows: pd.DataFrame, batch_size: int = 10000) -> tuple[np
 
     for lo in range(0, len(rows), max(1, batch_size)):
         score(lo, min(lo + max(1, batch_size), len(rows)))
-    bad = ~np.isfinite(pred) & np.array([s == "ok" for s in status], dtype=bool)
+    bad = ~np.isfinite(pred) & np.array([not s.startswith("error") for s in status], dtype=bool)
     for i in np.flatnonzero(bad):
         status[i] = "error: the model returned no finite prediction"
     return pred, status
@@ -142,69 +155,27 @@ def model_lineage(uri: str, model) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------- per-post notes
-def with_image_features(model, rows: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str]]:
-    """For an image model: ``rows`` plus their image features, computed once, and a note per post without
-    a usable image (it is scored without image features, as in training).  Other models: ``rows`` as given.
+def with_notes(status: str, notes) -> str:
+    """``status`` from the model with ``notes`` (load and image notes) put first; an error stays an error."""
+    if status.startswith("error"):
+        return status
+    own = status[len("partial: "):] if status.startswith("partial: ") else ""
+    return status_text([*notes, own])
 
-    The features are what the model's own ``ImageFeatureSource`` would compute
-    (``smp.embed.features_for_rows`` with the training embedding settings);
-    computing them here keeps the embedding's reasons for unusable images.
+
+def note_field(note: str) -> str:
+    """The field a ``load_data`` row note is about (``tag_count=-3 out of range ...``, ``unparseable x='a'; ...``)."""
+    return note.removeprefix("unparseable ").split("=", 1)[0]
+
+
+def with_image_features(model, rows: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, list[str]]]:
+    """For an image model: ``rows`` plus their image features, computed once for all batches, and the notes
+    (Pid -> notes) of each post without a usable image (it is scored without image features, as in
+    training).  Other models: ``rows`` as given.  The features and notes are the served model's own
+    (``smp.serving.with_image_features``: the model's embedding settings, the same checks and reasons).
     """
     try:
-        source = model.unwrap_python_model().model.images
-    except AttributeError:  # not an smp image model
+        inner = model.unwrap_python_model().model
+    except (AttributeError, mlflow.exceptions.MlflowException):  # not an smp model
         return rows, {}
-    if set(source.columns) <= set(rows.columns):
-        return rows, {}  # features given with the posts
-    given = pd.Series(False, index=rows.index)
-    for col in ("image_b64", "image_path"):
-        if col in rows.columns:
-            given |= rows[col].map(lambda v: isinstance(v, str) and v != "")
-    notes = {pid: "partial: no image given; scored without image features" for pid in rows.loc[~given, "Pid"]}
-    if not given.any() or source.embed_cfg is None:
-        return rows, notes
-    from smp.embed import features_for_rows
-
-    feats = features_for_rows(rows, source.embed_cfg)
-    for pid, reason in feats.attrs["bad"][["Pid", "reason"]].itertuples(index=False):
-        notes[str(pid)] = f"partial: image unusable ({reason}); scored without image features"
-    extra = feats[source.columns].reset_index(drop=True)  # one row per input row, in order
-    return pd.concat([rows.reset_index(drop=True).drop(columns=source.columns, errors="ignore"), extra], axis=1), notes
-
-
-def unparseable_notes(posts: pd.DataFrame) -> dict[str, str]:
-    """``partial`` notes naming the values ``load_data`` could not parse (it makes them NaN and only counts them)."""
-    issues = posts.attrs.get("parse_issues") or {}
-    cols = {k.split(":")[0] for k in issues if k.endswith(":unparseable")}
-    if not cols:
-        return {}
-    parsed = posts.drop_duplicates("Pid").set_index("Pid")
-    found: dict[str, list[str]] = {}
-    for raw in raw_frames(str(posts.attrs.get("source", ""))):
-        if "Pid" not in raw.columns:
-            continue
-        raw = raw.assign(Pid=raw["Pid"].astype(str)).drop_duplicates("Pid").set_index("Pid")
-        for col in sorted(cols & set(raw.columns) & set(parsed.columns)):
-            text = raw[col].astype("string").str.strip()
-            given = text.notna() & ~text.str.lower().isin(_BLANK)
-            lost = given & parsed[col].reindex(raw.index).isna()
-            for pid in raw.index[lost.to_numpy(dtype=bool)]:
-                found.setdefault(pid, []).append(f"{col}={raw.at[pid, col]!r}")
-    return {pid: f"partial: unparseable {', '.join(v)} treated as missing" for pid, v in found.items()}
-
-
-def raw_frames(source: str):
-    """The unparsed tables behind a posts frame (one for a table, one per JSON file for an SMPD directory)."""
-    from smp.data import SMPD_JSON_FILES, _records_frame
-
-    path = Path(source)
-    if path.is_dir():
-        for name in SMPD_JSON_FILES:
-            if (path / name).exists():
-                yield _records_frame(path / name)
-    elif path.suffix.lower() == ".csv":
-        yield pd.read_csv(path, dtype=str, keep_default_na=False, low_memory=False)
-    elif path.suffix.lower() in (".parquet", ".pq"):
-        yield pd.read_parquet(path)
-    elif path.suffix.lower() == ".json":
-        yield _records_frame(path)
+    return serving.with_image_features(inner, rows)

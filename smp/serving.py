@@ -1,10 +1,37 @@
 """Stage 7: the logged MLflow model (pyfunc) that predicts from raw post rows.
 
 A fitted smp model (any entry in ``smp.models.MODELS``) is pickled as an
-artifact and wrapped by ``PopularityModel``.  ``predict`` validates the request
-first (``coerce_request``: rows present, ``Pid`` on every row, numbers where
-numbers belong, decodable ``image_b64``, ``image_path`` confined to
-``SMP_SERVE_IMAGE_ROOT``) and refuses a malformed one with ``RequestRejected``.
+artifact and wrapped by ``PopularityModel``.  Its ``predict`` returns one row
+per post: ``popularity`` (double) and ``status`` (string), as ``smp predict``
+writes them:
+
+* ``ok``: scored from the values given;
+* ``partial: <what>``: scored, with some input treated as missing; the notes
+  are joined by ``"; "``: ``tag_count=-3 out of range [0, 10000]; treated as
+  missing`` (a number outside ``smp.data.FIELD_RANGES`` or +-inf; NaN is a
+  missing value like null and is not noted), ``image unusable (<reason>);
+  scored without image features`` and ``no image given; scored without image
+  features`` (image models only).
+
+What is per post and what refuses the whole request (HTTP 400, the message
+names the problem; ``coerce_request`` raises ``RequestError``, the pyfunc
+``RequestRejected``):
+
+* per post (``partial``): an out-of-range or infinite number; for an image
+  model, an image that cannot be used, the same reason whether it came as
+  ``image_b64`` or ``image_path``: a missing file, a directory or other
+  non-regular file, zero bytes, over ``MAX_IMAGE_BYTES``, more than
+  ``MAX_PIXELS`` pixels (refused from the header, never decoded), truncated,
+  not an image.  ``image_b64`` of zero bytes is ``""``, i.e. no image given.
+  A tabular model never opens an image: its status does not mention one
+  (``ok``), so the same request serves whichever model is champion.  A field
+  the model does not read is dropped by MLflow's schema step unseen: not noted
+  (``smp predict`` counts it when loading, and leaves it out of the status too).
+* whole request: not a table, no rows, no ``Pid`` column or an empty Pid, a
+  duplicate ``Pid`` (``smp.data.load_data``'s rule and wording: each post is
+  scored once), a number column holding text or lists, an ``image_b64`` that
+  is not a string or not base64 (the request is garbled, not the image), an
+  ``image_path`` in a server without ``SMP_SERVE_IMAGE_ROOT`` or outside it.
 
 What ``mlflow models serve`` does with errors (MLflow 3.17,
 ``mlflow/pyfunc/scoring_server/__init__.py``):
@@ -18,7 +45,7 @@ What ``mlflow models serve`` does with errors (MLflow 3.17,
 * any other exception from ``predict`` becomes a 400 whose body carries the
   full traceback in ``stack_trace``; so an unexpected model failure is
   re-raised as ``PredictionFailed`` (500, no traceback in the body; the
-  traceback goes to the server log).
+  traceback goes to the server log) with file paths cut from its message.
 * errors before ``predict`` are MLflow's own: a body that is not JSON or has
   no ``dataframe_records`` / ``dataframe_split`` / ``inputs`` key gets a 400
   naming that; a CSV body that pandas cannot parse gets a 400 *with* a
@@ -27,22 +54,24 @@ What ``mlflow models serve`` does with errors (MLflow 3.17,
 Every logged model has a typed input schema of raw post fields (``RAW_TYPES``: the SMPD fields the model
 reads plus ``image_b64`` / ``image_path``, all optional but ``Pid``), so the registry page shows what to
 send and ``mlflow models serve`` checks types before ``predict`` (numbers must arrive as JSON numbers, text
-as strings). The accepted columns are also listed in the MLmodel metadata (``smp_input_columns``). Callers
-in this package that hand the model precomputed image feature columns (``smp predict``, ``promote``)
-call it through ``predict_frame``, which skips MLflow's schema step (it would drop those columns).
-With the schema, a JSON value of the wrong type is refused by MLflow itself (400, "Failed to convert
-column photo_count to type 'float64'"), and a CSV body with such a value fails in MLflow's CSV parser
-(400 naming the value, with MLflow's stack trace): neither reaches ``predict``.
+as strings), and an output schema (``popularity`` double, ``status`` string). The accepted columns are also
+listed in the MLmodel metadata (``smp_input_columns``). Callers in this package that hand the model
+precomputed image feature columns (``smp predict``, ``promote``) call it through ``predict_frame`` (the
+predictions) or ``predict_table`` (with the status), which skip MLflow's schema step (it would drop those
+columns). With the schema, a JSON value of the wrong type is refused by MLflow itself (400, "Failed to
+convert column photo_count to type 'float64'"), and a CSV body with such a value fails in MLflow's CSV
+parser (400 naming the value, with MLflow's stack trace): neither reaches ``predict``.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import io
 import logging
 import os
 import pickle
+import re
+import stat
 import tempfile
 from pathlib import Path
 
@@ -60,6 +89,7 @@ MODEL_ARTIFACT = "smp_model.pkl"
 IMAGE_ROOT_ENV = "SMP_SERVE_IMAGE_ROOT"  # image_path in requests is read only under this directory
 _SERVING_ENV = "_MLFLOW_IS_IN_SERVING_ENVIRONMENT"  # set to "true" by MLflow's scoring server
 IMAGE_INPUTS = ("image_b64", "image_path")
+NO_IMAGE = "no image given; scored without image features"
 
 
 class RequestError(ValueError):
@@ -80,43 +110,79 @@ class _PinnedMessage(MlflowException):
 
 
 class RequestRejected(_PinnedMessage):
-    """A malformed request: HTTP 400 from ``mlflow models serve``, body = the problem, no traceback."""
+    """A malformed request: HTTP 400 from ``mlflow models serve``, body = the problem, no traceback.
+
+    Its messages are this module's own text plus values the client sent; never a server path."""
 
     def __init__(self, message: str):
         super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 class PredictionFailed(_PinnedMessage):
-    """The model failed on a well-formed request: HTTP 500, no traceback in the body (it is logged)."""
+    """The model failed on a well-formed request: HTTP 500, no traceback in the body (it is logged).
+
+    The message comes from whatever failed, so file paths are cut from it (``scrub_paths``)."""
 
     def __init__(self, message: str):
-        super().__init__(message, error_code=INTERNAL_ERROR)
+        super().__init__(scrub_paths(message), error_code=INTERNAL_ERROR)
+
+
+# an absolute POSIX path of two or more parts (/srv/images/a.jpg, /usr/lib/python3/x.py) or a Windows one
+_PATH = re.compile(r"(?<![\w/.])/(?:[\w.@+~-]+/)+[\w.@+~-]*|[A-Za-z]:\\[^\s'\"]+")
+
+
+def scrub_paths(text: str) -> str:
+    """``text`` with absolute file paths replaced by ``<path>``: an error body must not show the
+    server's layout (image roots, temp files, the package's module files)."""
+    return _PATH.sub("<path>", str(text))
+
+
+def status_text(notes) -> str:
+    """A post's status: ``ok``, or ``partial: `` and its notes joined by ``"; "``."""
+    notes = [n for n in notes if n]
+    return "partial: " + "; ".join(notes) if notes else "ok"
+
+
+def image_note(reason: str) -> str:
+    """The per-post note for an image that cannot be used."""
+    return f"image unusable ({scrub_paths(reason)}); scored without image features"
 
 
 class PopularityModel(mlflow.pyfunc.PythonModel):
-    """pyfunc wrapper: raw posts DataFrame in, one predicted popularity per row out."""
+    """pyfunc wrapper: raw posts DataFrame in; ``popularity`` and ``status`` per row out (module docstring)."""
 
     def load_context(self, context):
         with open(context.artifacts["smp_model"], "rb") as fh:
             self.model = pickle.load(fh)
 
-    def predict(self, context, model_input: pd.DataFrame, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         try:
-            frame = coerce_request(model_input, decode_images=getattr(self.model, "needs_images", False))
+            frame = coerce_request(model_input)
         except RequestError as exc:
             raise RequestRejected(str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - anything else would reach the client with a traceback
+            log.exception("the request could not be read")
+            raise PredictionFailed(f"the request could not be read: {type(exc).__name__}: {exc}") from exc
         try:
-            return self.model.predict(frame)
+            frame, image_notes = with_image_features(self.model, frame)
+            pred = np.asarray(self.model.predict(frame), dtype=float).reshape(-1)
         except Exception as exc:
             log.exception("prediction failed on a well-formed request of %d rows", len(frame))
             raise PredictionFailed(f"prediction failed: {type(exc).__name__}: {exc}") from exc
+        field_notes = frame.attrs.get("row_notes") or {}
+        status = [status_text([*field_notes.get(pid, ()), *image_notes.get(pid, ())]) for pid in frame["Pid"]]
+        return pd.DataFrame({"popularity": pred, "status": pd.Series(status, dtype=object)})
 
 
-def coerce_request(model_input, required=("Pid",), decode_images: bool = False) -> pd.DataFrame:
-    """Return the request as a posts DataFrame (numbers parsed, image paths resolved) or raise ``RequestError``.
+def coerce_request(model_input, required=("Pid",)) -> pd.DataFrame:
+    """Return the request as a posts DataFrame or raise ``RequestError`` (a whole-request problem).
 
-    ``decode_images``: decode every ``image_b64`` fully (image models), not only its base64 and header.
+    Numbers are parsed; an out-of-range or infinite one becomes NaN with a note in
+    ``attrs["row_notes"]`` (Pid -> notes, as ``smp.data.load_data`` keeps them); ``image_b64`` must be
+    base64 text; ``image_path`` is resolved (``_confined_paths``). Images are not opened here.
     """
+    from smp.data import NUMERIC_FIELDS, DataError, RowNotes, _check_unique_pids, out_of_range, range_note
+
     if isinstance(model_input, dict):
         try:
             model_input = pd.DataFrame(model_input)
@@ -130,21 +196,37 @@ def coerce_request(model_input, required=("Pid",), decode_images: bool = False) 
     if missing:
         raise RequestError(f"missing required column(s): {missing}")
     frame = model_input.reset_index(drop=True)  # a copy: the caller's frame is never changed
+    frame.attrs = {}
     if "Pid" in frame.columns:
         blank = frame["Pid"].isna() | (frame["Pid"].astype(str).str.strip() == "")
         if blank.any():
             raise RequestError(f"column 'Pid': empty in {int(blank.sum())} row(s) (row {int(blank.idxmax())} first)")
         frame["Pid"] = frame["Pid"].astype(str)
-    from smp.data import NUMERIC_FIELDS
-
+        try:  # one rule with the loader's: a post is scored once
+            _check_unique_pids(frame, "request")
+        except DataError as exc:
+            raise RequestError(f"{exc}; each post is scored once, send every Pid once") from None
+    notes: dict[str, list[str]] = {}
     for col in NUMERIC_FIELDS:
-        if col in frame.columns and not pd.api.types.is_numeric_dtype(frame[col]):
+        if col not in frame.columns:
+            continue
+        if not pd.api.types.is_numeric_dtype(frame[col]):
             frame[col] = _numeric_column(frame, col)
+        bad = out_of_range(col, frame[col])
+        if bad.any():
+            for i in np.flatnonzero(bad):
+                notes.setdefault(_row_key(frame, i), []).append(range_note(col, frame[col].iloc[i]))
+            frame[col] = frame[col].astype(float).mask(bad)
     if "image_b64" in frame.columns:
-        _check_images(frame, decode_images)
+        _check_base64(frame)
     if "image_path" in frame.columns:
         frame["image_path"] = _confined_paths(frame)
+    frame.attrs["row_notes"] = RowNotes(notes)
     return frame
+
+
+def _row_key(frame: pd.DataFrame, i: int) -> str:
+    return str(frame["Pid"].iloc[i]) if "Pid" in frame.columns else str(i)
 
 
 def _row_name(frame: pd.DataFrame, i: int) -> str:
@@ -168,12 +250,12 @@ def _numeric_column(frame: pd.DataFrame, col: str) -> pd.Series:
     return parsed.astype(float)
 
 
-def _check_images(frame: pd.DataFrame, decode: bool) -> None:
-    """Every non-empty ``image_b64`` must be base64 of an image (fully decodable when ``decode``)."""
-    from PIL import Image
+def _given(value) -> bool:
+    return isinstance(value, str) and value != ""
 
-    from smp.image_features import BadImage, check_image_header, decode_image
 
+def _check_base64(frame: pd.DataFrame) -> None:
+    """Every non-empty ``image_b64`` must be base64 text; what the bytes are is judged per post, later."""
     for i, value in enumerate(frame["image_b64"]):
         if value is None or (isinstance(value, float) and np.isnan(value)) or value == "":
             continue
@@ -181,17 +263,9 @@ def _check_images(frame: pd.DataFrame, decode: bool) -> None:
             raise RequestError(f"column 'image_b64': expected a base64 string, got {type(value).__name__} "
                                f"({_row_name(frame, i)})")
         try:
-            data = base64.b64decode(value, validate=True)
+            base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
             raise RequestError(f"column 'image_b64': not valid base64 ({_row_name(frame, i)})") from None
-        try:
-            if decode:
-                decode_image(data)
-            elif check_image_header(data) is None:  # header only: size-checked, an image or junk
-                Image.open(io.BytesIO(data)).close()
-        except (BadImage, OSError, ValueError) as exc:
-            reason = str(exc) if isinstance(exc, BadImage) else "not an image / cannot decode"
-            raise RequestError(f"column 'image_b64': {reason} ({_row_name(frame, i)})") from None
 
 
 def _confined_paths(frame: pd.DataFrame) -> list:
@@ -219,6 +293,98 @@ def _confined_paths(frame: pd.DataFrame) -> list:
             raise RequestError(f"column 'image_path': {p!r} is outside the image root ({_row_name(frame, i)})") \
                 from None
     return out
+
+
+# --------------------------------------------------------------------------- per-post images
+def file_problem(path: str) -> str | None:
+    """Why the file at ``path`` cannot be an image (without reading more than its header), or None.
+
+    Checked before the embedding reads it: a directory, a device (``/dev/zero`` would be read forever) or
+    a huge file never reaches ``read_bytes``, and the reasons name no path.
+    """
+    from smp.image_features import bytes_problem, image_problem
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "missing file"
+    except OSError as exc:
+        return f"unreadable file ({type(exc).__name__})"
+    if stat.S_ISDIR(st.st_mode):
+        return "a directory, not an image file"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    if bytes_problem(st.st_size) is not None:
+        return bytes_problem(st.st_size)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(1 << 16)  # enough for any header Pillow reads to learn the size
+    except OSError as exc:
+        return f"unreadable file ({type(exc).__name__})"
+    return image_problem(head, complete=False)
+
+
+def with_image_features(model, frame: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, list[str]]]:
+    """For an smp image model (one with an ``images`` ``ImageFeatureSource``): ``frame`` with its image
+    feature columns, computed once, and notes (Pid -> notes) for each post scored without image features.
+    Other models, or a frame that already has the feature columns: ``frame`` as given and no notes.
+
+    An image is checked before it is embedded (``file_problem`` / ``image_problem``: size from the
+    header, so a decompression bomb is never decoded); one that fails either check is left out, with its
+    reason.  ``image_b64`` wins over ``image_path`` where a post has both (as in ``smp.embed``).
+    """
+    from smp.image_features import image_problem
+
+    source = getattr(model, "images", None)
+    if source is None or set(source.columns) <= set(frame.columns):
+        return frame, {}
+    frame = frame.reset_index(drop=True)
+    n = len(frame)
+    b64 = frame["image_b64"].tolist() if "image_b64" in frame.columns else [None] * n
+    paths = frame["image_path"].tolist() if "image_path" in frame.columns else [None] * n
+    pids = frame["Pid"].astype(str).tolist()
+    notes: dict[str, list[str]] = {}
+    keep_b64, keep_path = [None] * n, [None] * n
+    for i in range(n):
+        if _given(b64[i]):
+            try:
+                data = base64.b64decode(b64[i], validate=True)
+            except (binascii.Error, ValueError):
+                problem = "image_b64 is not valid base64"
+            else:
+                problem = image_problem(data)
+            if problem is None:
+                keep_b64[i] = b64[i]
+        elif _given(paths[i]):
+            problem = file_problem(paths[i])
+            if problem is None:
+                keep_path[i] = paths[i]
+        else:
+            notes[pids[i]] = [NO_IMAGE]
+            continue
+        if problem is not None:
+            notes[pids[i]] = [image_note(problem)]
+    usable = [i for i in range(n) if keep_b64[i] is not None or keep_path[i] is not None]
+    # the image columns stay: the model reads the feature columns, and a caller that validates the request
+    # after this (``smp predict``, through the pyfunc) still refuses a garbled image_b64 as it would unembedded
+    rest = frame.drop(columns=[c for c in source.columns if c in frame.columns])
+    if not usable or source.embed_cfg is None:
+        for i in usable:  # a model without embedding settings cannot use an image
+            notes[pids[i]] = [image_note("this model cannot embed images")]
+        feats = pd.DataFrame(np.nan, index=range(n), columns=list(source.columns), dtype=np.float32)
+    else:
+        from smp.embed import features_for_rows
+
+        images = pd.DataFrame({"Pid": [pids[i] for i in usable], "image_b64": [keep_b64[i] for i in usable],
+                               "image_path": [keep_path[i] for i in usable]})
+        got = features_for_rows(images, source.embed_cfg)
+        for pid, reason in got.attrs["bad"][["Pid", "reason"]].itertuples(index=False):
+            notes[str(pid)] = [image_note(reason)]
+        feats = pd.DataFrame(np.nan, index=range(n), columns=list(source.columns), dtype=np.float32)
+        feats.iloc[usable] = got[list(source.columns)].to_numpy(dtype=np.float32)
+    out = pd.concat([rest.reset_index(drop=True), feats], axis=1)
+    out.attrs = dict(frame.attrs)
+    return out, notes
 
 
 def model_input(model, posts: pd.DataFrame) -> pd.DataFrame:
@@ -274,16 +440,33 @@ def input_schema(columns: list[str]):
     return Schema([ColSpec(RAW_TYPES.get(c, "string"), c, required=(c == "Pid")) for c in columns])
 
 
-def predict_frame(model, frame: pd.DataFrame) -> np.ndarray:
-    """A loaded smp pyfunc's predictions for ``frame`` without MLflow's schema step: the frame may carry
-    precomputed image feature columns (``smp predict``, ``promote``), which the schema would drop."""
+def output_schema():
+    """What the pyfunc returns per post: ``popularity`` (double) and ``status`` (string, see the module docstring)."""
+    from mlflow.types.schema import ColSpec, Schema
+
+    return Schema([ColSpec("double", "popularity"), ColSpec("string", "status")])
+
+
+def predict_table(model, frame: pd.DataFrame) -> pd.DataFrame:
+    """A loaded smp pyfunc's ``popularity`` and ``status`` per row of ``frame``, without MLflow's schema step:
+    the frame may carry precomputed image feature columns (``smp predict``, ``promote``), which the schema
+    would drop. A model logged before statuses existed returns bare predictions: their status is ``ok``."""
     try:
         inner = model.unwrap_python_model()
     except (AttributeError, MlflowException):
         inner = None
-    if inner is not None and hasattr(inner, "model"):
-        return inner.predict(None, frame)
-    return model.predict(frame)
+    out = inner.predict(None, frame) if inner is not None and hasattr(inner, "model") else model.predict(frame)
+    if isinstance(out, pd.DataFrame) and "popularity" in out.columns:
+        status = out["status"] if "status" in out.columns else pd.Series(["ok"] * len(out), dtype=object)
+        return pd.DataFrame({"popularity": out["popularity"].to_numpy(dtype=float),
+                             "status": status.astype(object).to_numpy()})
+    pred = np.asarray(out, dtype=float).reshape(-1)
+    return pd.DataFrame({"popularity": pred, "status": pd.Series(["ok"] * len(pred), dtype=object)})
+
+
+def predict_frame(model, frame: pd.DataFrame) -> np.ndarray:
+    """A loaded smp pyfunc's predictions for ``frame`` (1-D float array; ``predict_table`` without the status)."""
+    return predict_table(model, frame)["popularity"].to_numpy(dtype=float)
 
 
 NOT_AT_PREDICT_TIME = ("optuna", "matplotlib")  # smp dependencies no logged model imports
@@ -321,17 +504,17 @@ def pip_requirements(needs_images: bool) -> list[str] | None:
 def log_model(model, posts_example: pd.DataFrame, name: str = "model"):
     """Log ``model`` as a pyfunc with its typed raw-post input schema and a raw-post input example."""
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import ColSpec, Schema
 
     example = posts_example.copy()
     for col in example.columns:
         if col != "Pid" and pd.api.types.is_numeric_dtype(example[col]):
             example[col] = example[col].astype(float)
     example["Pid"] = example["Pid"].astype(str)
-    np.asarray(model.predict(coerce_request(example)), dtype=float)  # the example must predict before it is logged
+    checked = coerce_request(example)
+    np.asarray(model.predict(with_image_features(model, checked)[0]), dtype=float)  # it must predict before logging
     family = getattr(model, "family", "")
     columns = input_columns(example)
-    signature = ModelSignature(inputs=input_schema(columns), outputs=Schema([ColSpec("double", "popularity")]))
+    signature = ModelSignature(inputs=input_schema(columns), outputs=output_schema())
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / MODEL_ARTIFACT
         with open(path, "wb") as fh:

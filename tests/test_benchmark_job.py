@@ -54,12 +54,12 @@ def test_benchmark_end_to_end(smpd_dir):
     # the logged model predicts from raw SMPD rows, with unseen levels and missing fields
     model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/benchmark")  # named after its family
     raw = load_data(str(smpd_dir)).head(5).drop(columns=["label"])
-    pred = model.predict(raw)
+    pred = model.predict(raw)["popularity"]  # one popularity and status per post (smp.serving)
     assert len(pred) == 5 and np.isfinite(pred).all()
     odd = raw.copy()
     odd["Category"] = "NeverSeen"
     odd.loc[0, "photo_count"] = np.nan
-    assert np.isfinite(model.predict(odd)).all()
+    assert np.isfinite(model.predict(odd)["popularity"]).all()
 
 
 def test_benchmark_chrono_and_user_splits(smpd_dir):

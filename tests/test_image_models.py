@@ -102,10 +102,13 @@ def test_each_pyfunc_predicts_raw_rows_and_missing_images(chain, monkeypatch, sm
         run = mlflow.search_runs([exp], filter_string=f"tags.`smp.job` = '{family}'", output_format="list")[0]
         model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/{family}")  # the model is named after its family
         rows = posts.head(12).copy()
-        pred = model.predict(rows)  # features computed from image_path inside the pipeline
+        out = model.predict(rows)  # features computed from image_path inside the pipeline
+        pred = out["popularity"].to_numpy(dtype=float)  # with a status per post (smp.serving)
         assert len(pred) == 12 and np.isfinite(pred).all(), family
         no_image = rows.drop(columns=["image_path"]).head(3)  # no image at all -> still a finite prediction
-        assert np.isfinite(model.predict(no_image)).all(), family
+        answer = model.predict(no_image)
+        assert np.isfinite(answer["popularity"]).all(), family
+        assert list(answer["status"]) == ["partial: no image given; scored without image features"] * 3, family
     assert bad_pids
 
 

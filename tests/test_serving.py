@@ -47,8 +47,8 @@ def jpeg_b64(colour=(200, 30, 30)) -> str:
     ([{"Pid": "1", "photo_count": [1, 2]}], "'photo_count': expected a number"),
     ([{"Pid": None, "photo_count": 1}], "'Pid': empty"),
     ([{"Pid": "1", "image_b64": "@@@ not base64"}], "'image_b64': not valid base64 (Pid '1')"),
-    ([{"Pid": "1", "image_b64": base64.b64encode(b"hello").decode()}], "'image_b64': not an image"),
     ([{"Pid": "1", "image_b64": 42}], "'image_b64': expected a base64 string"),
+    ([{"Pid": "7"}, {"Pid": "8"}, {"Pid": 7}], "request: 1 duplicate Pid value(s), e.g. ['7']"),
 ])
 def test_malformed_requests_name_the_problem(request_rows, problem):
     with pytest.raises(RequestError) as err:
@@ -57,11 +57,17 @@ def test_malformed_requests_name_the_problem(request_rows, problem):
 
 
 def test_valid_request_is_coerced_not_changed():
-    raw = pd.DataFrame([{"Pid": 7, "photo_count": "3", "ispro": True, "Postdate": " ", "image_b64": jpeg_b64()}])
-    frame = coerce_request(raw, decode_images=True)
+    raw = pd.DataFrame([{"Pid": 7, "photo_count": "3", "ispro": True, "Postdate": " ", "image_b64": jpeg_b64()},
+                        {"Pid": 8, "photo_count": "-2", "ispro": 1, "Postdate": "inf", "image_b64": None}])
+    frame = coerce_request(raw)
     assert frame.loc[0, "Pid"] == "7" and frame.loc[0, "photo_count"] == 3.0 and frame.loc[0, "ispro"] == 1.0
     assert np.isnan(frame.loc[0, "Postdate"])  # blank = missing, not an error
     assert raw.loc[0, "photo_count"] == "3"  # the caller's frame is left alone
+    # out of range / infinite: missing, with a note per post (a whole-request error would cost the others)
+    assert np.isnan(frame.loc[1, ["photo_count", "Postdate"]].astype(float)).all()
+    assert dict(frame.attrs["row_notes"]) == {"8": (
+        "Postdate=inf out of range [631152000, 2051222400]; treated as missing",
+        "photo_count=-2 out of range [0, 100000000]; treated as missing")}
 
 
 def test_image_paths_confined_to_the_serving_root(tmp_path, monkeypatch):
@@ -104,6 +110,13 @@ def test_errors_keep_their_message_and_status():
     with pytest.raises(MlflowException, match="prediction failed: RuntimeError: the booster is gone") as err:
         model.predict(None, pd.DataFrame([{"Pid": "1"}]))
     assert err.value.get_http_status_code() == 500
+    # what a model failure says never shows a server path (an image root, a module file)
+    Broken.predict = lambda self, posts: open("/srv/smp/images/secret/a.jpg")
+    with pytest.raises(MlflowException) as err:
+        model.predict(None, pd.DataFrame([{"Pid": "1"}]))
+    assert "/srv" not in err.value.message and "'<path>'" in err.value.message, err.value.message
+    assert serving.scrub_paths('File "/usr/lib/python3/x.py", not an image / cannot decode, image/png') == \
+        'File "<path>", not an image / cannot decode, image/png'
     with pytest.raises(RequestRejected, match="no rows"):
         model.predict(None, pd.DataFrame())
 
@@ -128,8 +141,9 @@ def test_predict_rows_isolates_the_rows_a_model_refuses():
     assert Picky.calls < 30  # halving, not one call per row
 
 
-def test_image_features_computed_once_with_reasons(monkeypatch):
-    """`smp predict` embeds the images of an image model's posts once and says which could not be used."""
+def test_image_features_computed_once_with_reasons(monkeypatch, tmp_path):
+    """Image models (`smp predict` and the served model alike) embed the usable images of a request once and
+    say, per post, which could not be used; images refused from their size or header never reach the embedding."""
     from types import ModuleType, SimpleNamespace
 
     from smp.models import ImageFeatureSource
@@ -139,8 +153,8 @@ def test_image_features_computed_once_with_reasons(monkeypatch):
     seen = {}
 
     def fake_features(rows, cfg):
-        seen["rows"], seen["cfg"] = len(rows), cfg
-        feats = pd.DataFrame({"Pid": rows["Pid"].to_numpy(), "hue_count": np.arange(len(rows), dtype=float),
+        seen["pids"], seen["cfg"] = list(rows["Pid"]), cfg
+        feats = pd.DataFrame({"Pid": rows["Pid"].to_numpy(), "hue_count": np.arange(len(rows), dtype=float) + 5,
                               "clip_0": 0.5, "has_image": 1.0})
         feats.loc[1, ["hue_count", "clip_0", "has_image"]] = [np.nan, np.nan, 0.0]
         feats.attrs["bad"] = pd.DataFrame({"Pid": ["b"], "reason": ["truncated JPEG"]})
@@ -151,13 +165,22 @@ def test_image_features_computed_once_with_reasons(monkeypatch):
     monkeypatch.setitem(sys.modules, "smp.embed", fake_embed)
     model = SimpleNamespace(unwrap_python_model=lambda: SimpleNamespace(
         model=SimpleNamespace(images=ImageFeatureSource(cols, embed_cfg="the training settings"))))
-    rows = pd.DataFrame({"Pid": ["a", "b", "c"], "image_b64": [jpeg_b64(), "x", None],
-                         "image_path": [None, None, None]}, index=[7, 8, 9])
+    truncated = base64.b64decode(jpeg_b64())[:-40]
+    bomb = base64.b64encode(_png_header(30000, 30000)).decode()
+    (tmp_path / "a_dir").mkdir()
+    rows = pd.DataFrame({"Pid": ["a", "b", "c", "d", "e"],
+                         "image_b64": [jpeg_b64(), base64.b64encode(truncated).decode(), None, bomb, None],
+                         "image_path": [None, None, None, None, str(tmp_path / "a_dir")]}, index=[7, 8, 9, 10, 11])
     out, notes = with_image_features(model, rows)
-    assert seen == {"rows": 3, "cfg": "the training settings"}
-    assert list(out["Pid"]) == ["a", "b", "c"] and list(out["hue_count"].fillna(-1)) == [0.0, -1.0, 2.0]
-    assert notes == {"b": "partial: image unusable (truncated JPEG); scored without image features",
-                     "c": "partial: no image given; scored without image features"}
+    assert seen == {"pids": ["a", "b"], "cfg": "the training settings"}  # only the images that may be usable
+    assert list(out["Pid"]) == ["a", "b", "c", "d", "e"]
+    assert list(out["hue_count"].fillna(-1)) == [5.0, -1.0, -1.0, -1.0, -1.0]
+    assert notes == {"b": ["image unusable (truncated JPEG); scored without image features"],
+                     "c": ["no image given; scored without image features"],
+                     "d": ["image unusable (image too large (its header declares more than 178,956,970 pixels; "
+                           "the limit is 40,000,000)); scored without image features"],
+                     "e": ["image unusable (a directory, not an image file); scored without image features"]}
+    assert str(tmp_path) not in str(notes)
     # features sent with the posts are used as they are; a tabular model gets the rows untouched
     given = pd.DataFrame({"Pid": ["a"], "hue_count": [1.0], "clip_0": [0.0]})
     assert with_image_features(model, given)[0] is given
@@ -209,7 +232,11 @@ def test_smp_predict_reports_every_post(smpd_dir, tmp_path):
     # the same rows straight through the registered pyfunc, as a notebook would
     model = mlflow.pyfunc.load_model(CHAMPION)
     ok = load_data(tmp_path / "raw.csv").drop(index=7).drop(columns=["image_b64"]).reset_index(drop=True)
-    assert np.allclose(model.predict(ok), out.drop(index=7)["popularity"], rtol=1e-6)
+    answer = model.predict(ok)
+    assert list(answer.columns) == ["popularity", "status"]  # the output schema
+    assert model.metadata.get_output_schema().input_names() == ["popularity", "status"]
+    assert np.allclose(answer["popularity"], out.drop(index=7)["popularity"], rtol=1e-6)
+    assert list(answer["status"]) == ["ok"] * 11  # photo_count='abc' is NaN once loaded: nothing left to note
     run = mlflow.last_active_run()
     assert run.data.tags["smp.job"] == "predict" and run.data.tags["smp.model_version"] == "1"
 
@@ -255,12 +282,12 @@ def test_mlflow_models_serve_champion(smpd_dir, tmp_path):
     code = ("import json, sys, mlflow, pandas as pd; model = mlflow.pyfunc.load_model(%r); "
             "posts = pd.read_json(sys.stdin, dtype={'Pid': str}); "
             "posts = posts.astype({c: float for c in posts.select_dtypes('number').columns}); "
-            "print(json.dumps([float(p) for p in model.predict(posts)]))" % CHAMPION)
+            "print(json.dumps([float(p) for p in model.predict(posts)['popularity']]))" % CHAMPION)
     plain = subprocess.run([sys.executable, "-c", code], input=raw.to_json(orient="records"), text=True,
                            capture_output=True, timeout=120, cwd=tmp_path,
                            env={k: v for k, v in os.environ.items() if not k.startswith("SMP_")})
     assert plain.returncode == 0, plain.stderr[-2000:]
-    expected = mlflow.pyfunc.load_model(CHAMPION).predict(raw)
+    expected = mlflow.pyfunc.load_model(CHAMPION).predict(raw)["popularity"]
     assert np.allclose(json.loads(plain.stdout.strip().splitlines()[-1]), expected, rtol=1e-6)
 
     port = free_port()
@@ -286,18 +313,22 @@ def test_mlflow_models_serve_champion(smpd_dir, tmp_path):
 
         status, body = post(port, {"dataframe_records": records})
         assert status == 200, body
-        served = np.array(json.loads(body)["predictions"], dtype=float)
+        answer = json.loads(body)["predictions"]  # one record per post: popularity and status
+        served = np.array([r["popularity"] for r in answer], dtype=float)
         assert np.isfinite(served).all() and np.allclose(served, expected, rtol=1e-5)
+        assert [r["status"] for r in answer] == ["ok"] * 4
+
+        # a tabular model never opens an image: a broken one changes nothing (image models: test_bad_input_serving)
+        for junk in (base64.b64encode(b"hi").decode(), base64.b64encode(_png_header(30000, 30000)).decode()):
+            status, body = post(port, {"dataframe_records": [{**records[0], "image_b64": junk}]})
+            assert status == 200 and json.loads(body)["predictions"][0]["status"] == "ok", body
 
         malformed = {
             "missing Pid": ({"dataframe_records": [{"photo_count": 3}]}, "'Pid'"),
             # refused by MLflow's own schema check (typed input schema), which names the column
             "not a number": ({"dataframe_records": [{"Pid": "1", "photo_count": "abc"}]}, "column photo_count"),
             "bad image": ({"dataframe_records": [{"Pid": "1", "image_b64": "%%%"}]}, "'image_b64'"),
-            "not an image": ({"dataframe_records": [{"Pid": "1", "image_b64": base64.b64encode(b"hi").decode()}]},
-                             "not an image"),
-            "decompression bomb": ({"dataframe_records": [{"Pid": "1", "image_b64": base64.b64encode(
-                _png_header(30000, 30000)).decode()}]}, "image too large"),  # refused from its header
+            "duplicate Pid": ({"dataframe_records": [{"Pid": "1"}, {"Pid": "1"}]}, "1 duplicate Pid value(s)"),
             "server path": ({"dataframe_records": [{"Pid": "1", "image_path": "../../etc/passwd"}]},
                             "'image_path'"),
             "empty": ({"dataframe_records": []}, "missing inputs ['Pid']"),  # MLflow's schema check
@@ -316,7 +347,9 @@ def test_mlflow_models_serve_champion(smpd_dir, tmp_path):
         read_back = pd.read_csv(io.StringIO(csv_text), dtype={"Pid": str})
         in_process = mlflow.pyfunc.load_model(CHAMPION).predict(
             read_back.astype({c: float for c in raw.select_dtypes("number").columns}))
-        assert status == 200 and np.allclose(json.loads(body)["predictions"], in_process, rtol=1e-5), body
+        assert status == 200, body
+        assert np.allclose([r["popularity"] for r in json.loads(body)["predictions"]], in_process["popularity"],
+                           rtol=1e-5), body
         # a CSV value that is not a number fails in MLflow's CSV parsing, before any model code (its
         # message names the value, not the column; documented in smp/serving.py)
         status, body = post(port, "Pid,photo_count\n1,abc\n", "text/csv")
@@ -359,14 +392,16 @@ def test_logged_model_ships_its_code_as_one_archive(smpd_dir, tmp_path):
         f"model = mlflow.pyfunc.load_model({str(local)!r})\n"
         "import smp.serving\n"
         "print(json.dumps({'file': smp.serving.__file__, 'version': smp.__version__, "
-        "'pred': [float(p) for p in model.predict(pd.read_json(sys.stdin, dtype={'Pid': str}).astype(FLOATS))]}))\n")
+        "'out': model.predict(pd.read_json(sys.stdin, dtype={'Pid': str}).astype(FLOATS)).to_dict('list')}))\n")
     out = subprocess.run([sys.executable, "-c", script], input=raw.to_json(orient="records"), text=True,
                          capture_output=True, timeout=120, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["file"].startswith(str(local / "code" / "smp.zip"))  # imported from the archive
     assert got["version"] == __import__("smp").__version__  # the package __init__ ran
-    assert np.allclose(got["pred"], mlflow.pyfunc.load_model(str(local)).predict(raw), rtol=1e-6)
+    assert np.allclose(got["out"]["popularity"], mlflow.pyfunc.load_model(str(local)).predict(raw)["popularity"],
+                       rtol=1e-6)
+    assert got["out"]["status"] == ["ok"] * 5
 
     # and the check above can fail: without the shipped code smp is not importable there
     bare = subprocess.run([sys.executable, "-c", HIDE_INSTALLED_SMP % repo + "import smp\n"], text=True,
