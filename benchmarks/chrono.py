@@ -58,7 +58,7 @@ def main() -> None:
     from smp.data import labelled, load_data
     from smp.evaluate import baseline_metrics, regression_metrics
     from smp.features import TabularCfg
-    from smp.models import BenchmarkModel, XGBCfg
+    from smp.models import BenchmarkModel, Part, XGBCfg
     from smp.splits import SplitCfg, subsample
     from smp.train import protocol_defaults
 
@@ -87,8 +87,8 @@ def main() -> None:
             fit_rows = train
         fit_rows, val_rows = fit_rows.reset_index(drop=True), val_rows.reset_index(drop=True)
         t0 = time.perf_counter()
-        model = BenchmarkModel(xgb_cfg, tab_cfg, seed=0).fit(
-            fit_rows, fit_rows["label"].to_numpy(float), val_rows, val_rows["label"].to_numpy(float))
+        model = BenchmarkModel(xgb_cfg, tab_cfg, seed=0).fit(Part(fit_rows, fit_rows["label"].to_numpy(float)),
+                                                              Part(val_rows, val_rows["label"].to_numpy(float)))
         fit_s = time.perf_counter() - t0
         pred = model.predict(test)
         m = regression_metrics(y_test, pred, "test")

@@ -33,7 +33,7 @@ def main() -> None:
 
     from smp.data import labelled, load_data
     from smp.features import TabularCfg, TabularFeaturizer
-    from smp.models import (ImageFeatureSource, PCABoostModel, PCACfg, XGBCfg, image_columns, make_booster,
+    from smp.models import (ImageFeatureSource, Part, PCABoostModel, PCACfg, XGBCfg, image_columns, make_booster,
                             tree_settings)
     from smp.splits import SplitCfg, split_indices
 
@@ -47,7 +47,7 @@ def main() -> None:
     y = posts["label"].to_numpy(float)
     tab = TabularFeaturizer(TabularCfg()).fit(rows(tr))
     pca = PCABoostModel(XGBCfg(n_estimators=1, max_depth=1), PCACfg(), TabularCfg(), ImageFeatureSource(cols))
-    pca.fit(rows(tr), img[tr], y[tr], rows(va), img[va], y[va])
+    pca.fit(Part(rows(tr), y[tr], img[tr]), Part(rows(va), y[va], img[va]))
     mats = {"benchmark (depth 18)": (tab.transform(rows(tr)), 18),
             "pca_boost (depth 12)": (pca.pca_.transform(pca._matrix(rows(tr), img[tr])), 12)}
     out = []

@@ -1,4 +1,4 @@
-"""Image features per post: CLIP image embeddings (open_clip) + handcrafted features.
+"""Image features per post: CLIP image embeddings + handcrafted features, cached by image content.
 
 ``embed_images(pids, paths, cfg) -> EmbedResult`` streams the images once:
 
@@ -6,65 +6,60 @@
                                      no:  decode -> handcrafted features
                                           -> open_clip preprocess -> CLIP encode_image
 
-Decoding and preprocessing run in DataLoader workers, the model in the main
-process (channels_last, ``torch.inference_mode``; CUDA + fp16 autocast when a
-GPU is there, fp32 on CPU; on CPU a frozen TorchScript graph). Results are cached by
-image content in chunk files written atomically, so a rerun over the same
-images computes nothing and an interrupted run resumes where it stopped: a chunk
-is written every ``chunk_size`` images and at least every ``flush_seconds``, so
-a kill loses at most that much work. A damaged chunk (unreadable, wrong shapes,
-non-finite values) is renamed ``*.npz.damaged`` and its images are recomputed.
+Decoding and preprocessing run in DataLoader workers (``_Images``, ``_loader``), the model in the main
+process (``smp.clip``: loading, the encoder and its graph; CUDA + fp16 autocast when a GPU is there,
+fp32 on CPU). Results are cached by image content in chunk files written atomically (``_Cache``,
+``_ChunkWriter``), so a rerun over the same images computes nothing and an interrupted run resumes
+where it stopped: a chunk is written every ``chunk_size`` images and at least every ``flush_seconds``,
+so a kill loses at most that much work. A damaged chunk (unreadable, wrong shapes, non-finite values)
+is renamed ``*.npz.damaged`` and its images are recomputed.
 
 Bad images (no path, missing, zero-byte, truncated, not an image, unreadable
 colour mode) never stop a run: their row is kept with ``has_image=0`` and NaN
 features and they are listed in ``EmbedResult.bad`` with the reason.
+
+The ``embed`` job (``run_embed``) logs the features of a data set as an MLflow run; request-time
+features (``smp predict``, the served model) are in ``smp.image_requests``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import functools
 import json
 import logging
 import os
 import re
 import tempfile
 import time
-import warnings
-import zipfile
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cv2
 import numpy as np
-import open_clip
 import pandas as pd
 import torch
-from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from smp.clip import Encoder, graph_mode, load_clip, model_spec, preprocess_for, resolve_device
 from smp.data import DataCfg
-from smp.image_features import HANDCRAFTED, BadImage, decode_image, handcrafted_features
+from smp.image_features import (HANDCRAFTED, PAPER_CLIP_MODEL, PAPER_CLIP_PRETRAINED, BadImage, decode_image,
+                                handcrafted_features)
 
 log = logging.getLogger("smp.embed")
 
 PREPROCESS_VERSION = "1"  # bump when decoding, preprocessing or handcrafted definitions change
-_RANDOM_SEED = 0  # seed of the random-weights model (clip_pretrained="none")
-_NO_WEIGHTS = ("", "none")
-_TORCHSCRIPT_KEYS_TO_DROP = ("input_resolution", "context_length", "vocab_size")  # as open_clip does
-_FREEZE_MIN_IMAGES = 128  # compile="auto" on CPU traces+freezes the encoder from this many images
 
 
 @dataclass(frozen=True)
 class EmbedCfg:
     """How to embed images; defaults follow the paper (CLIP RN50, OpenAI weights)."""
 
-    clip_model: str = "RN50"  # the paper's backbone; width comes from the model (RN50: 1024)
-    clip_pretrained: str = "openai"  # open_clip tag; "none" = random weights (tests, offline demo)
+    clip_model: str = PAPER_CLIP_MODEL  # the paper's backbone; width comes from the model (RN50: 1024)
+    clip_pretrained: str = PAPER_CLIP_PRETRAINED  # open_clip tag; "none" = random weights (tests, offline demo)
     checkpoint: str = ""  # local checkpoint file; overrides clip_pretrained
     batch_size: int = 32  # images per forward pass
     num_workers: int = 2  # DataLoader workers decoding+preprocessing in parallel
@@ -88,269 +83,10 @@ class EmbedResult:
     info: dict = field(default_factory=dict)  # model/weights/device/cache description
 
 
-# ----------------------------------------------------------------------------- model spec and loading
-
-
-def _resolve_device(cfg: EmbedCfg) -> str:
-    if cfg.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return cfg.device
-
-
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _random_weights(cfg: EmbedCfg) -> bool:
-    return not cfg.checkpoint and cfg.clip_pretrained.strip().lower() in _NO_WEIGHTS
-
-
 def _spec(cfg: EmbedCfg) -> dict:
-    """Everything that determines a cached vector, without building the model."""
-    model_cfg = open_clip.get_model_config(cfg.clip_model)
-    if model_cfg is None:
-        raise ValueError(
-            f"unknown open_clip model {cfg.clip_model!r}; see open_clip.list_models()"
-        )
-    device = _resolve_device(cfg)
-    spec = {
-        "model": cfg.clip_model,
-        "pretrained": "",
-        "checkpoint": "",
-        "checkpoint_sha256": "",
-        "random_weights": _random_weights(cfg),
-        "force_quick_gelu": cfg.force_quick_gelu,
-        "precision": "amp_fp16" if device.startswith("cuda") else "fp32",
-        "preprocess_version": PREPROCESS_VERSION,
-        "embedding_dim": int(model_cfg["embed_dim"]),
-        "image_size": model_cfg["vision_cfg"]["image_size"],
-    }
-    if cfg.checkpoint:
-        if not os.path.isfile(cfg.checkpoint):
-            raise FileNotFoundError(f"checkpoint file not found: {cfg.checkpoint}")
-        spec["checkpoint"] = os.path.abspath(cfg.checkpoint)
-        spec["checkpoint_sha256"] = _sha256_file(cfg.checkpoint)
-        spec["weights_id"] = f"ckpt-{spec['checkpoint_sha256'][:16]}"
-    elif spec["random_weights"]:
-        # random init depends on the seed and on the library versions that draw it
-        spec["weights_id"] = (
-            f"random-seed{_RANDOM_SEED}-torch{torch.__version__}-openclip{open_clip.__version__}"
-        )
-    else:
-        spec["pretrained"] = cfg.clip_pretrained
-        spec["weights_id"] = cfg.clip_pretrained
-    return spec
-
-
-def _preprocess_from_spec(cfg: EmbedCfg):
-    """The eval transform open_clip would return, built without creating the model.
-
-    Mirrors ``open_clip.factory.create_model`` (defaults <- pretrained-tag cfg, size from
-    the vision cfg); :func:`load_clip` checks it equals the model's own transform.
-    """
-    pp = asdict(PreprocessCfg())
-    if not cfg.checkpoint and not _random_weights(cfg):
-        tag_cfg = open_clip.get_pretrained_cfg(cfg.clip_model, cfg.clip_pretrained)
-        pp = merge_preprocess_dict(pp, tag_cfg or {})
-    pp["size"] = open_clip.get_model_config(cfg.clip_model)["vision_cfg"]["image_size"]
-    return image_transform_v2(PreprocessCfg(**pp), is_train=False)
-
-
-def _is_torchscript_archive(path: str) -> bool:
-    """True for TorchScript zip archives such as OpenAI's original CLIP ``.pt`` files."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as z:
-        return any(n.endswith("constants.pkl") for n in z.namelist())
-
-
-def _offline_message(cfg: EmbedCfg, err: Exception) -> str:
-    return (
-        f"could not fetch CLIP weights for ({cfg.clip_model!r}, {cfg.clip_pretrained!r}) "
-        f"(offline? {err}). Download them on a machine with network access and pass a local "
-        f"file: EmbedCfg(checkpoint='/path/to/file', ...) (CLI: --checkpoint /path/to/file). "
-        f"For OpenAI's original weights (e.g. RN50.pt) use clip_model='{cfg.clip_model}-quickgelu' "
-        f"or force_quick_gelu=True; clip_pretrained='none' gives random weights for a dry run."
-    )
-
-
-def _no_download_error_log():
-    """open_clip logs a failed weights download as an ERROR on the root logger, then raises (the raised
-    error, reworded by ``_offline_message``, is what the caller reports or falls back on), and warns on
-    random weights (``run_embed`` says so once, with the tag it sets)."""
-    from smp.tracking import muted
-
-    return muted("", "Failed to download weights for tag", "No pretrained weights loaded")
-
-
-def load_clip(cfg: EmbedCfg):
-    """Build the CLIP model; return ``(model, preprocess, info)``.
-
-    ``model`` is in eval mode, channels_last, on the resolved device; ``preprocess``
-    is open_clip's eval transform (PIL image -> normalised tensor). ``info`` holds
-    model, pretrained, checkpoint, checkpoint_sha256, embedding_dim, image_size,
-    device, precision, random_weights and the cache-relevant weights_id.
-
-    Weights: ``checkpoint`` (a local file) wins; else ``clip_pretrained`` is an
-    open_clip tag downloaded into ``clip_cache_dir``; "none"/"" gives random
-    weights drawn with seed 0 (deterministic, global RNG state untouched).
-    OpenAI's original ``.pt`` files are TorchScript archives that open_clip's
-    ``torch.load(weights_only=True)`` refuses; their ``state_dict`` is then read
-    with ``torch.jit.load`` (dropping input_resolution/context_length/vocab_size as
-    ``open_clip.factory.load_state_dict`` does) and must match the model's keys.
-    """
-    spec = _spec(cfg)
-    kw = dict(force_quick_gelu=cfg.force_quick_gelu, device="cpu")
-    if cfg.clip_cache_dir:
-        kw["cache_dir"] = cfg.clip_cache_dir
-    if spec["random_weights"]:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_RANDOM_SEED)
-            with _no_download_error_log():
-                model, _, preprocess = open_clip.create_model_and_transforms(
-                    cfg.clip_model, pretrained=None, **kw
-                )
-        log.info("CLIP %s has RANDOM weights (clip_pretrained=%r)", cfg.clip_model, cfg.clip_pretrained)
-    elif cfg.checkpoint and _is_torchscript_archive(cfg.checkpoint):
-        log.info(
-            "%s is a TorchScript archive (OpenAI's format), which torch.load(weights_only=True) "
-            "refuses; reading its state_dict with torch.jit.load",
-            cfg.checkpoint,
-        )
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            cfg.clip_model, pretrained=None, **kw
-        )
-        state = torch.jit.load(cfg.checkpoint, map_location="cpu").state_dict()
-        for key in _TORCHSCRIPT_KEYS_TO_DROP:
-            state.pop(key, None)
-        result = model.load_state_dict(state, strict=False)
-        # buffers open_clip keeps non-persistent (attn_mask) may be stored in an archive
-        non_persistent = {k for k in result.unexpected_keys if k.rsplit(".", 1)[-1] == "attn_mask"}
-        unexpected = sorted(set(result.unexpected_keys) - non_persistent)
-        if result.missing_keys or unexpected:
-            raise RuntimeError(
-                f"checkpoint {cfg.checkpoint} does not fit open_clip model {cfg.clip_model!r}: "
-                f"missing {result.missing_keys[:5]}..., unexpected {unexpected[:5]}... "
-                f"(is clip_model the architecture the checkpoint was trained with?)"
-            )
-    elif cfg.checkpoint:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            cfg.clip_model, pretrained=cfg.checkpoint, **kw
-        )
-    else:
-        try:
-            with _no_download_error_log():
-                model, _, preprocess = open_clip.create_model_and_transforms(
-                    cfg.clip_model, pretrained=cfg.clip_pretrained, **kw
-                )
-        except RuntimeError as e:
-            if "Failed to download" in str(e):
-                raise RuntimeError(_offline_message(cfg, e)) from e
-            raise
-
-    if repr(preprocess) != repr(_preprocess_from_spec(cfg)):  # workers use the spec's transform
-        raise RuntimeError(
-            f"open_clip's preprocess differs from the one derived from its config:\n"
-            f"{preprocess}\nvs\n{_preprocess_from_spec(cfg)}"
-        )
-    device = _resolve_device(cfg)
-    model = model.eval().to(device=device, memory_format=torch.channels_last)
-    visual = model.visual
-    info = {
-        **spec,
-        "image_size": getattr(visual, "image_size", spec["image_size"]),
-        "device": device,
-        "torch": torch.__version__,
-        "open_clip": open_clip.__version__,
-    }
-    return model, preprocess, info
-
-
-class _Encoder:
-    """``model.encode_image`` on a batch -> float32 numpy, through a faster graph if asked.
-
-    mode "freeze": ``torch.jit.trace`` + ``torch.jit.freeze`` (BatchNorm folded into the
-    convolutions, weights constant; builds in seconds, needs no compiler); "inductor":
-    ``torch.compile(..., options={"freezing": True})`` (a C++ compiler and minutes of
-    compilation; the last batch is padded so it compiles once); "eager": the model as is.
-    A fast graph is checked once against eager on the first batch; any failure or
-    mismatch falls back to eager with a warning.
-    """
-
-    def __init__(self, model, device: str, batch_size: int, mode: str):
-        self.model, self.device, self.batch_size, self.mode = model, device, batch_size, mode
-        self.amp = device.startswith("cuda")
-        self.fast = None
-
-    def _build(self, x):
-        module = _EncodeImage(self.model).eval()
-        if self.mode == "inductor":
-            return torch.compile(module, dynamic=False, options={"freezing": True})
-        with warnings.catch_warnings():  # jit deprecation notices, tracer shape-assert notes
-            warnings.simplefilter("ignore")
-            traced = torch.jit.trace(module, x[:2], check_trace=False)
-            return torch.jit.freeze(traced)
-
-    def _eager(self, x):
-        return self.model.encode_image(x)
-
-    def __call__(self, pixels) -> np.ndarray:
-        n = pixels.shape[0]
-        x = pixels.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        amp = torch.autocast("cuda", dtype=torch.float16) if self.amp else contextlib.nullcontext()
-        with torch.inference_mode(), amp:
-            if self.mode != "eager":
-                try:
-                    return self._fast(x, n).float().cpu().numpy()
-                except Exception as e:  # noqa: BLE001 - any tracing/compiler failure -> eager
-                    log.warning("%s graph failed (%s: %s); running eager", self.mode, type(e).__name__, e)
-                    self.fast, self.mode = None, "eager"
-            return self._eager(x).float().cpu().numpy()
-
-    def _fast(self, x, n: int):
-        first = self.fast is None
-        if first:
-            self.fast = self._build(x)
-        if self.mode == "inductor" and n < self.batch_size:  # pad: no recompilation
-            x = torch.cat([x, x.new_zeros((self.batch_size - n, *x.shape[1:]))])
-        out = self.fast(x)[:n]
-        if first:  # one-off check of the graph against eager on the first and last image
-            pick = [0, n - 1]
-            ref = self._eager(x[pick]).float()
-            err = (out[pick].float() - ref).abs().max().item()
-            tol = 1e-3 * max(1.0, ref.abs().max().item()) * (50 if self.amp else 1)
-            if not err <= tol:
-                raise RuntimeError(f"output differs from eager by {err:.3g} (tolerance {tol:.3g})")
-        return out
-
-
-class _EncodeImage(torch.nn.Module):
-    """``model.encode_image`` as a module, so the graph can freeze its parameters."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model.encode_image(x)
-
-
-def _graph_mode(cfg: EmbedCfg, device: str, n_images: int) -> str:
-    """The encoder mode for a run of `n_images` posts with an image path."""
-    modes = {"none": "eager", "eager": "eager", "freeze": "freeze", "inductor": "inductor"}
-    if cfg.compile == "auto":
-        # CPU: freeze measured ~1.4x eager, and its few seconds of tracing pay off from
-        # about 100 images; CUDA stays eager (not measured here)
-        if device.startswith("cuda") or n_images < _FREEZE_MIN_IMAGES:
-            return "eager"
-        return "freeze"
-    if cfg.compile not in modes:
-        raise ValueError(f"compile must be auto, none, freeze or inductor, not {cfg.compile!r}")
-    return modes[cfg.compile]
+    """Everything that determines a cached row, without building the model: the CLIP model's
+    :func:`~smp.clip.model_spec` and the version of decoding, preprocessing and handcrafted features."""
+    return {**model_spec(cfg), "preprocess_version": PREPROCESS_VERSION}
 
 
 # ----------------------------------------------------------------------------- content cache
@@ -659,6 +395,138 @@ def _loader(dataset: _Images, cfg: EmbedCfg, device: str) -> DataLoader:
 # ----------------------------------------------------------------------------- pipeline
 
 
+def _check_loaded(loaded_info: dict, spec: dict) -> None:
+    """Refuse a preloaded model (``load_clip``'s info) built with other settings than ``spec``'s."""
+    same = ("model", "weights_id", "precision", "force_quick_gelu")
+    if any(loaded_info.get(k) != spec[k] for k in same):
+        raise ValueError(f"`loaded` was built for {[loaded_info.get(k) for k in same]}, "
+                         f"cfg asks for {[spec[k] for k in same]}")
+
+
+@contextlib.contextmanager
+def _one_opencv_thread():
+    """OpenCV single-threaded inside: the parallelism is across images (workers), not inside OpenCV calls."""
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(threads)
+
+
+class _Run:
+    """One :func:`embed_images` call: the output rows, counts and timings, filled batch by batch.
+
+    The model is loaded (or ``loaded`` taken) on the first batch with an image to compute, so a run
+    served from the cache never builds it; ``info`` then gets the model's own description.
+    """
+
+    def __init__(self, n: int, d: int, cfg: EmbedCfg, info: dict, mode: str, writer: _ChunkWriter,
+                 loaded: tuple | None):
+        self.hc = np.full((n, len(HANDCRAFTED)), np.nan, dtype=np.float64)
+        self.clip = np.full((n, d), np.nan, dtype=np.float32)
+        self.has_image = np.zeros(n, dtype=np.int64)
+        self.bad: list[tuple[int, str]] = []  # (row, reason)
+        self.hits = 0  # images served from the cache
+        self.computed = 0
+        self.computed_after_first = 0  # after the first batch: without model load / graph build
+        self.t_first_done: float | None = None
+        self.read_s = 0.0  # time spent reading cached rows (not computing)
+        self.cfg, self.info, self.mode, self.writer, self.loaded = cfg, info, mode, writer, loaded
+        self.encoder: Encoder | None = None
+
+    def encode(self, pixels) -> np.ndarray:
+        """CLIP vectors of a pixel batch; the first call loads the model."""
+        if self.encoder is None:
+            model, _, model_info = self.loaded if self.loaded is not None else load_clip(self.cfg)
+            self.info.update(model_info)
+            self.encoder = Encoder(model, self.info["device"], self.cfg.batch_size, self.mode)
+        return self.encoder(pixels)
+
+    def take(self, batch: dict, hits: dict[str, list[int]]) -> None:
+        """Note a batch's bad and cached images (``hits``: key -> rows, read later), compute the rest and
+        queue them for the cache."""
+        self.bad += batch["bad"]
+        for i, key in batch["cached"]:
+            hits.setdefault(key, []).append(i)
+        self.hits += len(batch["cached"])
+        if not batch["todo"]:
+            self.writer.flush(final=False)  # rows computed before a run of cached batches wait no longer
+            return
+        t_batch = time.perf_counter()
+        emb = self.encode(batch["pixels"])
+        rows = [i for i, _ in batch["todo"]]
+        self.hc[rows], self.clip[rows], self.has_image[rows] = batch["hc"], emb, 1
+        self.computed += len(rows)
+        if self.t_first_done is None:
+            self.t_first_done = time.perf_counter()
+            log.info("first batch of %d took %.1fs (model load%s)", len(rows), self.t_first_done - t_batch,
+                     f" + {self.encoder.mode} graph" if self.encoder.mode != "eager" else "")
+        else:
+            self.computed_after_first += len(rows)
+        self.writer.add([k for _, k in batch["todo"]], batch["hc"], emb)
+
+    def read_cached(self, cache: _Cache, hits: dict[str, list[int]]) -> list[int]:
+        """Fill the rows of cached images; return the rows whose chunk could not be read back (to compute)."""
+        t_read = time.perf_counter()
+        lost = cache.read(hits, self.hc, self.clip) if hits else set()
+        self.read_s += time.perf_counter() - t_read
+        for key, rows in hits.items():
+            if key not in lost:
+                self.has_image[rows] = 1
+        again = sorted(i for key in lost for i in hits[key])
+        if again:
+            log.warning("%d cached images could not be read back; computing them again", len(again))
+            self.hits -= len(again)
+        return again
+
+
+def _embed_pass(batches: Iterable[dict], run: _Run, bar) -> dict[str, list[int]]:
+    """Go through the batches once, computing what is not cached; return the cached images (key -> rows)."""
+    hits: dict[str, list[int]] = {}
+    for batch in batches:
+        run.take(batch, hits)
+        if batch["todo"]:
+            bar.set_postfix(computed=run.computed, cached=run.hits)
+        bar.update(batch["n"])
+    run.writer.flush(final=True)
+    return hits
+
+
+def _features_table(pids: Sequence[str], run: _Run) -> pd.DataFrame:
+    """Pid, has_image, the handcrafted features and ``clip_0..clip_{d-1}``, one row per post."""
+    return pd.concat(
+        [
+            pd.Series([str(p) for p in pids], name="Pid", dtype=object).to_frame(),
+            pd.DataFrame({"has_image": run.has_image}),
+            pd.DataFrame(run.hc, columns=list(HANDCRAFTED)),
+            pd.DataFrame(run.clip, columns=[f"clip_{j}" for j in range(run.clip.shape[1])]),
+        ],
+        axis=1,
+    )
+
+
+def _bad_table(pids: Sequence[str], paths: Sequence[str | None], bad: list[tuple[int, str]]) -> pd.DataFrame:
+    """Pid, path and reason of every post without a usable image, in input order."""
+    bad = sorted(bad)
+    return pd.DataFrame(
+        {
+            "Pid": pd.Series([str(pids[i]) for i, _ in bad], dtype=object),
+            "path": pd.Series([None if _no_path(paths[i]) else str(paths[i]) for i, _ in bad], dtype=object),
+            "reason": pd.Series([r for _, r in bad], dtype=object),
+        }
+    )
+
+
+def _log_summary(run: _Run, n: int, cache: _Cache) -> None:
+    if run.computed == 0 and run.hits:
+        log.info("all %d images served from cache (%s)", run.hits, cache.dir)
+    elif run.hits:
+        log.info("%d images served from cache, %d computed", run.hits, run.computed)
+    if run.bad:
+        log.warning("%d of %d posts have no usable image (kept with NaN features)", len(run.bad), n)
+
+
 def embed_images(
     pids: Sequence[str],
     paths: Sequence[str | None],
@@ -690,121 +558,46 @@ def embed_images(
     spec = _spec(cfg)
     d = spec["embedding_dim"]
     if loaded is not None:
-        same = ("model", "weights_id", "precision", "force_quick_gelu", "preprocess_version")
-        if any(loaded[2].get(k) != spec[k] for k in same):
-            raise ValueError(f"`loaded` was built for {[loaded[2].get(k) for k in same]}, "
-                             f"cfg asks for {[spec[k] for k in same]}")
+        _check_loaded(loaded[2], spec)
     cache = _Cache(_cache_dir(cfg, spec), widths={"hc": len(HANDCRAFTED), "clip": d})
     log.info("feature cache %s: %d images indexed%s", cache.dir, len(cache.index),
              f", {len(cache.damaged)} damaged chunks set aside" if cache.damaged else "")
-
-    hc_out = np.full((n, len(HANDCRAFTED)), np.nan, dtype=np.float64)
-    clip_out = np.full((n, d), np.nan, dtype=np.float32)
-    has_image = np.zeros(n, dtype=np.int64)
-    bad_rows: list[tuple[int, str]] = []
-    n_hits = 0
-    encoder: _Encoder | None = None
-    info = dict(spec, cache_dir=str(cache.dir), device=_resolve_device(cfg))
-    computed = 0
-    t_first_done = None
-    computed_after_first = 0
-    read_s = 0.0  # time spent reading cached rows (not computing)
-
-    graph_mode = _graph_mode(cfg, info["device"], sum(not _no_path(p) for p in paths))
+    info = dict(spec, cache_dir=str(cache.dir), device=resolve_device(cfg))
+    mode = graph_mode(cfg.compile, info["device"], sum(not _no_path(p) for p in paths))
     writer = _ChunkWriter(cache, spec, cfg.chunk_size, cfg.flush_seconds, on_chunk, clock)
-    preprocess = _preprocess_from_spec(cfg)
+    run = _Run(n, d, cfg, info, mode, writer, loaded)
+    preprocess = preprocess_for(cfg)
     bar = tqdm(total=n, unit="img", desc="embed", disable=not cfg.progress, smoothing=0.1)
     t_loop = time.perf_counter()
-    cv2_threads = cv2.getNumThreads()
-    cv2.setNumThreads(1)  # parallelism is across images (workers), not inside OpenCV calls
     visit: Sequence[int] = range(n)  # rows to go through: all, then those whose cached chunk failed to read
     try:
-        while visit:
-            hits: dict[str, list[int]] = {}  # cached image key -> output rows
-            for batch in _loader(_Images(list(paths), frozenset(cache.index), preprocess, visit), cfg,
-                                 info["device"]):
-                for i, reason in batch["bad"]:
-                    bad_rows.append((i, reason))
-                for i, key in batch["cached"]:
-                    hits.setdefault(key, []).append(i)
-                n_hits += len(batch["cached"])
-                if batch["todo"]:
-                    t_b = time.perf_counter()
-                    if encoder is None:
-                        model, _, model_info = loaded if loaded is not None else load_clip(cfg)
-                        info.update(model_info)
-                        encoder = _Encoder(model, info["device"], cfg.batch_size, graph_mode)
-                    emb = encoder(batch["pixels"])
-                    rows = [i for i, _ in batch["todo"]]
-                    hc_out[rows], clip_out[rows], has_image[rows] = batch["hc"], emb, 1
-                    computed += len(rows)
-                    if t_first_done is None:
-                        t_first_done = time.perf_counter()
-                        log.info("first batch of %d took %.1fs (model load%s)", len(rows), t_first_done - t_b,
-                                 f" + {encoder.mode} graph" if encoder.mode != "eager" else "")
-                    else:
-                        computed_after_first += len(rows)
-                    writer.add([k for _, k in batch["todo"]], batch["hc"], emb)
-                    bar.set_postfix(computed=computed, cached=n_hits)
-                else:
-                    writer.flush(final=False)  # rows computed before a run of cached batches wait no longer
-                bar.update(batch["n"])
-            writer.flush(final=True)
-            t_read = time.perf_counter()
-            lost = cache.read(hits, hc_out, clip_out) if hits else set()
-            read_s += time.perf_counter() - t_read
-            for key, rows in hits.items():
-                if key not in lost:
-                    has_image[rows] = 1
-            visit = sorted(i for key in lost for i in hits[key])
-            if visit:
-                log.warning("%d cached images could not be read back; computing them again", len(visit))
-                n_hits -= len(visit)
+        with _one_opencv_thread():
+            while visit:
+                images = _Images(list(paths), frozenset(cache.index), preprocess, visit)
+                hits = _embed_pass(_loader(images, cfg, info["device"]), run, bar)
+                visit = run.read_cached(cache, hits)
                 bar.total += len(visit)
     finally:
-        cv2.setNumThreads(cv2_threads)
         bar.close()
     t_end = time.perf_counter()
+    _log_summary(run, n, cache)
 
-    if computed == 0 and n_hits:
-        log.info("all %d images served from cache (%s)", n_hits, cache.dir)
-    elif n_hits:
-        log.info("%d images served from cache, %d computed", n_hits, computed)
-    if bad_rows:
-        log.warning("%d of %d posts have no usable image (kept with NaN features)", len(bad_rows), n)
-
-    pid_col = pd.Series([str(p) for p in pids], name="Pid", dtype=object)
-    features = pd.concat(
-        [
-            pid_col.to_frame(),
-            pd.DataFrame({"has_image": has_image}),
-            pd.DataFrame(hc_out, columns=list(HANDCRAFTED)),
-            pd.DataFrame(clip_out, columns=[f"clip_{j}" for j in range(d)]),
-        ],
-        axis=1,
-    )
-    bad_rows.sort()
-    bad = pd.DataFrame(
-        {
-            "Pid": pd.Series([str(pids[i]) for i, _ in bad_rows], dtype=object),
-            "path": pd.Series([None if _no_path(paths[i]) else str(paths[i]) for i, _ in bad_rows], dtype=object),
-            "reason": pd.Series([r for _, r in bad_rows], dtype=object),
-        }
-    )
-    loop_s = t_end - t_loop - read_s
-    steady_s = t_end - t_first_done if t_first_done is not None else 0.0
+    features, bad = _features_table(pids, run), _bad_table(pids, paths, run.bad)
+    loop_s = t_end - t_loop - run.read_s
+    steady_s = t_end - run.t_first_done if run.t_first_done is not None else 0.0
     stats = {
         "images": float(n),
-        "bad_images": float(len(bad_rows)),
-        "cache_hits": float(n_hits),
-        "computed": float(computed),
+        "bad_images": float(len(run.bad)),
+        "cache_hits": float(run.hits),
+        "computed": float(run.computed),
         "damaged_chunks": float(len(cache.damaged)),
         "seconds": time.perf_counter() - t_start,
-        "images_per_s": computed / loop_s if computed and loop_s > 0 else 0.0,
-        "steady_images_per_s": computed_after_first / steady_s if computed_after_first and steady_s > 0 else 0.0,
+        "images_per_s": run.computed / loop_s if run.computed and loop_s > 0 else 0.0,
+        "steady_images_per_s": (run.computed_after_first / steady_s
+                                if run.computed_after_first and steady_s > 0 else 0.0),
         "embedding_dim": float(d),
     }
-    info["compile"] = encoder.mode if encoder is not None else "not loaded (nothing to compute)"
+    info["compile"] = run.encoder.mode if run.encoder is not None else "not loaded (nothing to compute)"
     info["damaged_chunks"] = list(cache.damaged)
     return EmbedResult(features=features, bad=bad, stats=stats, info=info)
 
@@ -828,12 +621,13 @@ def embedding_key(cfg: EmbedCfg) -> str:
                                              "preprocess_version")})
 
 
-def run_embed(cfg: EmbedJob = EmbedJob()) -> dict[str, float]:
+def run_embed(cfg: EmbedJob = EmbedJob(), parent=None) -> "JobResult":
     """Compute image features for every post of ``cfg.source`` and log them as ``features.parquet``."""
     import mlflow
 
     from smp.data import DataError, data_hash, load_data
-    from smp.tracking import dataset_source, flat_params, job_run, log_params
+    from smp.config import flatten
+    from smp.tracking import JobResult, dataset_source, job_run, log_params
 
     posts = load_data(cfg.source.data, images_root=cfg.source.images or None)
     if "image_path" not in posts.columns:
@@ -842,7 +636,7 @@ def run_embed(cfg: EmbedJob = EmbedJob()) -> dict[str, float]:
     digest = data_hash(posts)
     embed_cfg = cfg.embed
     tags = {"smp.data_hash": digest, "smp.reuse_key": embedding_key(cfg.embed), "smp.model": "embed"}
-    with job_run("embed", cfg.experiment, flat_params(cfg), tags):
+    with job_run("embed", cfg.experiment, flatten(cfg), tags, parent) as run:
         try:
             loaded = load_clip(embed_cfg)  # loaded once, here: fails early (offline) and is reused below
         except RuntimeError as exc:
@@ -887,61 +681,4 @@ def run_embed(cfg: EmbedJob = EmbedJob()) -> dict[str, float]:
                          context="features")
     log.info("embed: %d images (%d bad, %d from cache)", metrics.get("images", 0), metrics.get("bad_images", 0),
              metrics.get("cache_hits", 0))
-    return metrics
-
-
-def features_for_rows(posts, cfg: EmbedCfg):
-    """Image features for raw post rows that carry ``image_b64`` (base64 bytes) or ``image_path``.
-
-    Returns the features table (one row per input row, in order; NaN and
-    ``has_image=0`` where there is no usable image) with ``attrs["bad"]``
-    listing ``Pid, reason`` for every row whose image was given but unusable.
-    Vectors come from the content-addressed cache when the same image was
-    embedded before with the same settings.
-    """
-    import base64
-    import binascii
-
-    pids = posts["Pid"].astype(str).tolist()
-    b64 = posts["image_b64"].tolist() if "image_b64" in posts.columns else [None] * len(posts)
-    paths_in = posts["image_path"].tolist() if "image_path" in posts.columns else [None] * len(posts)
-    undecodable = []
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = []
-        for i, (data, path) in enumerate(zip(b64, paths_in)):
-            if isinstance(data, str) and data:
-                try:
-                    raw = base64.b64decode(data, validate=True)
-                except (binascii.Error, ValueError):
-                    undecodable.append((pids[i], "image_b64 is not valid base64"))
-                    paths.append(None)
-                    continue
-                file = Path(tmp) / f"{i}.img"
-                file.write_bytes(raw)
-                paths.append(str(file))
-            elif isinstance(path, str) and path:
-                paths.append(path)
-            else:
-                paths.append(None)
-        cfg = replace(cfg, progress=False, num_workers=0)
-        loaded = _shared_clip(_model_cfg(cfg)) if any(p is not None for p in paths) else None
-        result = embed_images(pids, paths, cfg, loaded=loaded)
-    features = result.features
-    given = {p for p, d, q in zip(pids, b64, paths_in) if (isinstance(d, str) and d) or (isinstance(q, str) and q)}
-    bad = [(p, r) for p, r in zip(result.bad["Pid"].astype(str), result.bad["reason"]) if p in given]
-    features.attrs["bad"] = pd.DataFrame(undecodable + [b for b in bad if b[0] not in dict(undecodable)],
-                                         columns=["Pid", "reason"])
-    return features
-
-
-def _model_cfg(cfg: EmbedCfg) -> EmbedCfg:
-    """``cfg`` reduced to the fields that choose the model (the key of :func:`_shared_clip`)."""
-    return EmbedCfg(clip_model=cfg.clip_model, clip_pretrained=cfg.clip_pretrained, checkpoint=cfg.checkpoint,
-                    device=cfg.device, clip_cache_dir=cfg.clip_cache_dir, force_quick_gelu=cfg.force_quick_gelu)
-
-
-@functools.lru_cache(maxsize=2)
-def _shared_clip(cfg: EmbedCfg):
-    """One loaded CLIP model per process and setting, for callers that embed a few rows per call
-    (``smp predict``, the served model): loading RN50 costs seconds, a request should not pay it."""
-    return load_clip(cfg)
+    return JobResult(run.info.run_id, metrics)

@@ -1,4 +1,4 @@
-"""Stage 5a: predictions -> metrics named ``{split}_{metric}``.
+"""Stage 5: predictions -> metrics named ``{split}_{metric}``.
 
 ``bias`` is the mean of prediction minus truth, ``error_var`` the (population)
 variance of that error, so ``rmse**2 == bias**2 + error_var``.  Spearman is the

@@ -1,4 +1,4 @@
-"""Stage 3a: posts -> tabular feature matrix.
+"""Stage 3: posts -> tabular feature matrix.
 
 The paper's features: ``photo_count`` as is; ``ispro``, ``Category``,
 ``Subcategory``, ``Concept``, weekday and month of ``Postdate`` one-hot.

@@ -29,6 +29,9 @@ HANDCRAFTED = (
     "color_entropy",
     "composition_geometry",
 )
+# The paper's CLIP (backbone, open_clip weights tag): the default of every job that embeds images.
+PAPER_CLIP_MODEL = "RN50"
+PAPER_CLIP_PRETRAINED = "openai"
 MAX_SIDE = 512  # handcrafted_features downscales longer sides above this first
 
 _HUE_BINS = 20  # Ke et al.: 20-bin hue histogram

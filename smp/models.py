@@ -1,9 +1,13 @@
-"""Stage 4: the models, chosen by name from ``MODELS``.
+"""Stage 4: the models, one per family, made by ``create_model(family, job_cfg)`` (the class is named in
+``smp.jobs.JOBS``).
 
 Every model follows scikit-learn conventions (``__init__`` stores parameters,
-``fit`` returns ``self``, fitted attributes end in ``_``) and predicts from a
-raw posts DataFrame (SMPD field names), so the logged MLflow model is the
-whole chain: tabular transform -> booster (-> image features -> network).
+``fit`` returns ``self``, fitted attributes end in ``_``), fits the same way
+(``fit(train: Part, val: Part, on_step=None)``: ``on_step(step, val_rmse)``
+after every boosting round or epoch, where tuning reports and prunes) and
+predicts from a raw posts DataFrame (SMPD field names), so the logged MLflow
+model is the whole chain: tabular transform -> booster (-> image features ->
+network).
 """
 
 from __future__ import annotations
@@ -19,6 +23,18 @@ import pandas as pd
 import xgboost as xgb
 
 from smp.features import RAW_FIELDS, TabularCfg, TabularFeaturizer
+from smp.image_features import HANDCRAFTED
+
+
+@dataclass(frozen=True)
+class Part:
+    """One split's inputs to a model: raw post rows and labels; for image models the image block (NaN = no
+    usable image); for the ensembles the benchmark prediction they stack on."""
+
+    rows: pd.DataFrame
+    y: np.ndarray
+    images: np.ndarray | None = None
+    stacked: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -39,21 +55,20 @@ class XGBCfg:
 
 
 # XGBoost keeps up to this many nodes' gradient histograms (features x bins x 16 bytes each) for its
-# subtraction trick; the library default (65,536) lets deep trees over wide inputs hold gigabytes
-# (pca_boost, depth 12 over 300 components: 4.4 GB at 64.8k rows; 1.7 GB with 1,024), and the trees
-# grown are the same either way (an evicted histogram is rebuilt, not approximated).
+# subtraction trick; the library default (65,536) lets deep trees over wide inputs hold gigabytes, and the
+# trees grown are the same either way (an evicted histogram is rebuilt, not approximated). Figures:
+# docs/benchmarks.md.
 HIST_CACHE_NODES = 1024
 # tree_method=auto: below this many training rows the exact greedy method (every distinct value a split
 # candidate, as XGBoost < 2.0 chose) is faster than histograms, whose cost per node (features x bins) does
 # not shrink with the node's rows: deep trees on small data are mostly tiny nodes. Exact's cost grows with
-# the rows instead; a probe (300 dense columns, depth 12) put the crossover between 1.6k and 16k rows.
+# the rows instead (crossover measured in docs/benchmarks.md).
 EXACT_MAX_ROWS = 5_000
 # max_bin=0: XGBoost's 256 bins from this many training rows on, 64 below (with few rows per node the extra
-# bins resolve nothing; 64 bins cost 0.44x the time of 256 on 1.6k rows x 300 columns at depth 12).
+# bins resolve nothing, and every node's split search costs features x bins).
 FULL_BINS_ROWS = 16_384
 # n_jobs=0: one thread below this many training rows. Small data means thousands of tiny nodes, each a
-# parallel region whose synchronisation costs more than its work; on this shared 2-core machine under load,
-# 2 threads were 17-50x slower than 1 on 648 rows at depth 18 and 5x on 1,620 x 300 at depth 12.
+# parallel region whose synchronisation costs more than its work (worst on a loaded machine).
 SINGLE_THREAD_ROWS = 10_000
 
 
@@ -110,6 +125,20 @@ def fit_booster(booster: xgb.XGBRegressor, X, y, X_val, y_val) -> xgb.XGBRegress
     if booster.get_params().get("device", "cpu") != "cpu":
         booster.set_params(device="cpu")  # fitted on a GPU: predict (and serve) anywhere from host memory
     return booster
+
+
+def step_callbacks(on_step) -> list | None:
+    """``on_step(round, val_rmse)`` as an XGBoost callback (after every round; the last eval set is val)."""
+    if on_step is None:
+        return None
+
+    class OnStep(xgb.callback.TrainingCallback):
+        def after_iteration(self, model, epoch: int, evals_log: dict) -> bool:
+            metric = list(evals_log.values())[-1]  # {"rmse": [...]} of the validation set
+            on_step(epoch, float(list(metric.values())[-1][-1]))
+            return False
+
+    return [OnStep()]
 
 
 SMALL_PREDICT = 64  # rows up to which a fitted booster predicts on one thread
@@ -183,7 +212,6 @@ class TimeTrend:
 class BenchmarkModel:
     """The paper's benchmark: XGBoost on the tabular features only (optionally over a linear time trend)."""
 
-    family = "benchmark"
     needs_images = False
 
     def __init__(self, cfg: XGBCfg = XGBCfg(), tabular: TabularCfg = TabularCfg(), seed: int = 0):
@@ -191,7 +219,12 @@ class BenchmarkModel:
         self.tabular = tabular
         self.seed = seed
 
-    def fit(self, train: pd.DataFrame, y, val: pd.DataFrame, y_val, callbacks=None) -> "BenchmarkModel":
+    @classmethod
+    def from_job(cls, cfg, **_):
+        return cls(cfg.xgb, cfg.tabular, cfg.splitting.seed)
+
+    def fit(self, train: Part, val: Part, on_step=None) -> "BenchmarkModel":
+        train, y, val, y_val = train.rows, train.y, val.rows, val.y
         self.featurizer_ = TabularFeaturizer(self.tabular).fit(train)
         X, X_val = self.featurizer_.transform(train), self.featurizer_.transform(val)
         y, y_val = np.asarray(y, dtype=float), np.asarray(y_val, dtype=float)
@@ -199,7 +232,7 @@ class BenchmarkModel:
         if self.trend_ is not None:
             y, y_val = y - self.trend_.predict(train), y_val - self.trend_.predict(val)
         self.tree_settings_ = tree_settings(self.cfg, len(X))
-        booster = make_booster(self.cfg, self.seed, callbacks, n_rows=len(X))
+        booster = make_booster(self.cfg, self.seed, step_callbacks(on_step), n_rows=len(X))
         self.booster_ = fit_booster(booster, X, y, X_val, y_val)
         self.best_iteration_ = best_iteration(self.booster_)
         return self
@@ -232,7 +265,6 @@ class CrossFitBenchmark:
     also serve prediction, so no (K+1)-th fit on all of train is needed.
     """
 
-    family = "benchmark"
     needs_images = False
 
     def __init__(self, models: list[BenchmarkModel], oof: np.ndarray):
@@ -251,7 +283,6 @@ class CrossFitBenchmark:
 
 
 # --------------------------------------------------------------------------- image models
-HANDCRAFTED = ("clarity_contrast", "hue_count", "brightness_contrast", "color_entropy", "composition_geometry")
 
 
 def image_columns(features: pd.DataFrame) -> list[str]:
@@ -280,7 +311,7 @@ class ImageFeatureSource:
         out = np.full((len(posts), len(self.columns)), np.nan, dtype=np.float32)
         if self.embed_cfg is None or not ({"image_b64", "image_path"} & set(posts.columns)):
             return out
-        from smp.embed import features_for_rows  # heavy (torch / open_clip): only when images arrive
+        from smp.image_requests import features_for_rows  # heavy (torch / open_clip): only when images arrive
 
         feats = features_for_rows(posts, self.embed_cfg)
         return feats[self.columns].to_numpy(dtype=np.float32)
@@ -298,7 +329,6 @@ class PCACfg:
 class PCABoostModel:
     """The paper's second model: [CLIP, handcrafted, tabular] -> standardise -> PCA -> XGBoost."""
 
-    family = "pca_boost"
     needs_images = True
 
     def __init__(self, cfg: XGBCfg, pca: PCACfg, tabular: TabularCfg, images: ImageFeatureSource, seed: int = 0):
@@ -316,9 +346,14 @@ class PCABoostModel:
             np.nan_to_num(X, copy=False, nan=0.0)  # missing = the train mean after standardising
         return X
 
-    def fit(self, train, img, y, val, img_val, y_val, callbacks=None) -> "PCABoostModel":
+    @classmethod
+    def from_job(cls, cfg, images: ImageFeatureSource, **_):
+        return cls(cfg.xgb, cfg.pca, cfg.tabular, images, cfg.splitting.seed)
+
+    def fit(self, train: Part, val: Part, on_step=None) -> "PCABoostModel":
         from sklearn.decomposition import PCA
 
+        train, img, y, val, img_val, y_val = train.rows, train.images, train.y, val.rows, val.images, val.y
         self.featurizer_ = TabularFeaturizer(self.tabular).fit(train)
         X = self._matrix(train, img, standardise=False)
         mean, std = np.zeros(X.shape[1], np.float32), np.zeros(X.shape[1], np.float32)
@@ -338,7 +373,8 @@ class PCABoostModel:
         del X
         Z_val = self.pca_.transform(self._matrix(val, img_val))
         self.tree_settings_ = tree_settings(self.cfg, len(Z))
-        self.booster_ = fit_booster(make_booster(self.cfg, self.seed, callbacks, n_rows=len(Z)), Z, y, Z_val, y_val)
+        booster = make_booster(self.cfg, self.seed, step_callbacks(on_step), n_rows=len(Z))
+        self.booster_ = fit_booster(booster, Z, y, Z_val, y_val)
         self.best_iteration_ = best_iteration(self.booster_)
         return self
 
@@ -372,8 +408,18 @@ class EnsembleModel:
         X[:, 1:] = img
         return X
 
-    def fit(self, stack_train, img, y, stack_val, img_val, y_val, on_epoch=None) -> "EnsembleModel":
-        self.net.fit(self.stack(stack_train, img), y, self.stack(stack_val, img_val), y_val, on_epoch=on_epoch)
+    @classmethod
+    def from_job(cls, cfg, family: str, images: ImageFeatureSource, benchmark, **_):
+        from smp.nets import create_net
+
+        return cls(family, create_net(family, **asdict(replace(cfg.net, seed=cfg.splitting.seed))), benchmark,
+                   images)
+
+    def fit(self, train: Part, val: Part, on_step=None) -> "EnsembleModel":
+        """Train the net on [stacked benchmark prediction, image block]; ``on_step(epoch, val_rmse)``."""
+        hook = None if on_step is None else (lambda epoch, train_loss, val_rmse: on_step(epoch, val_rmse))
+        self.net.fit(self.stack(train.stacked, train.images), train.y, self.stack(val.stacked, val.images), val.y,
+                     on_epoch=hook)
         return self
 
     def predict(self, posts: pd.DataFrame, img: np.ndarray | None = None) -> np.ndarray:
@@ -399,14 +445,14 @@ def cross_fit(posts: pd.DataFrame, y: np.ndarray, val: pd.DataFrame, y_val: np.n
 
     The fold models use the tree method, bins and threads of a fit on all of ``posts`` (what the benchmark
     they stand in for uses): resolved from the smaller fold size they could switch method, e.g. to
-    ``exact`` at 4,320 of 6,480 rows, 3-6x slower per round there (docs/benchmarks.md)."""
+    ``exact``, several times slower per round there (docs/benchmarks.md)."""
     full = tree_settings(cfg, len(posts))
     fold_cfg = replace(cfg, tree_method=full["tree_method"], max_bin=full["max_bin"], n_jobs=full["n_jobs"])
     oof = np.full(len(posts), np.nan)
     models = []
     for fit_idx, hold_idx in _folds(len(posts), folds, seed):
         fold_posts = posts.iloc[fit_idx].reset_index(drop=True)
-        model = BenchmarkModel(fold_cfg, tabular, seed).fit(fold_posts, y[fit_idx], val, y_val)
+        model = BenchmarkModel(fold_cfg, tabular, seed).fit(Part(fold_posts, y[fit_idx]), Part(val, y_val))
         oof[hold_idx] = model.predict(posts.iloc[hold_idx].reset_index(drop=True))
         models.append(model)
     return CrossFitBenchmark(models, oof)
@@ -416,3 +462,17 @@ def out_of_fold(posts: pd.DataFrame, y: np.ndarray, val: pd.DataFrame, y_val: np
                 tabular: TabularCfg, seed: int, folds: int = 5) -> np.ndarray:
     """Benchmark predictions for every training row from a model that never saw that row's label."""
     return cross_fit(posts, y, val, y_val, cfg, tabular, seed, folds).oof_
+
+
+def create_model(family: str, cfg, **inputs):
+    """An unfitted model of ``family`` (a model family of ``smp.jobs.JOBS``) from its job config ``cfg``.
+
+    ``inputs``: what the family is built around beyond its settings: ``images`` (an ``ImageFeatureSource``:
+    pca_boost, the ensembles) and ``benchmark`` (the fitted benchmark predictor the ensembles stack on).
+    """
+    from smp.jobs import family as job_family
+
+    entry = job_family(family)
+    model = globals()[entry.model].from_job(cfg, family=family, **inputs)
+    model.family = family
+    return model

@@ -46,6 +46,8 @@ from sklearn.decomposition import PCA
 from torch import nn
 from tqdm.auto import tqdm
 
+from smp.config import parse_tuple
+
 OnEpoch = Callable[[int, float, float], None]  # (epoch, train_loss, val_rmse) -> None
 
 _CHUNK = 8192  # rows per chunk for statistics, transforms and inference
@@ -245,26 +247,21 @@ def _torch_scope(seed: int | None, n_threads: int | None, device: str):
             torch.set_num_threads(threads)
 
 
-def _to_tuple(value) -> tuple[int, ...]:
-    """Tuple-valued config from a tuple, list, int or "128,64" string (CLI / MLflow params)."""
-    if isinstance(value, str):
-        return tuple(int(v) for v in value.replace("(", "").replace(")", "").split(",") if v.strip())
-    if isinstance(value, (int, np.integer)):
-        return (int(value),)
-    return tuple(int(v) for v in value)
-
-
 def _make_cfg(cfg_cls, values: dict):
     tuples = {f.name for f in fields(cfg_cls) if "tuple" in str(f.type)}
-    return cfg_cls(**{k: _to_tuple(v) if k in tuples else v for k, v in values.items()})
+    return cfg_cls(**{k: parse_tuple(v) if k in tuples else v for k, v in values.items()})
 
 
 class _NetRegressor(RegressorMixin, BaseEstimator):
     """Shared fit/predict loop; subclasses supply preprocessing and the network."""
 
     _cfg_cls: type
-    _name: str
-    _fitted_attrs: tuple[str, ...] = ()  # numpy arrays / floats / ints restored by from_state
+
+    def __init__(self, cfg, device: str = "cpu", progress: bool = True, n_threads: int | None = 1):
+        self.cfg = cfg
+        self.device = device
+        self.progress = progress
+        self.n_threads = n_threads  # intra-op threads while fitting/predicting; None = leave torch's setting
 
     # subclass hooks -------------------------------------------------------
     def _fit_inputs(self, X: np.ndarray, has_image: np.ndarray) -> tuple[torch.Tensor, ...]:
@@ -324,7 +321,7 @@ class _NetRegressor(RegressorMixin, BaseEstimator):
                 # beats that on validation, so the net falls back to its input rather than doing worse
                 best_rmse = float(np.sqrt(np.mean((self._predict_inputs(val) - y_val) ** 2)))
                 best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-            bar = tqdm(range(1, cfg.epochs + 1), desc=self._name, unit="epoch", disable=not self.progress)
+            bar = tqdm(range(1, cfg.epochs + 1), desc=type(self).__name__, unit="epoch", disable=not self.progress)
             try:
                 for epoch in bar:
                     net.train()
@@ -387,47 +384,6 @@ class _NetRegressor(RegressorMixin, BaseEstimator):
             inputs = tuple(t.to(torch.device(self.device)) for t in self._inputs(X, mask))
             return self._predict_inputs(inputs)
 
-    def get_state(self) -> dict:
-        """Everything needed to rebuild the fitted model: tensors and plain Python values only."""
-        self._check_fitted()
-        fitted = {}
-        for name in self._fitted_attrs:
-            value = getattr(self, name)
-            fitted[name] = torch.from_numpy(np.array(value)) if isinstance(value, np.ndarray) else value
-        return {
-            "name": self._name,
-            "cfg": asdict(self.cfg),
-            "params": {"device": self.device, "progress": self.progress, "n_threads": self.n_threads},
-            "fitted": fitted,
-            "history": [dict(h) for h in self.history_],
-            "best_epoch": self.best_epoch_,
-            "input_val_rmse_": float(getattr(self, "input_val_rmse_", math.nan)),
-            "best_val_rmse_": float(getattr(self, "best_val_rmse_", math.nan)),
-            "net": {k: v.detach().cpu() for k, v in self.net_.state_dict().items()},
-        }
-
-    @classmethod
-    def from_state(cls, state: dict, device: str | None = None):
-        """The fitted regressor ``get_state`` described (optionally moved to another device)."""
-        if state["name"] != cls._name:
-            raise ValueError(f"state is for {state['name']!r}, not {cls._name!r}")
-        params = dict(state["params"])
-        if device is not None:
-            params["device"] = device
-        obj = cls(_make_cfg(cls._cfg_cls, {"head": "paper", **state["cfg"]}), **params)
-        for name, value in state["fitted"].items():
-            setattr(obj, name, value.numpy() if isinstance(value, torch.Tensor) else value)
-        obj._restore_fitted()
-        obj.history_ = [dict(h) for h in state["history"]]
-        obj.best_epoch_ = state["best_epoch"]
-        for key in ("input_val_rmse_", "best_val_rmse_"):
-            if key in state:
-                setattr(obj, key, state[key])
-        obj.net_ = obj._build_net()
-        obj.net_.load_state_dict(state["net"])
-        obj.net_.to(torch.device(obj.device)).eval()
-        return obj
-
     # internals ------------------------------------------------------------
     def _bench_stats(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """How column 0 (the benchmark prediction) is standardised: with the target's mean and scale for a
@@ -435,9 +391,6 @@ class _NetRegressor(RegressorMixin, BaseEstimator):
         if self.cfg.head == "residual":
             return np.array([self.y_mean_], np.float32), np.array([self.y_scale_], np.float32)
         return _column_stats(X[:, :1])
-
-    def _restore_fitted(self) -> None:
-        """Hook: rebuild derived fitted objects after ``from_state``."""
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "net_"):
@@ -465,15 +418,10 @@ class MLPRegressor(_NetRegressor):
     """
 
     _cfg_cls = MLPCfg
-    _name = "ensemble_mlp"
-    _fitted_attrs = ("n_features_in_", "y_mean_", "y_scale_", "mean_", "scale_")
 
     def __init__(self, cfg: MLPCfg = MLPCfg(), device: str = "cpu", progress: bool = True,
                  n_threads: int | None = 1):
-        self.cfg = cfg
-        self.device = device
-        self.progress = progress
-        self.n_threads = n_threads  # intra-op threads while fitting/predicting; None = leave torch's setting
+        super().__init__(cfg, device, progress, n_threads)
 
     def _fit_inputs(self, X, has_image):
         bench_mean, bench_scale = self._bench_stats(X)
@@ -508,16 +456,9 @@ class Conv1DRegressor(_NetRegressor):
     """
 
     _cfg_cls = Conv1DCfg
-    _name = "ensemble_conv1d"
-    _fitted_attrs = ("n_features_in_", "y_mean_", "y_scale_", "mean_", "scale_",
-                     "pca_components_", "pca_mean_", "pca_explained_variance_", "pca_explained_variance_ratio_")
-
     def __init__(self, cfg: Conv1DCfg = Conv1DCfg(), device: str = "cpu", progress: bool = True,
                  n_threads: int | None = 1):
-        self.cfg = cfg
-        self.device = device
-        self.progress = progress
-        self.n_threads = n_threads  # intra-op threads while fitting/predicting; None = leave torch's setting
+        super().__init__(cfg, device, progress, n_threads)
 
     def _fit_inputs(self, X, has_image):
         n_pca, n_img = self.cfg.n_pca, int(has_image.sum())
@@ -530,23 +471,10 @@ class Conv1DRegressor(_NetRegressor):
         self.scale_ = np.concatenate([bench_scale, img_scale])
         Z = _standardise_(X[has_image, 1:], img_mean, img_scale)  # fancy indexing: one copy
         self.pca_ = PCA(n_components=n_pca, random_state=self.cfg.seed).fit(Z)
-        self._export_pca()
+        self.pca_components_ = self.pca_.components_.astype(np.float32)  # float32 copies for the projection
+        self.pca_mean_ = self.pca_.mean_.astype(np.float32)
         del Z
         return self._inputs(X, has_image)
-
-    def _export_pca(self) -> None:
-        self.pca_components_ = self.pca_.components_.astype(np.float32)
-        self.pca_mean_ = self.pca_.mean_.astype(np.float32)
-        self.pca_explained_variance_ = np.asarray(self.pca_.explained_variance_, dtype=np.float64)
-        self.pca_explained_variance_ratio_ = np.asarray(self.pca_.explained_variance_ratio_, dtype=np.float64)
-
-    def _restore_fitted(self) -> None:
-        pca = PCA(n_components=self.cfg.n_pca, random_state=self.cfg.seed)
-        pca.components_, pca.mean_ = self.pca_components_, self.pca_mean_
-        pca.explained_variance_ = self.pca_explained_variance_
-        pca.explained_variance_ratio_ = self.pca_explained_variance_ratio_
-        pca.n_components_, pca.n_features_in_ = self.pca_components_.shape
-        self.pca_ = pca
 
     def _inputs(self, X, has_image):
         n = len(X)
@@ -568,20 +496,20 @@ class Conv1DRegressor(_NetRegressor):
         return EnsembleConv1D(c.n_pca, 2, c.channels, c.kernel_sizes, c.dropout, c.head_hidden, c.head == "residual")
 
 
-MODELS: dict[str, type[_NetRegressor]] = {"ensemble_mlp": MLPRegressor, "ensemble_conv1d": Conv1DRegressor}
 
 
 def create_net(name: str, **kwargs) -> _NetRegressor:
-    """An unfitted regressor from ``MODELS``.
+    """An unfitted regressor of net family ``name`` (its class is named in ``smp.jobs.JOBS``).
 
     Keyword arguments naming a field of the model's config go to the config
     (tuple fields also accept lists or "128,64" strings); ``device``,
     ``progress`` and ``n_threads`` go to the regressor.
     """
-    try:
-        cls = MODELS[name]
-    except KeyError:
-        raise ValueError(f"unknown net {name!r}; choose from {sorted(MODELS)}") from None
+    from smp.jobs import JOBS, NET_FAMILIES
+
+    if name not in NET_FAMILIES:
+        raise ValueError(f"unknown net {name!r}; choose from {sorted(NET_FAMILIES)}")
+    cls = globals()[JOBS[name].net]
     init_keys = {"device", "progress", "n_threads"}
     cfg_kwargs = {k: v for k, v in kwargs.items() if k not in init_keys}
     unknown = set(cfg_kwargs) - {f.name for f in fields(cls._cfg_cls)}

@@ -1,4 +1,4 @@
-"""Stage 5b: figures (matplotlib, Agg backend); each function returns a Figure."""
+"""Stage 5: figures (matplotlib, Agg backend); each function returns a Figure."""
 
 from __future__ import annotations
 

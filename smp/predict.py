@@ -1,4 +1,4 @@
-"""Stage 9: raw posts -> the registered model (``@champion`` by default) -> one prediction per post.
+"""Stage 8: raw posts -> the registered model (``@champion`` by default) -> one prediction per post.
 
 ``run_predict`` reads posts the way training does (``smp.data.load_data``:
 an SMPD directory or a posts table), loads the pyfunc model once and scores
@@ -37,7 +37,8 @@ import pandas as pd
 from smp import serving
 from smp.data import DataError, load_data
 from smp.serving import model_input, predict_table, status_text
-from smp.tracking import flat_params, job_run, log_params
+from smp.config import flatten
+from smp.tracking import job_run, log_params
 
 log = logging.getLogger("smp.predict")
 
@@ -58,7 +59,7 @@ def run_predict(cfg: PredictJob = PredictJob()) -> dict[str, float]:
     """Score every post of ``cfg.input`` with ``cfg.model``, write ``cfg.output``; return row counts and timing."""
     posts = load_data(cfg.input, images_root=cfg.images or None)
     load_notes = posts.attrs.get("row_notes") or {}  # values load_data treated as missing, per Pid
-    with job_run("predict", cfg.experiment, flat_params(cfg), {"smp.model_uri": cfg.model}):
+    with job_run("predict", cfg.experiment, flatten(cfg), {"smp.model_uri": cfg.model}):
         t0 = time.perf_counter()
         try:
             model = mlflow.pyfunc.load_model(cfg.model)

@@ -1,4 +1,4 @@
-"""Stage 8: the best model run -> a registered model version -> the ``@champion`` alias.
+"""Stage 7: the best model run -> a registered model version -> the ``@champion`` alias.
 
 ``run_promote`` picks the best finished model run by ``val_rmse`` (or the run
 it is given), registers its logged model once (a second promote of the same
@@ -34,11 +34,12 @@ from smp.data import DataCfg, DataError
 from smp.evaluate import regression_metrics
 from smp.serving import model_input, predict_frame
 from smp.splits import MIN_SPLIT_ROWS, Prepared, SplitCfg, prepare
-from smp.tracking import flat_params, job_run, logged_model_uri, upsert
+from smp.config import ConfigError, flatten
+from smp.jobs import FAMILIES
+from smp.tracking import job_run, logged_model_uri, upsert
 
 log = logging.getLogger("smp.registry")
 
-FAMILIES = ("benchmark", "pca_boost", "ensemble_mlp", "ensemble_conv1d")
 CHAMPION, CHALLENGER = "champion", "challenger"
 MIN_SHARED_TEST_ROWS = MIN_SPLIT_ROWS  # fewer posts unseen by both models: no comparison (the test split's minimum)
 
@@ -46,7 +47,7 @@ MIN_SHARED_TEST_ROWS = MIN_SPLIT_ROWS  # fewer posts unseen by both models: no c
 @dataclass(frozen=True)
 class PromoteJob:
     model_name: str = "smp-popularity"  # registered model name
-    family: str = ""       # only runs of this model family ("" = any of benchmark, pca_boost, ensemble_*)
+    family: str = ""       # only runs of this model family ("" = any of smp.jobs.FAMILIES)
     split: str = ""        # only runs with this split protocol ("" = any)
     margin: float = 0.0    # the candidate takes @champion only if its test RMSE < champion's - margin
     run_id: str = ""       # promote this run instead of searching for the best
@@ -68,8 +69,8 @@ class Comparison:
 def run_promote(cfg: PromoteJob = PromoteJob()) -> dict[str, float]:
     """Register the best (or given) model run and move ``@champion`` if it beats the champion; return the outcome."""
     if cfg.family and cfg.family not in FAMILIES:
-        raise DataError(f"family={cfg.family!r}: expected one of {FAMILIES} or ''")
-    with job_run("promote", cfg.experiment, flat_params(cfg), {"smp.registered_model": cfg.model_name}) as run:
+        raise ConfigError(f"family={cfg.family!r}: expected one of {FAMILIES} or ''")
+    with job_run("promote", cfg.experiment, flatten(cfg), {"smp.registered_model": cfg.model_name}) as run:
         client = MlflowClient()  # job_run configured the tracking URI
         cand_run = given_run(client, cfg.run_id) if cfg.run_id else best_model_run(
             run.info.experiment_id, cfg.family, cfg.split)

@@ -1,4 +1,4 @@
-"""Stage 6: the paper's results table rebuilt from the MLflow runs of one experiment and split."""
+"""Stage 7: the paper's results table rebuilt from the MLflow runs of one experiment and split."""
 
 from __future__ import annotations
 
@@ -11,19 +11,14 @@ import mlflow
 import pandas as pd
 
 from smp import plots
-from smp.tracking import flat_params, job_run, log_figure
+from smp.config import flatten
+from smp.jobs import FAMILIES, JOBS, NET_FAMILIES
+from smp.tracking import job_run, log_figure
 
 log = logging.getLogger("smp.report")
 
-FAMILIES = ("benchmark", "pca_boost", "ensemble_mlp", "ensemble_conv1d")
-# The paper's test figures (SMPD 2019, 80k random subsample): RMSE, mean error, error variance.
-PAPER = {
-    "benchmark": (1.178, 0.01, 1.37),
-    "pca_boost": (1.238, 0.02, 1.77),
-    "ensemble_mlp": (1.168, -0.19, 1.33),
-    "ensemble_conv1d": (1.176, 0.07, 1.38),
-}
-NET_FAMILIES = ("ensemble_mlp", "ensemble_conv1d")  # one row per net head: residual (default), paper
+# The paper's test figures (SMPD 2019, 80k random subsample): RMSE, mean error, error variance (smp.jobs).
+PAPER = {name: job.paper for name, job in JOBS.items() if job.paper}
 COLUMNS = ("test_rmse", "test_bias", "test_error_var", "test_mae", "test_spearman", "test_rmse_baseline")
 
 
@@ -78,7 +73,7 @@ def to_markdown(table: pd.DataFrame) -> str:
 
 def run_compare(cfg: CompareJob = CompareJob()) -> dict[str, float]:
     """Build, print and log (Markdown, CSV, bar chart) the comparison table."""
-    with job_run("compare", cfg.experiment, flat_params(cfg), {"smp.job": "compare", "smp.split": cfg.split}) as run:
+    with job_run("compare", cfg.experiment, flatten(cfg), {"smp.job": "compare", "smp.split": cfg.split}) as run:
         table = compare_table(run.info.experiment_id, cfg.split, cfg.data_hash)
         if table.empty:
             log.warning("no finished model runs with split=%s in this experiment", cfg.split)

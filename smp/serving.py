@@ -1,6 +1,6 @@
-"""Stage 7: the logged MLflow model (pyfunc) that predicts from raw post rows.
+"""Stage 5: the logged MLflow model (pyfunc) that predicts from raw post rows.
 
-A fitted smp model (any entry in ``smp.models.MODELS``) is pickled as an
+A fitted smp model (any model family of ``smp.jobs.JOBS``) is pickled as an
 artifact and wrapped by ``PopularityModel``.  Its ``predict`` returns one row
 per post: ``popularity`` (double) and ``status`` (string), as ``smp predict``
 writes them:
@@ -331,7 +331,8 @@ def with_image_features(model, frame: pd.DataFrame) -> tuple[pd.DataFrame, dict[
 
     An image is checked before it is embedded (``file_problem`` / ``image_problem``: size from the
     header, so a decompression bomb is never decoded); one that fails either check is left out, with its
-    reason.  ``image_b64`` wins over ``image_path`` where a post has both (as in ``smp.embed``).
+    reason.  ``image_b64`` wins over ``image_path`` where a post has both (as in
+    ``smp.image_requests``).
     """
     from smp.image_features import image_problem
 
@@ -373,7 +374,7 @@ def with_image_features(model, frame: pd.DataFrame) -> tuple[pd.DataFrame, dict[
             notes[pids[i]] = [image_note("this model cannot embed images")]
         feats = pd.DataFrame(np.nan, index=range(n), columns=list(source.columns), dtype=np.float32)
     else:
-        from smp.embed import features_for_rows
+        from smp.image_requests import features_for_rows  # torch / open_clip: only when images arrive
 
         images = pd.DataFrame({"Pid": [pids[i] for i in usable], "image_b64": [keep_b64[i] for i in usable],
                                "image_path": [keep_path[i] for i in usable]})
@@ -526,19 +527,18 @@ def log_model(model, posts_example: pd.DataFrame, name: str = "model"):
             return mlflow.pyfunc.log_model(
                 name=name, python_model=PopularityModel(), artifacts={"smp_model": str(path)},
                 signature=signature, input_example=example, model_type=family,
-                tags={"smp.family": family, "smp.description": MODEL_DESCRIPTIONS.get(family, "")},
+                tags={"smp.family": family, "smp.description": model_description(family)},
                 metadata={"smp_family": family, "smp_input_columns": columns, "smp_required_columns": ["Pid"]},
                 pip_requirements=pip_requirements(getattr(model, "needs_images", False)),
                 code_paths=[str(p) for p in code],
             )
 
 
-MODEL_DESCRIPTIONS = {
-    "benchmark": "the paper's XGBoost on post and user metadata (no image)",
-    "pca_boost": "XGBoost on PCA of [CLIP, handcrafted image features, tabular features]",
-    "ensemble_mlp": "MLP over the benchmark's prediction and the image features",
-    "ensemble_conv1d": "Conv1D net over the benchmark's prediction and PCA'd image features",
-}
+def model_description(family: str) -> str:
+    """What a logged model of ``family`` is (its ``smp.jobs`` entry), for its model page."""
+    from smp.jobs import JOBS
+
+    return JOBS[family].description if family in JOBS else ""
 
 
 CODE_ARCHIVE = "smp.zip"

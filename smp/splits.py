@@ -21,13 +21,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from smp.config import ConfigError
 from smp.data import DataCfg, DataError, data_hash, labelled, load_data
 
 log = logging.getLogger("smp.splits")
 
 SPLITS = ("random", "chrono", "user")
-# Fewest rows a split may hold: below this a metric (and early stopping on val) says nothing; a run on
-# 4 usable posts once scored test RMSE 0.000 on its 1-row test split and was crowned by the registry.
+# Fewest rows a split may hold: below this a metric (and early stopping on val) says nothing, and a
+# near-perfect score on a handful of test posts would look like the best model to the registry.
 MIN_SPLIT_ROWS = 10
 
 
@@ -56,7 +57,7 @@ def split_indices(posts: pd.DataFrame, cfg: SplitCfg) -> dict[str, np.ndarray]:
     """Return ``{"train", "val", "test"}`` -> sorted row positions into ``posts``."""
     n = len(posts)
     if cfg.split not in SPLITS:
-        raise DataError(f"split={cfg.split!r}: unknown protocol; expected one of {SPLITS}")
+        raise ConfigError(f"split={cfg.split!r}: unknown protocol; expected one of {SPLITS}")
     if n < 3:
         raise DataError(f"{n} labelled posts: too few to split into train/val/test")
     n_test = max(1, int(round(cfg.test_frac * n)))

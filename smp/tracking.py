@@ -8,7 +8,6 @@ MLflow at import time.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import hashlib
 import json
@@ -16,7 +15,8 @@ import logging
 import os
 import subprocess
 import time
-from dataclasses import asdict, fields, is_dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
@@ -35,11 +35,35 @@ EXPERIMENT_DESCRIPTION = (
     "and timings. Runs compared side by side must share `smp.data_hash` and `smp.split`.")
 # The UI opens an experiment as model training (not GenAI: traces, assistant) when it carries this tag.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
-# Set by `tune` around each trial: the parent run id (and its experiment id), extra tags for the job's run,
-# and whether the job logs its figures ("figures", default True).
-RUN_CONTEXT: contextvars.ContextVar[dict] = contextvars.ContextVar("smp_run_context", default={})
-# The run id of the last job run started in this context (nested runs included).
-LAST_JOB_RUN: contextvars.ContextVar[str] = contextvars.ContextVar("smp_last_job_run", default="")
+
+
+@dataclass(frozen=True)
+class Parent:
+    """The run a job's run is made under, handed to the job (a study's trial; an upstream job run by another)."""
+
+    run_id: str
+    experiment_id: str = ""   # the parent's experiment (looked up when empty)
+    tags: tuple[tuple[str, str], ...] = ()  # tags the child's run gets (the study and trial number)
+    trial: str = ""           # the trial number: names the run ``trial N``
+    figures: bool = True      # the job logs its figures (tuning trials: off unless asked)
+
+
+@dataclass(frozen=True)
+class JobResult(Mapping):
+    """What a job made: its run, its metrics (the mapping itself: ``result["test_rmse"]``) and its model."""
+
+    run_id: str
+    metrics: dict = field(default_factory=dict)
+    model: object = None
+
+    def __getitem__(self, key):
+        return self.metrics[key]
+
+    def __iter__(self):
+        return iter(self.metrics)
+
+    def __len__(self) -> int:
+        return len(self.metrics)
 
 
 def configure_tracking() -> str:
@@ -132,19 +156,6 @@ def muted(logger: str, *prefixes: str):
         target.removeFilter(muting)
 
 
-def flat_params(*cfgs) -> dict[str, object]:
-    """Flatten (possibly nested) config dataclasses into one ``{name: value}`` dict."""
-    out: dict[str, object] = {}
-    for cfg in cfgs:
-        for f in fields(cfg):
-            value = getattr(cfg, f.name)
-            if is_dataclass(value):
-                out.update(flat_params(value))
-            else:
-                out[f.name] = value
-    return out
-
-
 def params_hash(params: dict) -> str:
     """Stable short hash of a params dict (for finding reusable upstream runs)."""
     text = json.dumps({k: str(v) for k, v in sorted(params.items())}, sort_keys=True)
@@ -169,44 +180,41 @@ def raise_on_sigterm() -> None:
 
 
 @contextlib.contextmanager
-def job_run(job: str, experiment: str, params: dict, tags: dict | None = None, nested: bool = False):
+def job_run(job: str, experiment: str, params: dict, tags: dict | None = None, parent: Parent | None = None):
     """Start (or join, under ``mlflow run``) a run for ``job``, log params and tags, yield it.
 
     Under ``mlflow run`` the launcher has already created the run (in the
     experiment given by ``--experiment-name``) and exported ``MLFLOW_RUN_ID``;
-    ``mlflow.start_run()`` joins it.  Otherwise a new run is made in
-    ``experiment`` ("" = MLflow's default resolution).  Inside an active run
-    the new run is nested.  A failure marks the run FAILED (KILLED on Ctrl-C).
+    ``mlflow.start_run()`` joins it.  With ``parent`` the run is its child, in
+    its experiment (a trial's parent is not the active run; an upstream job's
+    is).  Otherwise a new run is made in ``experiment`` ("" = MLflow's default
+    resolution).  A failure marks the run FAILED (KILLED on Ctrl-C / SIGTERM).
     """
     configure_tracking()
-    context = RUN_CONTEXT.get()
-    launched = bool(os.environ.get("MLFLOW_RUN_ID"))  # made by `mlflow run`; start_run joins it
-    parent = context.get("parent_run_id") if mlflow.active_run() is None else None
-    nested = nested or mlflow.active_run() is not None or bool(parent)
+    active = mlflow.active_run()
+    if parent is None and active is not None:  # called inside an open run (a notebook's): its child
+        parent = Parent(active.info.run_id, active.info.experiment_id)
+    launched = bool(os.environ.get("MLFLOW_RUN_ID")) and parent is None  # made by `mlflow run`: joined
+    under_active = parent is not None and active is not None and active.info.run_id == parent.run_id
     experiment_id = None
-    if parent:  # the trial's run goes in its parent's experiment (`tune` looks it up once per worker)
-        experiment_id = context.get("experiment_id") or mlflow.get_run(parent).info.experiment_id
-    elif mlflow.active_run() is not None:  # a nested run stays in its parent's experiment
-        experiment_id = mlflow.active_run().info.experiment_id
+    if parent is not None:
+        experiment_id = parent.experiment_id or mlflow.get_run(parent.run_id).info.experiment_id
     elif not launched:
         experiment_id = resolve_experiment(experiment)
-    trial = context.get("tags", {}).get("optuna.trial_number") if parent else None
-    name = run_label(job, params, trial)
-    run = mlflow.start_run(run_name=None if (launched and not nested) else name, nested=nested and not parent,
-                           parent_run_id=parent or None, experiment_id=experiment_id)
-    if launched and not nested:  # the launcher named its run at random: name it after the job
+    name = run_label(job, params, parent.trial if parent else None)
+    run = mlflow.start_run(run_name=None if launched else name, nested=under_active,
+                           parent_run_id=None if (parent is None or under_active) else parent.run_id,
+                           experiment_id=experiment_id)
+    if launched:  # the launcher named its run at random: name it after the job
         mlflow.set_tag("mlflow.runName", name)
         describe_experiment(run.info.experiment_id)
-    LAST_JOB_RUN.set(run.info.run_id)
-    if parent:
-        context["run_id"] = run.info.run_id  # tells `tune` which run this trial made
     try:
         all_tags = {"smp.job": job, "smp.params_hash": params_hash(params), **(tags or {}),
-                    **(context.get("tags", {}) if parent else {})}
+                    **dict(parent.tags if parent else ())}
         commit = git_commit()
         if commit:
             all_tags.setdefault("mlflow.source.git.commit", commit)
-        log_params(params, tags=all_tags, skip_logged=launched and not nested)
+        log_params(params, tags=all_tags, skip_logged=launched)
         yield run
     except BaseException as exc:
         if type(exc).__name__ == "TrialPruned":  # optuna pruned this trial: visible as such in MLflow
@@ -251,12 +259,6 @@ def logged_model_uri(run_id: str) -> str | None:
     except (MlflowException, OSError):
         return None
     return f"runs:/{run_id}/model"
-
-
-def last_job_run_id() -> str:
-    """Id of the run made by the last ``job_run`` in this context (``mlflow.last_active_run``
-    returns the parent instead when the job ran nested)."""
-    return LAST_JOB_RUN.get()
 
 
 def param_text(value) -> str:
@@ -362,19 +364,14 @@ def log_data_inputs(posts: pd.DataFrame, parts: dict[str, np.ndarray], name: str
     return dict(zip(contexts, datasets))
 
 
-def figures_wanted() -> bool:
-    """False inside a tuning trial unless the study asks for per-trial figures (``tune`` sets it)."""
-    return bool(RUN_CONTEXT.get().get("figures", True))
-
-
-def log_figure(draw, name: str) -> None:
+def log_figure(draw, name: str, enabled: bool = True) -> None:
     """Log the matplotlib figure that ``draw()`` returns as a PNG under ``plots/``, and close it.
 
-    Nothing is drawn when figures are off (tuning trials, see ``figures_wanted``).
+    Nothing is drawn when not ``enabled`` (a tuning trial's figures are off unless its study asks).
     """
     import matplotlib.pyplot as plt
 
-    if not figures_wanted():
+    if not enabled:
         return
     fig = draw()
     mlflow.log_figure(fig, f"plots/{name}")

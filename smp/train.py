@@ -1,9 +1,12 @@
-"""Stage 5: the jobs behind the entry points, each ``run(cfg) -> dict[str, float]``.
+"""Stage 6: the model jobs behind the entry points, each ``run(cfg, parent=None, on_step=None) -> JobResult``.
 
 A job loads the posts, drops unlabelled rows (counted), subsamples, splits,
 fits its model on train (early stopping on val), evaluates on val and test,
 and logs params, dataset inputs, metrics, figures and a pyfunc model that
-predicts from raw post rows.
+predicts from raw post rows.  Lineage is explicit: a job made under another
+run (an upstream embed or benchmark run, a study's trial) receives that run
+as ``parent`` and returns its own run id, metrics and model as a
+``JobResult``; ``on_step(step, val_rmse)`` is the one hook into fitting.
 """
 
 from __future__ import annotations
@@ -20,16 +23,17 @@ import numpy as np
 import pandas as pd
 
 from smp import plots
+from smp.config import ConfigError, flatten
 from smp.data import DataCfg, DataError
 from smp.evaluate import baseline_metrics, regression_metrics
 from smp.features import TabularCfg
-from smp.models import (BenchmarkModel, CrossFitBenchmark, EnsembleModel, ImageFeatureSource, PCABoostModel,
-                        PCACfg, XGBCfg, cross_fit)
-from smp.nets import Conv1DCfg, MLPCfg, create_net
+from smp.image_features import PAPER_CLIP_MODEL, PAPER_CLIP_PRETRAINED
+from smp.models import BenchmarkModel, ImageFeatureSource, Part, PCACfg, XGBCfg, create_model, cross_fit
+from smp.nets import Conv1DCfg, MLPCfg
 from smp.serving import example_input, log_model
 from smp.splits import Prepared, SplitCfg, prepare
-from smp.tracking import (find_finished_run, flat_params, last_job_run_id, job_run, log_data_inputs, log_figure,
-                          log_params, logged_model_uri)
+from smp.tracking import (JobResult, Parent, find_finished_run, job_run, log_data_inputs, log_figure, log_params,
+                          logged_model_uri)
 
 log = logging.getLogger("smp.train")
 
@@ -94,7 +98,8 @@ def log_prepared(prep: Prepared, splitting: SplitCfg) -> None:
         mlflow.log_dict(issues, "data/parse_issues.json")
 
 
-def evaluate_and_log(model, prep: Prepared, preds: dict[str, np.ndarray] | None = None) -> dict[str, float]:
+def evaluate_and_log(model, prep: Prepared, preds: dict[str, np.ndarray] | None = None,
+                     figures: bool = True) -> dict[str, float]:
     """Compute val/test metrics (and the mean baseline) and log the two standard figures; the metrics are
     logged by ``log_model_and_metrics`` once the model exists (so they are linked to it)."""
     metrics: dict[str, float] = {}
@@ -107,8 +112,8 @@ def evaluate_and_log(model, prep: Prepared, preds: dict[str, np.ndarray] | None 
         metrics.update(regression_metrics(prep.y(part), p, part))
         metrics.update(baseline_metrics(prep.y("train"), prep.y(part), part))
     y, p = prep.y("test"), preds["test"]
-    log_figure(lambda: plots.pred_vs_actual(y, p, f"{model.family}: test"), "pred_vs_actual.png")
-    log_figure(lambda: plots.error_hist(y, p, f"{model.family}: test error"), "error_hist.png")
+    log_figure(lambda: plots.pred_vs_actual(y, p, f"{model.family}: test"), "pred_vs_actual.png", figures)
+    log_figure(lambda: plots.error_hist(y, p, f"{model.family}: test error"), "error_hist.png", figures)
     return metrics
 
 
@@ -121,27 +126,45 @@ def log_model_and_metrics(model, example: pd.DataFrame, metrics: dict[str, float
         mlflow.log_metrics(values, model_id=getattr(info, "model_id", None), dataset=prep.datasets.get(part))
 
 
-def run_benchmark(cfg: BenchmarkJob = BenchmarkJob(), callbacks=None) -> dict[str, float]:
-    """Train the paper's tabular XGBoost benchmark and log it; return the metrics."""
+def part(prep: Prepared, name: str, blocks: dict | None = None, stacked: dict | None = None) -> Part:
+    """The model inputs of split ``name``: its rows and labels (and image block, stacked predictions)."""
+    return Part(prep.rows(name), prep.y(name), None if blocks is None else blocks[name],
+                None if stacked is None else stacked[name])
+
+
+def figures_for(parent: Parent | None) -> bool:
+    """Whether a job logs its figures: always, except under a parent that turned them off (a trial)."""
+    return parent is None or parent.figures
+
+
+def child_of(run, parent: Parent | None) -> Parent:
+    """The ``Parent`` an upstream job gets from the job running it: nested under ``run``, same figure rule."""
+    return Parent(run.info.run_id, run.info.experiment_id, figures=figures_for(parent))
+
+
+def run_benchmark(cfg: BenchmarkJob = BenchmarkJob(), parent: Parent | None = None, on_step=None) -> JobResult:
+    """Train the paper's tabular XGBoost benchmark and log it; return its run, metrics and model.
+
+    ``on_step(round, val_rmse)`` is called after every boosting round (tuning reports and prunes there)."""
     cfg = for_protocol(cfg)
     prep = prepare(cfg.source, cfg.splitting)
+    figures = figures_for(parent)
     tags = {"smp.model": "benchmark", "smp.reuse_key": reuse_key(cfg.splitting, cfg.xgb, cfg.tabular)}
-    with job_run("benchmark", cfg.experiment, flat_params(cfg), tags):
+    with job_run("benchmark", cfg.experiment, flatten(cfg), tags, parent) as run:
         log_prepared(prep, cfg.splitting)
         t0 = time.perf_counter()
-        model = BenchmarkModel(cfg.xgb, cfg.tabular, cfg.splitting.seed).fit(
-            prep.rows("train"), prep.y("train"), prep.rows("val"), prep.y("val"), callbacks)
+        model = create_model("benchmark", cfg).fit(part(prep, "train"), part(prep, "val"), on_step)
         log_tree_settings(model)
         mlflow.log_metrics({"time/fit_s": time.perf_counter() - t0, "fit/best_iteration": model.best_iteration_,
                             "fit/n_features": float(len(model.featurizer_.feature_names_))})
-        metrics = evaluate_and_log(model, prep)
+        metrics = evaluate_and_log(model, prep, figures=figures)
         log_model_and_metrics(model, example_input(prep.rows("test"), model.input_fields_), metrics, prep)
         names, gain = model.importance()
-        log_figure(lambda: plots.feature_importance(names, gain), "feature_importance.png")
+        log_figure(lambda: plots.feature_importance(names, gain), "feature_importance.png", figures)
         mlflow.log_dict(json.loads(pd.Series(gain, index=names).sort_values(ascending=False).to_json()),
                         "feature_importance.json")
     log.info("benchmark: test RMSE %.4f (baseline %.4f)", metrics["test_rmse"], metrics["test_rmse_baseline"])
-    return metrics
+    return JobResult(run.info.run_id, metrics, model)
 
 
 # --------------------------------------------------------------------------- image jobs
@@ -149,8 +172,8 @@ def run_benchmark(cfg: BenchmarkJob = BenchmarkJob(), callbacks=None) -> dict[st
 class UpstreamCfg:
     embed_run: str = ""          # an embed run id to read image features from ("" = find or run one)
     benchmark_run: str = ""      # a benchmark run id to stack on ("" = find or run one)
-    clip_model: str = "RN50"     # the paper's CLIP backbone (used when embed runs upstream)
-    clip_pretrained: str = "openai"  # open_clip weights tag; "none" = random weights (offline demo/tests)
+    clip_model: str = PAPER_CLIP_MODEL  # the paper's CLIP backbone (used when embed runs upstream)
+    clip_pretrained: str = PAPER_CLIP_PRETRAINED  # open_clip weights tag; "none" = random weights (offline demo/tests)
     checkpoint: str = ""         # local CLIP checkpoint file (overrides clip_pretrained)
 
 
@@ -158,28 +181,27 @@ def reuse_key(*cfgs, extra: dict | None = None) -> str:
     """Hash of the result-affecting settings, used to find a reusable upstream run."""
     from smp.tracking import params_hash
 
-    return params_hash({**flat_params(*cfgs), **(extra or {})})
+    return params_hash({**flatten(*cfgs), **(extra or {})})
 
 
 def _features_path(run_id: str) -> str:
     return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="features.parquet")
 
 
-def upstream_embed(prep: Prepared, source: DataCfg, up: UpstreamCfg, experiment_id: str) -> tuple[str, object]:
-    """Id of the embed run that holds this data's image features (reused, or run now, nested)."""
+def upstream_embed(prep: Prepared, source: DataCfg, up: UpstreamCfg, parent: Parent) -> tuple[str, object]:
+    """Id of the embed run that holds this data's image features (reused, or run now under ``parent``)."""
     from smp.embed import EmbedCfg, EmbedJob, embedding_key, run_embed
 
     if "image_path" not in prep.posts.columns:
         raise DataError(f"{prep.posts.attrs.get('source')}: this data has no images (e.g. the real posts.csv), "
                         "so image models cannot be trained on it; use the `benchmark` entry point instead")
     embed_cfg = EmbedCfg(clip_model=up.clip_model, clip_pretrained=up.clip_pretrained, checkpoint=up.checkpoint)
-    run_id = up.embed_run or find_finished_run(experiment_id, {
+    run_id = up.embed_run or find_finished_run(parent.experiment_id, {
         "smp.job": "embed", "smp.data_hash": prep.digest, "smp.reuse_key": embedding_key(embed_cfg)})
     if run_id:
         log.info("reusing embed run %s", run_id)
     else:
-        run_embed(EmbedJob(source=source, embed=embed_cfg))
-        run_id = last_job_run_id()
+        run_id = run_embed(EmbedJob(source=source, embed=embed_cfg), parent=parent).run_id
     tags = mlflow.get_run(run_id).data.tags
     effective = EmbedCfg(clip_model=up.clip_model, clip_pretrained=tags.get("smp.clip_effective_pretrained",
                                                                              up.clip_pretrained),
@@ -217,17 +239,19 @@ def image_blocks(prep: Prepared, run_id: str) -> tuple[dict[str, np.ndarray], li
     return blocks, cols
 
 
-def upstream_benchmark(prep: Prepared, cfg, experiment_id: str) -> tuple[str, BenchmarkModel]:
-    """The benchmark run (same data, split and booster settings) and its fitted model."""
+def upstream_benchmark(prep: Prepared, cfg, parent: Parent) -> tuple[str, BenchmarkModel]:
+    """The benchmark run (same data, split and booster settings) and its fitted model (reused, or run now
+    under ``parent``)."""
     key = reuse_key(cfg.splitting, cfg.xgb, cfg.tabular)
-    run_id = cfg.upstream.benchmark_run or find_finished_run(experiment_id, {
+    run_id = cfg.upstream.benchmark_run or find_finished_run(parent.experiment_id, {
         "smp.job": "benchmark", "smp.data_hash": prep.digest, "smp.reuse_key": key})
     if run_id:
         log.info("reusing benchmark run %s", run_id)
+        model = mlflow.pyfunc.load_model(logged_model_uri(run_id)).unwrap_python_model().model
     else:
-        run_benchmark(BenchmarkJob(source=cfg.source, splitting=cfg.splitting, xgb=cfg.xgb, tabular=cfg.tabular))
-        run_id = last_job_run_id()
-    model = mlflow.pyfunc.load_model(logged_model_uri(run_id)).unwrap_python_model().model
+        made = run_benchmark(BenchmarkJob(source=cfg.source, splitting=cfg.splitting, xgb=cfg.xgb,
+                                          tabular=cfg.tabular), parent=parent)
+        run_id, model = made.run_id, made.model
     mlflow.set_tag("smp.benchmark_run", run_id)
     return run_id, model
 
@@ -247,9 +271,9 @@ def stacking_inputs(prep: Prepared, cfg, bench_run: str, bench: BenchmarkModel):
                     "(the paper's leak), kept only to measure its effect")
         return {part: bench.predict(prep.rows(part)) for part in ("train", "val", "test")}, bench
     if sc.stacking != "oof":
-        raise DataError(f"stacking={sc.stacking!r}: expected 'oof' or 'in_sample'")
+        raise ConfigError(f"stacking={sc.stacking!r}: expected 'oof' or 'in_sample'")
     if sc.stacking_fit not in ("crossfit", "refit"):
-        raise DataError(f"stacking_fit={sc.stacking_fit!r}: expected 'crossfit' or 'refit'")
+        raise ConfigError(f"stacking_fit={sc.stacking_fit!r}: expected 'crossfit' or 'refit'")
     name = f"stacking/crossfit_k{sc.stacking_folds}.pkl"
     train_pids = prep.rows("train")["Pid"].astype(str).to_numpy()
     client = mlflow.MlflowClient()
@@ -321,53 +345,56 @@ class EnsembleConv1DJob:
     experiment: str = ""
 
 
-def run_pca_boost(cfg: PCABoostJob = PCABoostJob(), callbacks=None) -> dict[str, float]:
-    """[CLIP, handcrafted, tabular] -> PCA -> XGBoost (the paper's second model)."""
+def run_pca_boost(cfg: PCABoostJob = PCABoostJob(), parent: Parent | None = None, on_step=None) -> JobResult:
+    """[CLIP, handcrafted, tabular] -> PCA -> XGBoost (the paper's second model); ``on_step(round, val_rmse)``
+    after every boosting round."""
     cfg = for_protocol(cfg)
     prep = prepare(cfg.source, cfg.splitting)
-    with job_run("pca_boost", cfg.experiment, flat_params(cfg), {"smp.model": "pca_boost"}) as run:
+    figures = figures_for(parent)
+    with job_run("pca_boost", cfg.experiment, flatten(cfg), {"smp.model": "pca_boost"}, parent) as run:
         log_prepared(prep, cfg.splitting)
-        embed_run, embed_cfg = upstream_embed(prep, cfg.source, cfg.upstream, run.info.experiment_id)
+        embed_run, embed_cfg = upstream_embed(prep, cfg.source, cfg.upstream, child_of(run, parent))
         blocks, cols = image_blocks(prep, embed_run)
         t0 = time.perf_counter()
-        model = PCABoostModel(cfg.xgb, cfg.pca, cfg.tabular, ImageFeatureSource(cols, embed_cfg),
-                              cfg.splitting.seed).fit(prep.rows("train"), blocks["train"], prep.y("train"),
-                                                      prep.rows("val"), blocks["val"], prep.y("val"), callbacks)
+        model = create_model("pca_boost", cfg, images=ImageFeatureSource(cols, embed_cfg)).fit(
+            part(prep, "train", blocks), part(prep, "val", blocks), on_step)
         log_tree_settings(model)
         mlflow.log_metrics({"time/fit_s": time.perf_counter() - t0, "fit/best_iteration": model.best_iteration_,
                             "fit/pca_components": float(model.pca_.n_components_),
                             "fit/pca_explained_variance": float(model.pca_.explained_variance_ratio_.sum())})
-        log_figure(lambda: plots.explained_variance(model.pca_.explained_variance_ratio_), "explained_variance.png")
+        log_figure(lambda: plots.explained_variance(model.pca_.explained_variance_ratio_), "explained_variance.png",
+                   figures)
         preds = {p: model.predict(prep.rows(p), blocks[p]) for p in ("val", "test")}
-        metrics = evaluate_and_log(model, prep, preds)
+        metrics = evaluate_and_log(model, prep, preds, figures)
         log_model_and_metrics(model, example_input(prep.rows("test"), model.input_fields_, images=True), metrics,
                               prep)
-    return metrics
+    return JobResult(run.info.run_id, metrics, model)
 
 
-def run_ensemble(cfg, family: str, on_epoch=None) -> dict[str, float]:
-    """Stack the benchmark's prediction with image features in the paper's MLP or Conv1D net."""
+def run_ensemble(cfg, family: str, parent: Parent | None = None, on_step=None) -> JobResult:
+    """Stack the benchmark's prediction with image features in the paper's MLP or Conv1D net;
+    ``on_step(epoch, val_rmse)`` after every epoch."""
     cfg = for_protocol(cfg)
     prep = prepare(cfg.source, cfg.splitting)
+    figures = figures_for(parent)
     tags = {"smp.model": family, "smp.stacking": cfg.stacking.stacking, "smp.head": cfg.net.head}
-    with job_run(family, cfg.experiment, flat_params(cfg), tags) as run:
+    with job_run(family, cfg.experiment, flatten(cfg), tags, parent) as run:
         log_prepared(prep, cfg.splitting)
-        exp = run.info.experiment_id
-        embed_run, embed_cfg = upstream_embed(prep, cfg.source, cfg.upstream, exp)
-        bench_run, bench = upstream_benchmark(prep, cfg, exp)
+        upstream = child_of(run, parent)
+        embed_run, embed_cfg = upstream_embed(prep, cfg.source, cfg.upstream, upstream)
+        bench_run, bench = upstream_benchmark(prep, cfg, upstream)
         stack, predictor = stacking_inputs(prep, cfg, bench_run, bench)
         blocks, cols = image_blocks(prep, embed_run)
-        net = create_net(family, **asdict(replace(cfg.net, seed=cfg.splitting.seed)))
-        model = EnsembleModel(family, net, predictor, ImageFeatureSource(cols, embed_cfg))
+        model = create_model(family, cfg, images=ImageFeatureSource(cols, embed_cfg), benchmark=predictor)
+        net = model.net
 
-        def epoch_hook(epoch, train_loss, val_rmse):
-            mlflow.log_metrics({"train_loss": train_loss, "val_rmse_epoch": val_rmse}, step=epoch)
-            if on_epoch is not None:
-                on_epoch(epoch, train_loss, val_rmse)
+        def epoch_hook(epoch, val_rmse):  # the per-epoch curves, live in the UI; then the caller's hook
+            mlflow.log_metrics({"train_loss": net.history_[-1]["train_loss"], "val_rmse_epoch": val_rmse}, step=epoch)
+            if on_step is not None:
+                on_step(epoch, val_rmse)
 
         t0 = time.perf_counter()
-        model.fit(stack["train"], blocks["train"], prep.y("train"), stack["val"], blocks["val"], prep.y("val"),
-                  on_epoch=epoch_hook)
+        model.fit(part(prep, "train", blocks, stack), part(prep, "val", blocks, stack), epoch_hook)
         mlflow.log_metrics({"time/fit_s": time.perf_counter() - t0, "fit/best_epoch": float(net.best_epoch_),
                             "stacked_input/val_rmse": net.input_val_rmse_})
         log_params({"data/train_images": int(np.isfinite(blocks["train"]).all(axis=1).sum())})
@@ -377,22 +404,24 @@ def run_ensemble(cfg, family: str, on_epoch=None) -> dict[str, float]:
             log.warning("%s: validation RMSE %.4f does not beat its stacked benchmark input (%.4f)%s", family,
                         net.best_val_rmse_, net.input_val_rmse_,
                         "; the residual net fell back to the input (epoch 0)" if cfg.net.head == "residual" else "")
-        log_figure(lambda: plots.training_curve(net.history_, family), "training_curve.png")
+        log_figure(lambda: plots.training_curve(net.history_, family), "training_curve.png", figures)
         preds = {p: np.asarray(net.predict(model.stack(stack[p], blocks[p])), dtype=float) for p in ("val", "test")}
-        metrics = evaluate_and_log(model, prep, preds)
+        metrics = evaluate_and_log(model, prep, preds, figures)
         # the benchmark prediction the net was handed, scored on the same test posts (what the net must beat)
         metrics["stacked_input/test_rmse"] = regression_metrics(prep.y("test"), stack["test"], "test")["test_rmse"]
         mlflow.log_metric("stacked_input/test_rmse", metrics["stacked_input/test_rmse"])
         log_model_and_metrics(model, example_input(prep.rows("test"), model.input_fields_, images=True),
                               metrics, prep)
-    return metrics
+    return JobResult(run.info.run_id, metrics, model)
 
 
-def run_ensemble_mlp(cfg: EnsembleMLPJob = EnsembleMLPJob(), on_epoch=None) -> dict[str, float]:
+def run_ensemble_mlp(cfg: EnsembleMLPJob = EnsembleMLPJob(), parent: Parent | None = None,
+                     on_step=None) -> JobResult:
     """The paper's ensemble MLP (the main job)."""
-    return run_ensemble(cfg, "ensemble_mlp", on_epoch)
+    return run_ensemble(cfg, "ensemble_mlp", parent, on_step)
 
 
-def run_ensemble_conv1d(cfg: EnsembleConv1DJob = EnsembleConv1DJob(), on_epoch=None) -> dict[str, float]:
+def run_ensemble_conv1d(cfg: EnsembleConv1DJob = EnsembleConv1DJob(), parent: Parent | None = None,
+                        on_step=None) -> JobResult:
     """The paper's ensemble Conv1D."""
-    return run_ensemble(cfg, "ensemble_conv1d", on_epoch)
+    return run_ensemble(cfg, "ensemble_conv1d", parent, on_step)

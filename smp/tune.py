@@ -19,9 +19,10 @@ Search spaces (each covers the paper's grid and goes beyond it):
   ``kernel_sizes`` 3 or 5, ``dropout`` 0.3-0.85, ``lr`` 1e-4-3e-3 (log),
   ``weight_decay`` 1e-6-1e-2 (log), ``batch_size`` 32-256, ``epochs`` 10-40.
 
-Pruning: XGBoost reports its validation RMSE every round through
-optuna-integration's ``XGBoostPruningCallback`` (every ``report_every`` rounds); the nets report per epoch
-(``trial.report``).  A pruned trial's run ends KILLED with the tag
+Pruning: every family's job takes one hook, ``on_step(step, val_rmse)``,
+called after each boosting round or epoch; the objective reports it to the
+trial (every ``report_every`` rounds for the boosters, each a storage round
+trip) and prunes there.  A pruned trial's run ends KILLED with the tag
 ``smp.trial_state=PRUNED``.
 
 What a trial logs: its params, metrics, dataset inputs and model (so any
@@ -50,10 +51,12 @@ from pathlib import Path
 import mlflow
 import optuna
 
-from smp.data import DataCfg, DataError
+from smp.config import ConfigError, apply, flatten
+from smp.data import DataCfg
+from smp.jobs import JOBS, family
 from smp.splits import SplitCfg
-from smp.tracking import (RUN_CONTEXT, configure_tracking, data_label, describe_experiment, flat_params, log_figure,
-                          log_params, logged_model_uri, resolve_experiment)
+from smp.tracking import (Parent, configure_tracking, data_label, describe_experiment, log_figure, log_params,
+                          logged_model_uri, resolve_experiment)
 
 log = logging.getLogger("smp.tune")
 
@@ -85,7 +88,7 @@ class TuneJob:
     experiment: str = ""  # "" = MLFLOW_EXPERIMENT_NAME, else "smp" (under `mlflow run`: its --experiment-name)
 
 
-def _xgb_space(trial) -> dict:
+def xgb_space(trial) -> dict:
     return {
         "max_depth": trial.suggest_int("max_depth", 3, 18),
         "learning_rate": trial.suggest_float("learning_rate", 0.005, 0.3, log=True),
@@ -98,11 +101,11 @@ def _xgb_space(trial) -> dict:
     }
 
 
-def _pca_boost_space(trial) -> dict:
-    return {**_xgb_space(trial), "n_components": trial.suggest_int("n_components", 20, 400, log=True)}
+def pca_boost_space(trial) -> dict:
+    return {**xgb_space(trial), "n_components": trial.suggest_int("n_components", 20, 400, log=True)}
 
 
-def _mlp_space(trial) -> dict:
+def mlp_space(trial) -> dict:
     return {
         "hidden": (trial.suggest_categorical("hidden_1", [64, 128, 256, 512]),
                    trial.suggest_categorical("hidden_2", [16, 32, 64, 128])),
@@ -114,7 +117,7 @@ def _mlp_space(trial) -> dict:
     }
 
 
-def _conv1d_space(trial) -> dict:
+def conv1d_space(trial) -> dict:
     return {
         "n_pca": trial.suggest_int("n_pca", 8, 40),
         "channels": (trial.suggest_categorical("channels_1", [8, 16, 32]),
@@ -128,8 +131,9 @@ def _conv1d_space(trial) -> dict:
     }
 
 
-SPACES = {"benchmark": _xgb_space, "pca_boost": _pca_boost_space,
-          "ensemble_mlp": _mlp_space, "ensemble_conv1d": _conv1d_space}
+def space_for(model: str):
+    """The search space of model family ``model`` (named in its ``smp.jobs`` entry)."""
+    return globals()[family(model).space]
 
 
 def default_storage() -> str:
@@ -171,90 +175,50 @@ def make_pruner(cfg: StudyCfg):
         return optuna.pruners.HyperbandPruner()
     if cfg.pruner == "none":
         return optuna.pruners.NopPruner()
-    raise DataError(f"pruner={cfg.pruner!r}: expected median, hyperband or none")
+    raise ConfigError(f"pruner={cfg.pruner!r}: expected median, hyperband or none")
 
 
 def job_for(model: str, source: DataCfg, splitting: SplitCfg, experiment: str):
-    """The entry point's run function and its default config with this data and split."""
-    from smp import train
-
-    table = {
-        "benchmark": (train.run_benchmark, train.BenchmarkJob()),
-        "pca_boost": (train.run_pca_boost, train.PCABoostJob()),
-        "ensemble_mlp": (train.run_ensemble_mlp, train.EnsembleMLPJob()),
-        "ensemble_conv1d": (train.run_ensemble_conv1d, train.EnsembleConv1DJob()),
-    }
-    if model not in table:
-        raise DataError(f"model={model!r}: expected one of {sorted(table)}")
-    run_fn, cfg = table[model]
-    return run_fn, replace(cfg, source=source, splitting=splitting, experiment=experiment)
+    """The family's run function and its default config with this data and split (``smp.jobs`` entry)."""
+    entry = family(model)
+    return entry.run_function(), replace(entry.default_config(), source=source, splitting=splitting,
+                                         experiment=experiment)
 
 
 def objective_for(cfg: TuneJob, parent_run_id: str):
-    """The Optuna objective: suggested values -> the entry point's config -> its run() -> val RMSE."""
-    from smp.cli import apply
-
+    """The Optuna objective: suggested values -> the family's config -> its run() -> val RMSE."""
     run_fn, base = job_for(cfg.study.model, cfg.source, cfg.splitting, cfg.experiment)
-    space = SPACES[cfg.study.model]
+    space = space_for(cfg.study.model)
     experiment_id = mlflow.MlflowClient().get_run(parent_run_id).info.experiment_id  # once, not per trial
+    every = max(1, cfg.study.report_every) if JOBS[cfg.study.model].net == "" else 1  # boosters: rounds are cheap
 
     def objective(trial: optuna.Trial) -> float:
-        params = space(trial)
-        job_cfg = apply(base, params)
-        context = {"parent_run_id": parent_run_id, "experiment_id": experiment_id,
-                   "figures": cfg.study.trial_figures, "tags": {
-                       "optuna.study": trial.study.study_name, "optuna.trial_number": str(trial.number)}}
-        token = RUN_CONTEXT.set(context)
-        try:
-            if cfg.study.model in ("benchmark", "pca_boost"):
-                callbacks = [pruning_callback(trial, cfg.study.report_every), _run_id_recorder(trial)]
-                metrics = run_fn(job_cfg, callbacks=callbacks)
-            else:
-                def on_epoch(epoch, train_loss, val_rmse):
-                    _record_run_id(trial)
-                    trial.report(val_rmse, epoch)
-                    if trial.should_prune():
-                        raise optuna.TrialPruned(f"pruned at epoch {epoch} (val RMSE {val_rmse:.4f})")
+        parent = Parent(parent_run_id, experiment_id, figures=cfg.study.trial_figures, trial=str(trial.number),
+                        tags=(("optuna.study", trial.study.study_name), ("optuna.trial_number", str(trial.number))))
 
-                metrics = run_fn(job_cfg, on_epoch=on_epoch)
-        finally:
-            RUN_CONTEXT.reset(token)
-        trial.set_user_attr("mlflow_run_id", context["run_id"])
+        result = run_fn(apply(base, space(trial)), parent=parent, on_step=step_reporter(trial, every))
+        trial.set_user_attr("mlflow_run_id", result.run_id)
         for key in ("val_mae", "val_spearman", "test_rmse"):
-            if key in metrics:
-                trial.set_user_attr(key, metrics[key])
-        return metrics["val_rmse"]
+            if key in result:
+                trial.set_user_attr(key, result[key])
+        return result["val_rmse"]
 
     return objective
 
 
-def pruning_callback(trial, every: int):
-    """optuna-integration's ``XGBoostPruningCallback`` on the validation RMSE, consulted every ``every`` rounds.
+def step_reporter(trial, every: int = 1):
+    """The ``on_step(step, val_rmse)`` hook of a trial: records the trial's MLflow run at the first step,
+    reports every ``every``-th step to Optuna (each report is a storage round trip) and prunes there."""
 
-    Each report is a storage round trip (a SQL write, and a read for ``should_prune``); per round it was
-    2.3 s of a 5.5 s trial on sqlite (benchmarks/team.py), so rounds in between are skipped.
-    """
-    from optuna_integration import XGBoostPruningCallback
+    def on_step(step: int, val_rmse: float) -> None:
+        _record_run_id(trial)
+        if step % max(1, every):
+            return
+        trial.report(val_rmse, step)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at step {step} (val RMSE {val_rmse:.4f})")
 
-    class EveryNRounds(XGBoostPruningCallback):
-        def after_iteration(self, model, epoch: int, evals_log: dict) -> bool:
-            if epoch % max(1, every):
-                return False
-            return super().after_iteration(model, epoch, evals_log)
-
-    return EveryNRounds(trial, "validation_0-rmse")
-
-
-def _run_id_recorder(trial):
-    """An XGBoost callback that stores the trial's MLflow run id as soon as training starts."""
-    import xgboost as xgb
-
-    class RunIdRecorder(xgb.callback.TrainingCallback):
-        def before_training(self, model):
-            _record_run_id(trial)
-            return model
-
-    return RunIdRecorder()
+    return on_step
 
 
 def _record_run_id(trial) -> None:
@@ -299,7 +263,7 @@ def parent_run(study: optuna.Study, cfg: TuneJob) -> str:
         mlflow.MlflowClient().delete_run(run.info.run_id)
         return winner
     with mlflow.start_run(run_id=run.info.run_id):
-        log_params(flat_params(cfg))
+        log_params(flatten(cfg))
     return run.info.run_id
 
 
@@ -311,7 +275,7 @@ def run_tune(cfg: TuneJob = TuneJob()) -> dict[str, float]:
     if launched and PARENT_ATTR not in study.user_attrs:
         study.set_user_attr(PARENT_ATTR, launched)
         with mlflow.start_run(run_id=launched) as run:
-            log_params(flat_params(cfg), tags={**parent_tags(cfg, study), "mlflow.runName": parent_name(cfg)},
+            log_params(flatten(cfg), tags={**parent_tags(cfg, study), "mlflow.runName": parent_name(cfg)},
                        skip_logged=True)  # the launcher logged the MLproject parameters already
             describe_experiment(run.info.experiment_id)
     parent = parent_run(study, cfg)

@@ -1,4 +1,4 @@
-"""Shared fixtures: tracking in tmp_path, tiny generated SMPD data, small configs."""
+"""Shared fixtures: tracking in tmp_path, tiny generated SMPD data, small configs (a tiny CLIP)."""
 
 from __future__ import annotations
 
@@ -35,3 +35,13 @@ def smpd_dir(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("smpd") / "smpd"
     return generate(out, SynthCfg(n=160, seed=3))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip() -> dict:
+    """``EmbedCfg`` / ``UpstreamCfg`` fields for smp's tiny CLIP (``smp.clip.TINY_CLIP``, random weights):
+    the RN50 code path (ModifiedResNet, BatchNorm, a text tower) at 64 px and 32-d vectors, for tests that
+    are not about RN50 itself."""
+    from smp.clip import TINY_CLIP
+
+    return {"clip_model": TINY_CLIP, "clip_pretrained": "none"}

@@ -1,7 +1,7 @@
 """The image-feature cache under bad input: damaged chunk files and runs killed before a full chunk.
 
-Random CLIP weights (clip_pretrained="none"), six JPEGs of the shared synthetic SMPD fixture, the
-cache under tmp_path; one model is loaded per module and passed to every call.
+smp's tiny CLIP with random weights (the ``tiny_clip`` fixture), six JPEGs of the shared synthetic SMPD
+fixture, the cache under tmp_path; one model is loaded per module and passed to every call.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import mlflow
 import numpy as np
 import pytest
 
-from smp import embed
+from smp import clip, embed
 from smp.data import DataCfg, load_data
 from smp.embed import EmbedCfg, EmbedJob, embed_images, load_clip, run_embed
 from smp.image_features import HANDCRAFTED
 
 N = 6
-CLIP_COLS = [f"clip_{j}" for j in range(1024)]
+CLIP_COLS = [f"clip_{j}" for j in range(32)]  # smp-tiny's embed_dim
 HC_COLS = list(HANDCRAFTED)
 
 
@@ -30,21 +30,26 @@ def images(smpd_dir) -> tuple[list[str], list[str]]:
     return posts["Pid"].astype(str).tolist(), posts["image_path"].tolist()
 
 
-def _cfg(cache_dir, **kw) -> EmbedCfg:
-    base = dict(clip_pretrained="none", batch_size=2, num_workers=0, chunk_size=2, flush_seconds=0.0,
-                cache_dir=str(cache_dir), progress=False, compile="none")
-    return EmbedCfg(**{**base, **kw})
+@pytest.fixture(scope="module")
+def cfg_for(tiny_clip):
+    """``cfg_for(cache_dir, **overrides)``: the tiny CLIP, eager, in the main process, 2-image chunks."""
+    def make(cache_dir, **kw) -> EmbedCfg:
+        base = dict(**tiny_clip, batch_size=2, num_workers=0, chunk_size=2, flush_seconds=0.0,
+                    cache_dir=str(cache_dir), progress=False, compile="none")
+        return EmbedCfg(**{**base, **kw})
+
+    return make
 
 
 @pytest.fixture(scope="module")
-def loaded():
-    return load_clip(_cfg(""))
+def loaded(cfg_for):
+    return load_clip(cfg_for(""))
 
 
 @pytest.fixture(scope="module")
-def reference(images, loaded, tmp_path_factory):
+def reference(images, loaded, cfg_for, tmp_path_factory):
     """Features from one uninterrupted run into a cache of its own."""
-    return embed_images(*images, _cfg(tmp_path_factory.mktemp("ref")), loaded=loaded).features
+    return embed_images(*images, cfg_for(tmp_path_factory.mktemp("ref")), loaded=loaded).features
 
 
 def _same_features(got, want) -> None:
@@ -80,7 +85,7 @@ def _damage(path: Path, how: str) -> None:
     if how == "truncated":
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     elif how == "clip_bytes":  # opens fine, the keys read fine; the clip member fails its CRC
-        _overwrite(path, _member_data_offset(path, "clip.npy") + 128 + 1000, b"\xff" * 16)
+        _overwrite(path, _member_data_offset(path, "clip.npy") + 128 + 64, b"\xff" * 16)
     elif how == "clip_header":  # a sound zip (CRCs match) whose clip member is not an .npy array
         with zipfile.ZipFile(path) as z:
             members = {name: z.read(name) for name in z.namelist()}
@@ -94,7 +99,7 @@ def _damage(path: Path, how: str) -> None:
         if how == "row_mismatch":
             arrays["hc"] = arrays["hc"][:1]
         elif how == "wrong_width":
-            arrays["clip"] = arrays["clip"][:, :512]
+            arrays["clip"] = arrays["clip"][:, :16]
         elif how == "non_finite":
             arrays["clip"][1, 7] = np.nan
         with open(path, "wb") as f:
@@ -106,11 +111,12 @@ def _damage(path: Path, how: str) -> None:
     ("clip_bytes", "Bad CRC-32"),
     ("clip_header", "clip is not an .npy array"),
     ("row_mismatch", "hc has 1 rows for 2 keys"),
-    ("wrong_width", "clip has 512 columns, expected 1024"),
+    ("wrong_width", "clip has 16 columns, expected 32"),
     ("non_finite", "clip has non-finite values"),
 ])
-def test_damaged_chunk_is_set_aside_and_its_images_recomputed(images, loaded, reference, tmp_path, how, problem):
-    cfg = _cfg(tmp_path / "cache")
+def test_damaged_chunk_is_set_aside_and_its_images_recomputed(images, loaded, reference, cfg_for, tmp_path, how,
+                                                             problem):
+    cfg = cfg_for(tmp_path / "cache")
     first = embed_images(*images, cfg, loaded=loaded)
     assert first.stats["computed"] == N and first.stats["damaged_chunks"] == 0
     chunks = _chunks(first.info["cache_dir"])
@@ -136,9 +142,10 @@ def test_damaged_chunk_is_set_aside_and_its_images_recomputed(images, loaded, re
     _same_features(third.features, reference)
 
 
-def test_chunk_damaged_after_indexing_is_recomputed_not_fatal(images, loaded, reference, tmp_path, monkeypatch):
+def test_chunk_damaged_after_indexing_is_recomputed_not_fatal(images, loaded, reference, cfg_for, tmp_path,
+                                                              monkeypatch):
     """The index was built from a good file that is damaged before its rows are read."""
-    cfg = _cfg(tmp_path / "cache")
+    cfg = cfg_for(tmp_path / "cache")
     first = embed_images(*images, cfg, loaded=loaded)
     victim = _chunks(first.info["cache_dir"])[0]
     read = embed._Cache.read
@@ -162,18 +169,17 @@ def test_chunk_damaged_after_indexing_is_recomputed_not_fatal(images, loaded, re
     _same_features(third.features, reference)
 
 
-def test_embed_job_logs_the_damaged_chunk_count(tmp_path):
+def test_embed_job_logs_the_damaged_chunk_count(cfg_for, tmp_path):
     from smp.synth import SynthCfg, generate
-    from smp.tracking import last_job_run_id
 
     data = generate(tmp_path / "smpd", SynthCfg(n=4, seed=1, img_min=32, img_max=48))
-    job = EmbedJob(source=DataCfg(data=str(data)), embed=_cfg(tmp_path / "cache"), experiment="bad-input")
+    job = EmbedJob(source=DataCfg(data=str(data)), embed=cfg_for(tmp_path / "cache"), experiment="bad-input")
     assert run_embed(job)["damaged_chunks"] == 0
     cache_dir = embed._cache_dir(job.embed, embed._spec(job.embed))
     _damage(_chunks(str(cache_dir))[0], "truncated")
     metrics = run_embed(job)
     assert metrics["damaged_chunks"] == 1 and metrics["computed"] == 2 and metrics["cache_hits"] == 2
-    params = mlflow.get_run(last_job_run_id()).data.params
+    params = mlflow.get_run(metrics.run_id).data.params
     assert params["cache/damaged_chunks"] == "1" and params["cache/computed"] == "2"
     assert params["flush_seconds"] == "0.0"
 
@@ -188,9 +194,9 @@ class _Clock:
         return self.now
 
 
-def test_time_flush_bounds_what_a_kill_loses(images, loaded, reference, tmp_path, monkeypatch):
+def test_time_flush_bounds_what_a_kill_loses(images, loaded, reference, cfg_for, tmp_path, monkeypatch):
     """256-image chunks, 10 s per image, a flush every 25 s: killed at the 6th image, 3 are on disk."""
-    clock, encode, calls = _Clock(), embed._Encoder.__call__, []
+    clock, encode, calls = _Clock(), clip.Encoder.__call__, []
 
     def slow_then_killed(self, pixels):
         calls.append(len(pixels))
@@ -199,8 +205,8 @@ def test_time_flush_bounds_what_a_kill_loses(images, loaded, reference, tmp_path
         clock.now += 10.0
         return encode(self, pixels)
 
-    monkeypatch.setattr(embed._Encoder, "__call__", slow_then_killed)
-    cfg = _cfg(tmp_path / "cache", batch_size=1, chunk_size=256, flush_seconds=25.0)
+    monkeypatch.setattr(clip.Encoder, "__call__", slow_then_killed)
+    cfg = cfg_for(tmp_path / "cache", batch_size=1, chunk_size=256, flush_seconds=25.0)
     written = []
     with pytest.raises(KeyboardInterrupt):
         embed_images(*images, cfg, loaded=loaded, clock=clock,
@@ -210,7 +216,7 @@ def test_time_flush_bounds_what_a_kill_loses(images, loaded, reference, tmp_path
     with np.load(chunk) as z:
         assert len(z["keys"]) == 3
 
-    monkeypatch.setattr(embed._Encoder, "__call__", encode)
+    monkeypatch.setattr(clip.Encoder, "__call__", encode)
     resumed = embed_images(*images, cfg, loaded=loaded)
     assert resumed.stats["cache_hits"] == 3 and resumed.stats["computed"] == N - 3
     _same_features(resumed.features, reference)

@@ -82,6 +82,8 @@ def test_real_posts_table_shape(tmp_path):
     cfg = BenchmarkJob(source=DataCfg(data=str(tmp_path / "posts.csv")), splitting=SplitCfg(sample_size=0),
                        xgb=XGBCfg(n_estimators=80, max_depth=3, learning_rate=0.1), experiment="t")
     metrics = run_benchmark(cfg)
+    # beats the mean predictor by 20%: tag_count explains most of the label (noise alone is 0.40 of baseline);
+    # data seeds 0-2 x split seeds 0-1 measured 0.44-0.57 of baseline
     assert metrics["test_rmse"] < 0.8 * metrics["test_rmse_baseline"]
 
 

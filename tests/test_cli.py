@@ -45,6 +45,7 @@ def test_every_option_is_described_once():
     assert "only runs of this model family" in text  # the dataclass comment is the help
 
 
+@pytest.mark.slow  # a child Python process
 def test_help_does_not_import_the_jobs():
     code = ("import sys; from smp.cli import main\n"
             "try:\n    main(['promote', '--help'])\nexcept SystemExit:\n    pass\n"

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from smp.config import ConfigError
 from smp.data import DataError, data_hash, labelled, load_data, load_posts_table, load_smpd_dir
 from smp.splits import SplitCfg, split_indices, subsample
 
@@ -186,7 +187,7 @@ def test_user_split_no_overlap_and_clear_error():
     assert 0.06 < len(parts["test"]) / 2000 < 0.16
     with pytest.raises(DataError, match="split=user needs the Uid field"):
         split_indices(_frame(100), SplitCfg(split="user"))
-    with pytest.raises(DataError, match="unknown protocol"):
+    with pytest.raises(ConfigError, match="unknown protocol"):
         split_indices(_frame(100), SplitCfg(split="bogus"))
 
 

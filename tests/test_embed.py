@@ -1,9 +1,10 @@
 """CLIP + handcrafted embedding pipeline: shapes, determinism, cache, resume, bad images.
 
-Random CLIP weights (clip_pretrained="none"), a few small generated JPEGs and
-the cache under tmp_path: nothing is downloaded.
+smp's tiny CLIP with random weights (the ``tiny_clip`` fixture), a few small generated JPEGs and
+the cache under tmp_path: nothing is downloaded. One slow test runs the paper's RN50 shapes.
 """
 
+import base64
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -11,10 +12,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import open_clip
+import pandas as pd
 import pytest
 import torch
 
-from smp import embed
+from smp import clip, embed
 from smp.embed import EmbedCfg, embed_images, load_clip
 from smp.image_features import HANDCRAFTED
 
@@ -26,7 +28,7 @@ BAD = {  # file name -> expected words in the reason
     "missing.jpg": "missing",
     None: "no image path",
 }
-CLIP_COLS = [f"clip_{j}" for j in range(1024)]
+CLIP_COLS = [f"clip_{j}" for j in range(32)]  # smp-tiny's embed_dim
 
 
 @pytest.fixture(scope="module")
@@ -50,16 +52,21 @@ def images(tmp_path_factory) -> tuple[list[str], list[str | None]]:
     return [f"p{i}" for i in range(len(paths))], paths
 
 
-def _cfg(cache_dir, **kw) -> EmbedCfg:
-    base = dict(clip_pretrained="none", batch_size=4, num_workers=0, chunk_size=4,
-                cache_dir=str(cache_dir), progress=False, compile="none")  # eager: no graph build
-    return EmbedCfg(**{**base, **kw})
+@pytest.fixture(scope="module")
+def cfg_for(tiny_clip):
+    """``cfg_for(cache_dir, **overrides)``: the tiny CLIP, eager, in the main process, caching under cache_dir."""
+    def make(cache_dir, **kw) -> EmbedCfg:
+        base = dict(**tiny_clip, batch_size=4, num_workers=0, chunk_size=4,
+                    cache_dir=str(cache_dir), progress=False, compile="none")  # eager: no graph build
+        return EmbedCfg(**{**base, **kw})
+
+    return make
 
 
 @pytest.fixture(scope="module")
-def baseline(images, tmp_path_factory):
+def baseline(images, cfg_for, tmp_path_factory):
     """One uninterrupted run; returns (cfg, result)."""
-    cfg = _cfg(tmp_path_factory.mktemp("cache"))
+    cfg = cfg_for(tmp_path_factory.mktemp("cache"))
     return cfg, embed_images(*images, cfg)
 
 
@@ -79,8 +86,9 @@ def test_rows_shape_and_bad_images(images, baseline):
         assert words in reason
     assert res.stats["images"] == len(pids) and res.stats["bad_images"] == len(BAD)
     assert res.stats["computed"] == N_GOOD and res.stats["cache_hits"] == 0
-    assert res.stats["embedding_dim"] == 1024 and res.stats["images_per_s"] > 0
-    assert res.info["random_weights"] is True and res.info["embedding_dim"] == 1024
+    assert res.stats["embedding_dim"] == 32 and res.stats["images_per_s"] > 0
+    assert res.info["random_weights"] is True and res.info["embedding_dim"] == 32
+    assert res.info["model"] == "smp-tiny" and res.info["image_size"] == 64
     assert res.info["compile"] == "eager"
     chunk_files = list(Path(res.info["cache_dir"]).glob("chunk-*.npz"))
     assert len(chunk_files) == N_GOOD // 4
@@ -98,11 +106,11 @@ def test_second_run_is_served_from_cache(images, baseline, monkeypatch, caplog):
     assert again.bad.equals(first.bad)
 
 
-def test_workers_and_a_fresh_model_reproduce_the_vectors(images, baseline, tmp_path):
+def test_workers_and_a_fresh_model_reproduce_the_vectors(images, baseline, cfg_for, tmp_path):
     """Random init is seeded (same vectors from a new model) and workers change nothing."""
     _, first = baseline
     state = torch.random.get_rng_state()
-    res = embed_images(*images, _cfg(tmp_path, num_workers=2))
+    res = embed_images(*images, cfg_for(tmp_path, num_workers=2))
     assert torch.equal(state, torch.random.get_rng_state())  # global RNG untouched
     assert res.stats["computed"] == N_GOOD
     np.testing.assert_array_equal(res.features[CLIP_COLS].to_numpy(), first.features[CLIP_COLS].to_numpy())
@@ -128,10 +136,10 @@ def test_changed_model_or_preprocess_never_reuses_vectors(images, baseline, monk
     assert res.info["preprocess_version"] == "test-bumped"
 
 
-def test_interrupted_run_resumes(images, baseline, tmp_path):
+def test_interrupted_run_resumes(images, baseline, cfg_for, tmp_path):
     _, first = baseline
     pids, paths = images[0][:5], images[1][:5]
-    cfg = _cfg(tmp_path, batch_size=2, chunk_size=2)
+    cfg = cfg_for(tmp_path, batch_size=2, chunk_size=2)
 
     def stop_after_first_chunk(info):
         raise KeyboardInterrupt(f"simulated interruption after {info['path']}")
@@ -160,15 +168,16 @@ def test_offline_tag_download_explains_local_checkpoint(monkeypatch, tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
-def test_local_checkpoints_state_dict_and_torchscript(tmp_path):
+def test_local_checkpoints_state_dict_and_torchscript(tiny_clip, tmp_path):
     """A plain state_dict file and an OpenAI-style fp16 TorchScript archive both load."""
-    source, _, _ = load_clip(EmbedCfg(clip_pretrained="none", device="cpu"))
+    source, _, _ = load_clip(EmbedCfg(**tiny_clip, device="cpu"))
+    tiny = tiny_clip["clip_model"]
     half = source.eval().half()  # fp16 like OpenAI's files (and half the bytes to write)
     for p in half.parameters():  # weights unlike the seeded random init
         p.data.mul_(1.5)
     plain = tmp_path / "plain.pt"
     torch.save(half.state_dict(), plain)
-    model, _, info = load_clip(EmbedCfg(checkpoint=str(plain), device="cpu"))
+    model, _, info = load_clip(EmbedCfg(clip_model=tiny, checkpoint=str(plain), device="cpu"))
     assert info["checkpoint_sha256"] and not info["random_weights"]
     assert torch.equal(model.visual.conv1.weight, half.visual.conv1.weight.float())
 
@@ -176,15 +185,16 @@ def test_local_checkpoints_state_dict_and_torchscript(tmp_path):
         archive = torch.jit.trace_module(half, {"encode_text": torch.zeros(1, 77, dtype=torch.long)})
     scripted = tmp_path / "RN50-openai-style.pt"
     torch.jit.save(archive, str(scripted))
-    model, _, info = load_clip(EmbedCfg(checkpoint=str(scripted), force_quick_gelu=True, device="cpu"))
+    model, _, info = load_clip(EmbedCfg(clip_model=tiny, checkpoint=str(scripted), force_quick_gelu=True,
+                                        device="cpu"))
     assert torch.equal(model.visual.conv1.weight, half.visual.conv1.weight.float())
     assert info["force_quick_gelu"] is True
 
 
-def test_frozen_graph_and_a_preloaded_model_match_eager(images, baseline, tmp_path):
+def test_frozen_graph_and_a_preloaded_model_match_eager(images, baseline, cfg_for, tmp_path):
     _, first = baseline
     pids, paths = images[0][:3], images[1][:3]
-    cfg = _cfg(tmp_path, compile="freeze", batch_size=2)
+    cfg = cfg_for(tmp_path, compile="freeze", batch_size=2)
     loaded = load_clip(cfg)  # reused across calls, e.g. by a server
     res = embed_images(pids, paths, cfg, loaded=loaded)
     assert res.info["compile"] == "freeze"
@@ -195,17 +205,17 @@ def test_frozen_graph_and_a_preloaded_model_match_eager(images, baseline, tmp_pa
 
 
 def test_auto_graph_mode():
-    cpu, many, few = EmbedCfg(), 10_000, 10
-    assert embed._graph_mode(cpu, "cpu", many) == "freeze"  # tracing pays off
-    assert embed._graph_mode(cpu, "cpu", few) == "eager"
-    assert embed._graph_mode(cpu, "cuda", many) == "eager"
-    assert embed._graph_mode(replace(cpu, compile="inductor"), "cpu", few) == "inductor"
+    auto, many, few = EmbedCfg().compile, 10_000, 10
+    assert clip.graph_mode(auto, "cpu", many) == "freeze"  # tracing pays off
+    assert clip.graph_mode(auto, "cpu", few) == "eager"
+    assert clip.graph_mode(auto, "cuda", many) == "eager"
+    assert clip.graph_mode("inductor", "cpu", few) == "inductor"
     with pytest.raises(ValueError):
-        embed._graph_mode(replace(cpu, compile="jit"), "cpu", few)
+        clip.graph_mode("jit", "cpu", few)
 
 
 @pytest.mark.parametrize("mode, module, attr", [("inductor", torch, "compile"), ("freeze", torch.jit, "trace")])
-def test_graph_failure_falls_back_to_eager(images, baseline, monkeypatch, tmp_path, mode, module, attr):
+def test_graph_failure_falls_back_to_eager(images, baseline, cfg_for, monkeypatch, tmp_path, mode, module, attr):
     _, first = baseline
 
     def broken(*args, **kwargs):
@@ -213,7 +223,57 @@ def test_graph_failure_falls_back_to_eager(images, baseline, monkeypatch, tmp_pa
 
     monkeypatch.setattr(module, attr, broken)
     pids, paths = images[0][:3], images[1][:3]
-    res = embed_images(pids, paths, _cfg(tmp_path, compile=mode))
+    res = embed_images(pids, paths, cfg_for(tmp_path, compile=mode))
     assert res.info["compile"] == "eager" and res.stats["computed"] == 3
     np.testing.assert_allclose(res.features[CLIP_COLS].to_numpy(),
                                first.features[CLIP_COLS].to_numpy()[:3], rtol=1e-4, atol=1e-6)
+
+
+def test_tiny_clip_is_an_open_clip_model(tiny_clip):
+    """smp-tiny is registered with open_clip when a config first names it: spec, transform and model come
+    from open_clip as RN50's do."""
+    cfg = EmbedCfg(**tiny_clip, device="cpu")
+    assert embed._spec(cfg)["embedding_dim"] == 32 and clip.preprocess_for(cfg).transforms[1].size == (64, 64)
+    model, _, info = load_clip(cfg)
+    assert info["image_size"] == 64 and tiny_clip["clip_model"] in open_clip.list_models()
+    assert model.encode_image(torch.zeros(2, 3, 64, 64)).shape == (2, 32)
+    with pytest.raises(ValueError, match="unknown open_clip model"):
+        embed._spec(replace(cfg, clip_model="smp-huge"))
+
+
+def test_request_rows_share_one_model(images, baseline, monkeypatch, tmp_path):
+    """Request-time features (smp predict, the served model): one model per process, the pipeline's vectors,
+    a reason for an image_b64 that is not base64."""
+    from smp import image_requests
+
+    cfg, first = baseline
+    paths = images[1]
+    loads, load = [], image_requests.load_clip
+    monkeypatch.setattr(image_requests, "load_clip", lambda c: loads.append(c) or load(c))
+    image_requests.shared_clip.cache_clear()
+    b64 = base64.b64encode(Path(paths[1]).read_bytes()).decode()
+    rows = pd.DataFrame({"Pid": ["a", "b", "c", "d"], "image_b64": [None, b64, "not base64!", None],
+                         "image_path": [paths[0], None, None, None]})
+    for _ in range(2):  # the first computes, the second is served from the cache
+        feats = image_requests.features_for_rows(rows, replace(cfg, cache_dir=str(tmp_path)))
+    image_requests.shared_clip.cache_clear()
+    assert len(loads) == 1
+    assert feats["has_image"].tolist() == [1, 1, 0, 0]
+    np.testing.assert_allclose(feats[CLIP_COLS].to_numpy()[:2], first.features[CLIP_COLS].to_numpy()[:2],
+                               rtol=1e-4, atol=1e-6)
+    assert feats.attrs["bad"].values.tolist() == [["c", "image_b64 is not valid base64"]]
+
+
+@pytest.mark.slow
+def test_rn50_shapes_and_frozen_graph(images, tmp_path):
+    """The paper's backbone (random weights): 224 px input, 1024-d vectors; its frozen graph matches eager
+    (a mismatch would have fallen back to eager)."""
+    pids, paths = images[0][:2], images[1][:2]
+    cfg = EmbedCfg(clip_pretrained="none", batch_size=2, num_workers=0, cache_dir=str(tmp_path), progress=False,
+                   compile="freeze")
+    res = embed_images(pids, paths, cfg)
+    rn50_cols = [f"clip_{j}" for j in range(1024)]
+    assert list(res.features.columns) == ["Pid", "has_image", *HANDCRAFTED, *rn50_cols]
+    assert res.stats["embedding_dim"] == 1024 and res.info["model"] == "RN50" and res.info["image_size"] == 224
+    assert res.info["compile"] == "freeze" and res.stats["computed"] == 2
+    assert np.isfinite(res.features[rn50_cols].to_numpy()).all()

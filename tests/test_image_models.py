@@ -125,12 +125,23 @@ def test_broken_images_kept_and_logged(chain, monkeypatch):
 
 
 def test_compare_table(chain, monkeypatch):
+    from pathlib import Path
+
+    from smp.jobs import FAMILIES, JOBS
+
     _use(chain, monkeypatch)
     exp = mlflow.get_experiment_by_name("img").experiment_id
+    paper = {f: JOBS[f].paper for f in FAMILIES}  # the one place smp keeps the paper's figures
     table = compare_table(exp, "random")
     assert list(table["model"]) == ["benchmark", "pca_boost", "ensemble_mlp", "ensemble_mlp (paper head)",
                                     "ensemble_conv1d"]
-    assert table.loc[table.model == "ensemble_mlp", "paper_rmse"].item() == 1.168
+    measured, paper_cols = ("test_rmse", "test_bias", "test_error_var"), ("paper_rmse", "paper_bias", "paper_error_var")
+    client = mlflow.MlflowClient()
+    for row in table.to_dict("records"):  # each family's measured figures beside its paper figures (both heads)
+        run = client.get_run(row["run_id"]).data
+        assert run.tags["smp.model"] == row["family"], row["model"]
+        assert [row[c] for c in measured] == pytest.approx([run.metrics[c] for c in measured]), row["model"]
+        assert tuple(row[c] for c in paper_cols) == paper[row["family"]], row["model"]
     mlp_runs = mlflow.search_runs([exp], filter_string="tags.`smp.job` = 'ensemble_mlp'",
                                   order_by=["attributes.start_time DESC"], output_format="list")
     by_head = {r.data.tags["smp.head"]: r for r in mlp_runs}
@@ -144,6 +155,16 @@ def test_compare_table(chain, monkeypatch):
     assert run.data.metrics == {}  # the table is compare's artifact; its numbers stay on the models' runs
     arts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"compare.md", "compare.csv"} <= arts
+    # the rendered table: each model's row shows its run's figures and its family's paper figures, column by column
+    md = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="compare.md")).read_text()
+    header, _, *lines = [[c.strip() for c in line.strip().strip("|").split("|")] for line in md.strip().splitlines()]
+    cells = {line[0]: dict(zip(header, line)) for line in lines}
+    assert list(cells) == list(table["model"])
+    for row in table.to_dict("records"):
+        assert [cells[row["model"]][c] for c in measured] == [f"{row[c]:.3f}" for c in measured], row["model"]
+        assert [cells[row["model"]][c] for c in paper_cols] == [f"{v:.3f}" for v in paper[row["family"]]], row["model"]
+    csv = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="compare.csv"))
+    assert list(zip(csv["model"], csv["paper_rmse"])) == [(m, paper[f][0]) for m, f in zip(table.model, table.family)]
 
 
 def test_stacking_refit_by_default_cross_fit_on_request(chain, monkeypatch):
@@ -174,9 +195,9 @@ def test_out_of_fold_never_uses_own_label():
     y = rng.normal(6, 2, n)
     val, y_val = posts.head(50), y[:50]
     cfg = XGBCfg(n_estimators=150, max_depth=12, learning_rate=0.3, early_stopping_rounds=0)
-    from smp.models import BenchmarkModel
+    from smp.models import BenchmarkModel, Part
 
-    in_sample = BenchmarkModel(cfg, TabularCfg(), 0).fit(posts, y, val, y_val).predict(posts)
+    in_sample = BenchmarkModel(cfg, TabularCfg(), 0).fit(Part(posts, y), Part(val, y_val)).predict(posts)
     oof = out_of_fold(posts, y, val, y_val, cfg, TabularCfg(), seed=0, folds=5)
     assert np.corrcoef(in_sample, y)[0, 1] > 0.9  # memorised: in-sample stacking would leak the label
     assert abs(np.corrcoef(oof, y)[0, 1]) < 0.25  # out-of-fold: no trace of the row's own label
@@ -185,8 +206,8 @@ def test_out_of_fold_never_uses_own_label():
 
 
 def test_image_models_refuse_data_without_images(tmp_path):
-    df = pd.DataFrame({"Pid": range(60), "Category": "A", "Postdate": np.linspace(1.4e9, 1.5e9, 60),
-                       "label": np.linspace(1, 10, 60)})
+    df = pd.DataFrame({"Pid": range(200), "Category": "A", "Postdate": np.linspace(1.4e9, 1.5e9, 200),
+                       "label": np.linspace(1, 10, 200)})
     df.to_csv(tmp_path / "posts.csv", index=False)
     from smp.data import DataError
 

@@ -33,7 +33,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
 from smp.features import TabularCfg  # noqa: E402
-from smp.models import (EXACT_MAX_ROWS, FULL_BINS_ROWS, BenchmarkModel, TimeTrend, XGBCfg,  # noqa: E402
+from smp.models import (EXACT_MAX_ROWS, FULL_BINS_ROWS, BenchmarkModel, Part, TimeTrend, XGBCfg,  # noqa: E402
                         cross_fit, make_booster, resolve_device, tree_settings)
 
 
@@ -74,7 +74,7 @@ def test_time_trend_extrapolates_where_trees_cannot():
     posts, y = _posts(600, slope=1.0)
     train, test = posts.iloc[:450].reset_index(drop=True), posts.iloc[450:].reset_index(drop=True)
     cfg = XGBCfg(n_estimators=200, max_depth=4, learning_rate=0.1, early_stopping_rounds=0)
-    args = (train, y[:450], train.tail(50), y[400:450])
+    args = (Part(train, y[:450]), Part(train.tail(50), y[400:450]))
     flat = BenchmarkModel(cfg, TabularCfg(), 0).fit(*args)
     trend = BenchmarkModel(cfg, TabularCfg(absolute_date=False, time_trend=True), 0).fit(*args)
     assert "Postdate" not in trend.featurizer_.feature_names_ and "Postdate" in trend.input_fields_

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import io
 import pickle
 
 import numpy as np
 import pytest
 import torch
 
-from smp.nets import (
-    MODELS, Conv1DCfg, Conv1DRegressor, EnsembleConv1D, EnsembleMLP, MLPCfg, MLPRegressor, create_net,
-)
+from smp.jobs import NET_FAMILIES
+from smp.nets import Conv1DCfg, Conv1DRegressor, EnsembleConv1D, EnsembleMLP, MLPCfg, MLPRegressor, create_net
+
+MODELS = {"ensemble_mlp": MLPRegressor, "ensemble_conv1d": Conv1DRegressor}  # what smp.jobs names per net family
 
 # small, fast configs that learn the synthetic problem reliably in a few hundred steps
 SMALL = {
@@ -83,6 +83,8 @@ def test_beats_benchmark_prediction_alone(fitted, data):
     _, model, _ = fitted
     pred = model.predict(data["X_test"])
     assert pred.dtype == np.float64 and pred.shape == (len(data["y_test"]),)
+    # the image term (2*tanh, noise 0.1) is most of y - benchmark; data seeds 0-2 x model seeds 0-2 measured
+    # 0.16-0.21 of the benchmark column's RMSE for both nets
     assert _rmse(pred, data["y_test"]) < 0.6 * _rmse(data["X_test"][:, 0], data["y_test"])
 
 
@@ -114,6 +116,7 @@ def test_on_epoch_called_once_per_epoch(fitted):
     assert [c[0] for c in calls] == list(range(1, SMALL[name].epochs + 1))
     assert [(h["epoch"], h["train_loss"], h["val_rmse"]) for h in model.history_] == calls
     losses = [c[1] for c in calls]
+    # training loss falls (it learns); data seeds 0-2 x model seeds 0-2 measured last/first 3 epochs 0.08-0.23
     assert np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3])
 
 
@@ -182,16 +185,9 @@ def test_pickle_round_trip(fitted, data):
     np.testing.assert_array_equal(clone.predict(data["X_test"]), model.predict(data["X_test"]))
 
 
-def test_state_round_trip_through_torch_save(fitted, data):
-    name, model, _ = fitted
-    buf = io.BytesIO()
-    torch.save(model.get_state(), buf)
-    buf.seek(0)
-    restored = MODELS[name].from_state(torch.load(buf, weights_only=True))
-    np.testing.assert_array_equal(restored.predict(data["X_test"]), model.predict(data["X_test"]))
-    assert restored.cfg == model.cfg and restored.best_epoch_ == model.best_epoch_
-    with pytest.raises(ValueError, match="state is for"):
-        MODELS[sorted(set(MODELS) - {name})[0]].from_state(model.get_state())
+def test_the_job_table_names_these_net_families():
+    assert set(NET_FAMILIES) == set(MODELS)
+    assert all(type(create_net(name, progress=False)) is cls for name, cls in MODELS.items())
 
 
 # ---------------------------------------------------------------- factory
@@ -240,6 +236,7 @@ def test_residual_net_never_loses_to_its_input_on_validation_when_the_image_is_n
 def test_residual_net_learns_the_image_signal(fitted, data):
     name, model, _ = fitted
     assert model.cfg.head == "residual" and model.beats_input_ is True and model.best_epoch_ >= 1
+    # the residual head learns the image term, not just its input: measured 0.16-0.21 of the input's RMSE (above)
     assert _rmse(model.predict(data["X_test"]), data["y_test"]) < 0.8 * _rmse(data["X_test"][:, 0], data["y_test"])
 
 
@@ -248,7 +245,7 @@ def test_unknown_head_is_refused(data):
         _make("ensemble_mlp", head="wide").fit(data["X"], data["y"])
 
 
-def test_nets_pickled_or_saved_before_heads_existed_keep_the_paper_head(fitted, data):
+def test_nets_pickled_before_heads_existed_keep_the_paper_head(fitted, data):
     name, model, _ = fitted
     paper = _make(name, head="paper", epochs=2).fit(data["X"], data["y"], data["X_val"], data["y_val"])
     old = pickle.loads(pickle.dumps(paper))
@@ -256,6 +253,3 @@ def test_nets_pickled_or_saved_before_heads_existed_keep_the_paper_head(fitted, 
     clone = pickle.loads(pickle.dumps(old))
     assert clone.cfg.head == "paper"
     np.testing.assert_array_equal(clone.predict(data["X_test"]), paper.predict(data["X_test"]))
-    state = paper.get_state()
-    del state["cfg"]["head"]
-    np.testing.assert_array_equal(MODELS[name].from_state(state).predict(data["X_test"]), paper.predict(data["X_test"]))

@@ -160,9 +160,9 @@ def test_image_features_computed_once_with_reasons(monkeypatch, tmp_path):
         feats.attrs["bad"] = pd.DataFrame({"Pid": ["b"], "reason": ["truncated JPEG"]})
         return feats
 
-    fake_embed = ModuleType("smp.embed")  # stands in for CLIP (and spares this test importing torch)
-    fake_embed.features_for_rows = fake_features
-    monkeypatch.setitem(sys.modules, "smp.embed", fake_embed)
+    fake_requests = ModuleType("smp.image_requests")  # stands in for CLIP (and spares this test importing torch)
+    fake_requests.features_for_rows = fake_features
+    monkeypatch.setitem(sys.modules, "smp.image_requests", fake_requests)
     model = SimpleNamespace(unwrap_python_model=lambda: SimpleNamespace(
         model=SimpleNamespace(images=ImageFeatureSource(cols, embed_cfg="the training settings"))))
     truncated = base64.b64decode(jpeg_b64())[:-40]
@@ -375,6 +375,7 @@ assert importlib.util.find_spec('smp') is None, 'smp still importable'
 """
 
 
+@pytest.mark.slow  # trains a job, then loads its model in child Python processes
 def test_logged_model_ships_its_code_as_one_archive(smpd_dir, tmp_path):
     run_benchmark(BenchmarkJob(source=DataCfg(data=str(smpd_dir)), splitting=SplitCfg(sample_size=0),
                                xgb=XGBCfg(n_estimators=20, max_depth=3, early_stopping_rounds=5), experiment="t"))

@@ -115,17 +115,18 @@ def test_two_processes_share_one_study(smpd_dir, tmp_path):
 
 
 def test_xgboost_pruning_reports_every_n_rounds():
-    """Each report is a storage round trip: the XGBoost callback consults Optuna every `report_every` rounds."""
+    """Each report is a storage round trip: a booster's on_step hook consults Optuna every `report_every` rounds."""
     import numpy as np
     import xgboost as xgb
 
-    from smp.tune import pruning_callback
+    from smp.models import step_callbacks
+    from smp.tune import step_reporter
 
     study = optuna.create_study(direction="minimize")  # in memory
     trial = study.ask()
     rng = np.random.default_rng(0)
     X, y = rng.standard_normal((200, 3)), rng.standard_normal(200)
-    xgb.XGBRegressor(n_estimators=25, max_depth=2, callbacks=[pruning_callback(trial, 10)]).fit(
+    xgb.XGBRegressor(n_estimators=25, max_depth=2, callbacks=step_callbacks(step_reporter(trial, 10))).fit(
         X, y, eval_set=[(X, y)], verbose=False)
     reported = study.trials[0].intermediate_values
     assert sorted(reported) == [0, 10, 20]

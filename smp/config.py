@@ -1,0 +1,122 @@
+"""The one walker over the (nested, frozen) config dataclasses of the jobs.
+
+A job's parameters are the leaf fields of its config. One name is one
+parameter: a leaf name shared by two nested configs (``seed``) is set by one
+CLI flag / MLproject parameter / tuning value and feeds both. The same walk
+gives the MLflow params (``flatten``), the CLI options and MLproject
+parameters (``leaves``, ``kind``), applies values back (``apply``) and parses
+text values (``parse``: bool, int, float, tuples), so these never disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields, is_dataclass, replace
+
+# MLproject types: float, int, string. Not `path`: MLflow refuses a `path` value that does not exist yet
+# (outputs: `out`, `output`), and the inputs' defaults are keywords ("demo") or empty (left undeclared).
+
+
+class ConfigError(ValueError):
+    """A bad parameter value (not bad data): the message names the parameter and what it expects."""
+
+
+def _walk(cfg, path=()):
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if is_dataclass(value):
+            yield from _walk(value, path + (f.name,))
+        else:
+            yield path + (f.name,), value
+
+
+def leaves(cfg) -> list[tuple[tuple[str, ...], object]]:
+    """``[(path, value)]``, one per leaf name (the first occurrence; same-named leaves are one parameter)."""
+    out, seen = [], set()
+    for path, value in _walk(cfg):
+        if path[-1] not in seen:
+            seen.add(path[-1])
+            out.append((path, value))
+    return out
+
+
+def flatten(*cfgs) -> dict[str, object]:
+    """``{name: value}`` of every leaf (the MLflow params of a run). A same-named leaf holding a different
+    value from the first (possible only when a config is built in Python) is kept under its dotted path, so
+    every value used is logged."""
+    out: dict[str, object] = {}
+    for cfg in cfgs:
+        for path, value in _walk(cfg):
+            name = path[-1]
+            if name not in out:
+                out[name] = value
+            elif out[name] != value:
+                out[".".join(path)] = value
+    return out
+
+
+def apply(cfg, values: dict[str, object]):
+    """``cfg`` with every leaf named in ``values`` replaced (all same-named leaves); unknown names refused."""
+    unknown = set(values) - {path[-1] for path, _ in _walk(cfg)}
+    if unknown:
+        raise ConfigError(f"unknown parameter(s) {sorted(unknown)} for {type(cfg).__name__}")
+    return _apply(cfg, values)
+
+
+def _apply(cfg, values):
+    changes = {}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if is_dataclass(value):
+            changes[f.name] = _apply(value, values)
+        elif f.name in values:
+            changes[f.name] = values[f.name]
+    return replace(cfg, **changes)
+
+
+def kind(value) -> str:
+    """The option kind of a default value: bool, int, float, tuple or str."""
+    return ("bool" if isinstance(value, bool) else "int" if isinstance(value, int) else "float"
+            if isinstance(value, float) else "tuple" if isinstance(value, tuple) else "str")
+
+
+def mlproject_type(name: str, value) -> str:
+    """The MLproject parameter type of a leaf: float, int or string (bools and tuples are strings)."""
+    return {"float": "float", "int": "int"}.get(kind(value), "string")
+
+
+def parse(default, text: str, name: str = ""):
+    """``text`` parsed as the type of ``default``; ``ConfigError`` naming ``name`` when it is not one."""
+    if not isinstance(text, str):
+        return text
+    try:
+        if isinstance(default, bool):
+            low = text.strip().lower()
+            if low not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(f"expected true/false, got {text!r}")
+            return low in ("1", "true", "yes")
+        if isinstance(default, int):
+            value = float(text)
+            if value != int(value):
+                raise ValueError(f"expected an integer, got {text!r}")
+            return int(value)
+        if isinstance(default, float):
+            return float(text)
+        if isinstance(default, tuple):
+            return parse_tuple(text, type(default[0]) if default else int)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}" if name else str(exc)) from None
+    return text
+
+
+def parse_tuple(text, item=int) -> tuple:
+    """``"128,64"``, ``"(128, 64)"``, ``[128, 64]`` -> ``(128, 64)`` (items of type ``item``)."""
+    if isinstance(text, (tuple, list)):
+        return tuple(item(v) for v in text)
+    if not isinstance(text, str) and float(text) == float(text):  # one number (an int from a sampler)
+        return (item(text),)
+    parts = [t for t in str(text).replace("(", "").replace(")", "").replace("[", "").replace("]", "")
+             .replace(" ", "").split(",") if t]
+    try:
+        return tuple(item(float(t)) if item is int else item(t) for t in parts)
+    except ValueError:
+        raise ValueError(f"expected comma-separated {item.__name__}s, got {text!r}") from None
