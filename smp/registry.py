@@ -148,7 +148,7 @@ def given_run(client: MlflowClient, run_id: str):
     try:
         run = client.get_run(run_id)
     except MlflowException as exc:
-        raise DataError(f"run_id={run_id!r}: no such run ({exc.message})") from None
+        raise ConfigError(f"run_id={run_id!r}: no such run ({exc.message})") from None
     if not has_logged_model(run_id):
         raise DataError(f"run {run_id} has no logged model 'model' to register")
     return run

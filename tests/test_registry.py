@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from smp import registry
+from smp.config import ConfigError
 from smp.data import DataCfg, DataError
 from smp.models import XGBCfg
 from smp.registry import PromoteJob, run_promote
@@ -134,7 +135,7 @@ def test_filters_and_nothing_to_promote(smpd_dir):
         run_promote(PromoteJob(experiment="t", family="pca_boost"))
     with pytest.raises(DataError, match="split=chrono"):
         run_promote(PromoteJob(experiment="t", split="chrono"))
-    with pytest.raises(DataError, match="no such run"):
+    with pytest.raises(ConfigError, match="run_id='0+': no such run"):
         run_promote(PromoteJob(experiment="t", run_id="0" * 32))
     assert math.isfinite(run_promote(PromoteJob(experiment="t", family="benchmark", split="random"))["version"])
 
