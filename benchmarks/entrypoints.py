@@ -21,6 +21,11 @@ and the ensembles' out-of-fold stacking needs 5 more fits, so ``--n-estimators``
 boosted models here; the figures say so.  ``--full`` uses the paper's 2000.
 
 Run:  .venv/bin/python benchmarks/entrypoints.py [--n 80000] [--n-estimators 200] [--only ensemble_mlp,...]
+
+Before/after on one machine: the same script against another checkout of the project (e.g. a ``git worktree``
+of an older commit), on the same generated posts, in its own experiment (``--label``), so that nothing is
+reused across the two trees: ``SMP_TREE=<checkout> PYTHONPATH=<checkout> .venv/bin/python
+benchmarks/entrypoints.py --label before``.  Metric names of older commits (``fit_seconds``...) are read too.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+TREE = Path(os.environ.get("SMP_TREE", ROOT)).resolve()  # the checkout whose smp runs (default: this one)
 
 
 def make_data(work: Path, n: int) -> Path:
@@ -83,7 +89,7 @@ def timed(args: list[str], env: dict, log: Path) -> dict:
     t0 = time.perf_counter()
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "smp.cli", *args], stdout=out, stderr=subprocess.STDOUT,
-                                env=env, cwd=ROOT)
+                                env=env, cwd=TREE)
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     if os.waitstatus_to_exitcode(status) != 0:
@@ -113,6 +119,7 @@ def main() -> None:
     ap.add_argument("--full", action="store_true", help="the paper's 2000 rounds")
     ap.add_argument("--work", default=str(ROOT / ".smp_cache" / "bench-entrypoints"))
     ap.add_argument("--only", default="", help="comma-separated steps to run (default: all)")
+    ap.add_argument("--label", default="", help="experiment suffix, e.g. before / after (nothing reused across labels)")
     args = ap.parse_args()
     trees = 2000 if args.full else args.n_estimators
     work = Path(args.work)
@@ -120,7 +127,7 @@ def main() -> None:
     uri = f"sqlite:///{work}/mlflow.db"
     os.environ["MLFLOW_TRACKING_URI"] = uri
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "SMP_CACHE_DIR": str(work / "cache")}
-    exp = f"bench-entrypoints-n{args.n}-t{trees}"
+    exp = f"bench-entrypoints-n{args.n}-t{trees}" + (f"-{args.label}" if args.label else "")
     data = make_data(work, args.n)
     common = ["--data", str(data), "--sample-size", str(args.n), "--experiment", exp, "--n-estimators", str(trees)]
     import mlflow
@@ -145,14 +152,18 @@ def main() -> None:
             continue
         r = timed(cmd, env, work / f"{name.split()[0]}-{len(results)}.log")
         m = last_run_metrics(exp)
-        r.update(step=name, fit_s=m.get("time/fit_s"), oof_s=m.get("time/oof_s"), test_rmse=m.get("test_rmse"),
-                 best=m.get("fit/best_epoch", m.get("fit/best_iteration")), epochs=m.get("epochs_run"))
+        def first(*keys):
+            return next((m[k] for k in keys if m.get(k) is not None), None)
+
+        r.update(step=name, fit_s=first("time/fit_s", "fit_seconds"), oof_s=first("time/oof_s", "oof_seconds"),
+                 test_rmse=m.get("test_rmse"), epochs=m.get("epochs_run"),
+                 best=first("fit/best_epoch", "fit/best_iteration", "best_epoch", "best_iteration"))
         results.append(r)
         fit = f", model fit {r['fit_s']:.0f} s" if r["fit_s"] is not None else ""
         fit += f" ({r['epochs']} epochs)" if r["epochs"] else ""
         print(f"{name:55s} wall {r['wall_s']:7.1f} s  peak RSS {r['peak_mb']:7.0f} MB{fit}  "
               f"test RMSE {r['test_rmse'] if r['test_rmse'] is None else round(r['test_rmse'], 3)}", flush=True)
-    print(json.dumps({"n": args.n, "n_estimators": trees, "results": results}))
+    print(json.dumps({"n": args.n, "n_estimators": trees, "tree": str(TREE), "label": args.label, "results": results}))
 
 
 if __name__ == "__main__":
