@@ -12,6 +12,10 @@ with every other setting at its default:
 and appends one JSON line per cell with the test RMSEs, the stacked benchmark input's test RMSE, the kept epoch
 and whether the net beat its input on validation. ``--summary`` prints the Markdown table from the lines.
 
+``--param KEY=VALUE`` sets a job setting for every run, in its own experiment (e.g. ``fold_rounds=early_stop``: each
+fold model early-stops on val, as before that setting existed; ``stacking_folds=2``). The lines also record the
+benchmark's fit time and trees and the fold fits' time (``oof_s``).
+
 Run:  .venv/bin/python benchmarks/stacking.py --sets 800:4,2000:0,8000:0 --seeds 0,1,2 --out stacking.jsonl
       .venv/bin/python benchmarks/stacking.py --summary --out stacking.jsonl
 """
@@ -36,28 +40,38 @@ def dataset(work: Path, n: int, seed: int) -> Path:
     return out
 
 
-def cell(data: Path, n: int, seed: int, experiment: str) -> dict:
+def cell(data: Path, n: int, seed: int, experiment: str, extra: dict | None = None) -> dict:
     import mlflow
 
-    from smp.cli import apply, jobs
+    from smp.cli import jobs
+    from smp.config import apply, leaves
 
     table = jobs()
     common = {"data": str(data), "sample_size": 0, "seed": seed, "experiment": experiment,
-              "clip_pretrained": "none", "progress": False}
-    out = {"n": n, "seed": seed}
+              "clip_pretrained": "none", **(extra or {})}
+    out = {"n": n, "seed": seed, **(extra or {})}
+
+    def run(name: str, values: dict):
+        run_fn, default, _ = table[name]
+        known = {path[-1] for path, _ in leaves(default)}  # e.g. the benchmark has no clip_pretrained
+        result = run_fn(apply(default, {k: v for k, v in values.items() if k in known}))
+        return result, mlflow.get_run(result.run_id)
+
     t0 = time.perf_counter()
-    run_fn, default, _ = table["benchmark"]
-    out["benchmark"] = run_fn(apply(default, common))["test_rmse"]
+    m, bench = run("benchmark", common)
+    out["benchmark"] = m["test_rmse"]
+    out["benchmark/fit_s"] = bench.data.metrics.get("time/fit_s")
+    out["benchmark/trees"] = bench.data.metrics.get("fit/best_iteration")
     for family in ("ensemble_mlp", "ensemble_conv1d"):
         for head in ("residual", "paper"):
-            run_fn, default, _ = table[family]
-            m = run_fn(apply(default, {**common, "head": head}))
-            run = mlflow.last_active_run()
+            m, run_ = run(family, {**common, "head": head})
             key = f"{family}/{head}"
             out[key] = m["test_rmse"]
             out[f"{key}/input"] = m["stacked_input/test_rmse"]
-            out[f"{key}/best_epoch"] = run.data.metrics.get("fit/best_epoch")
-            out[f"{key}/beats_input_val"] = run.data.tags.get("smp.beats_stacked_benchmark")
+            out[f"{key}/best_epoch"] = run_.data.metrics.get("fit/best_epoch")
+            out[f"{key}/beats_input_val"] = run_.data.tags.get("smp.beats_stacked_benchmark")
+            if "time/oof_s" in run_.data.metrics:  # the first ensemble fits the fold models; the rest reuse them
+                out["oof_s"] = run_.data.metrics["time/oof_s"]
     out["wall_s"] = round(time.perf_counter() - t0, 1)
     return out
 
@@ -79,6 +93,13 @@ def summary(path: Path) -> str:
         diffs = [f"{np.mean([r[f] - r['benchmark'] for r in sub]):+.3f}" for f in fams]
         inp = np.mean([r["ensemble_mlp/residual/input"] - r["benchmark"] for r in sub])
         body += f"| {n} | mean - benchmark | | {inp:+.3f} | " + " | ".join(diffs) + " |\n"
+    timed = [r for r in rows if r.get("oof_s") and r.get("benchmark/fit_s")]
+    if timed:
+        body += ("\n| size | seed | fold_rounds, K | benchmark trees | benchmark fit s | fold fits s | folds / fit |\n"
+                 "|---|---|---|---|---|---|---|\n")
+        for r in sorted(timed, key=lambda r: (r["n"], r["seed"])):
+            body += (f"| {r['n']} | {r['seed']} | {r.get('fold_rounds', 'default')}, K={r.get('stacking_folds', 'default')} | {r['benchmark/trees']:.0f} | "
+                     f"{r['benchmark/fit_s']:.1f} | {r['oof_s']:.1f} | {r['oof_s'] / r['benchmark/fit_s']:.2f} |\n")
     return head + body
 
 
@@ -89,6 +110,8 @@ def main() -> None:
     ap.add_argument("--work", default=str(ROOT / ".smp_cache" / "stack"))
     ap.add_argument("--out", default="stacking.jsonl")
     ap.add_argument("--summary", action="store_true")
+    ap.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                    help="a job setting for every run, e.g. fold_rounds=early_stop or stacking_folds=2 (repeatable)")
     args = ap.parse_args()
     if args.summary:
         print(summary(Path(args.out)))
@@ -104,7 +127,9 @@ def main() -> None:
         n, gen_seed = (int(v) for v in spec.split(":"))
         data = dataset(work, n, gen_seed)
         for seed in (int(s) for s in args.seeds.split(",")):
-            r = cell(data, n, seed, f"stack-n{n}")
+            extra = dict(p.split("=", 1) for p in args.param)
+            label = "".join(f"-{k}-{v}" for k, v in extra.items())
+            r = cell(data, n, seed, f"stack-n{n}{label}", extra)
             r["data"] = f"smp synth --n {n} --seed {gen_seed}"
             print(json.dumps(r), flush=True)
             with open(args.out, "a") as fh:

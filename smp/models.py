@@ -431,6 +431,20 @@ class EnsembleModel:
         return self.benchmark.input_fields_
 
 
+# stacking_folds=0: K=2 from this many training rows on, else 3. The K fold fits cost about K x (K-1)/K benchmark
+# fits of work, more on big data, where a round's cost per node (features x 256 bins) does not shrink with the
+# fold's rows: at 80,000 posts three folds took 2.2x one benchmark fit, two about 1.2x; a fold then still trains
+# on over 25,000 rows (figures: docs/benchmarks.md).
+TWO_FOLDS_ROWS = 50_000
+
+
+def fold_count(folds: int, n_rows: int) -> int:
+    """K of the out-of-fold stacking: ``folds`` when set, else from the training rows (``TWO_FOLDS_ROWS``)."""
+    if folds:
+        return int(folds)
+    return 2 if n_rows >= TWO_FOLDS_ROWS else 3
+
+
 def _folds(n: int, folds: int, seed: int):
     from sklearn.model_selection import KFold
 
@@ -440,14 +454,20 @@ def _folds(n: int, folds: int, seed: int):
 
 
 def cross_fit(posts: pd.DataFrame, y: np.ndarray, val: pd.DataFrame, y_val: np.ndarray, cfg: XGBCfg,
-              tabular: TabularCfg, seed: int, folds: int = 3) -> CrossFitBenchmark:
-    """K fold models (early stopping on ``val``), their out-of-fold predictions for every training row.
+              tabular: TabularCfg, seed: int, folds: int = 3, rounds: int | None = None) -> CrossFitBenchmark:
+    """K fold models, their out-of-fold predictions for every training row.
 
-    The fold models use the tree method, bins and threads of a fit on all of ``posts`` (what the benchmark
-    they stand in for uses): resolved from the smaller fold size they could switch method, e.g. to
-    ``exact``, several times slower per round there (docs/benchmarks.md)."""
+    ``rounds``: every fold model grows exactly that many trees (no early stopping), e.g. as many as the
+    benchmark fitted on all of train whose predictions the out-of-fold ones stand in for; ``None``: each
+    fold early-stops on ``val``. The fold models use the tree method, bins and threads of a fit on all of
+    ``posts`` (what that benchmark uses): resolved from the smaller fold size they could switch method,
+    e.g. to ``exact``, several times slower per round there (docs/benchmarks.md)."""
     full = tree_settings(cfg, len(posts))
     fold_cfg = replace(cfg, tree_method=full["tree_method"], max_bin=full["max_bin"], n_jobs=full["n_jobs"])
+    if rounds is not None:
+        if rounds < 1:
+            raise ValueError(f"cross_fit: rounds={rounds}: a fold model needs at least one tree")
+        fold_cfg = replace(fold_cfg, n_estimators=int(rounds), early_stopping_rounds=0)
     oof = np.full(len(posts), np.nan)
     models = []
     for fit_idx, hold_idx in _folds(len(posts), folds, seed):

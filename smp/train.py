@@ -28,7 +28,8 @@ from smp.data import DataCfg, DataError
 from smp.evaluate import baseline_metrics, regression_metrics
 from smp.features import TabularCfg
 from smp.image_features import PAPER_CLIP_MODEL, PAPER_CLIP_PRETRAINED
-from smp.models import BenchmarkModel, ImageFeatureSource, Part, PCACfg, XGBCfg, create_model, cross_fit
+from smp.models import (BenchmarkModel, ImageFeatureSource, Part, PCACfg, XGBCfg, create_model, cross_fit,
+                        fold_count)
 from smp.nets import Conv1DCfg, MLPCfg
 from smp.serving import example_input, log_model
 from smp.splits import Prepared, SplitCfg, prepare
@@ -263,7 +264,10 @@ def stacking_inputs(prep: Prepared, cfg, bench_run: str, bench: BenchmarkModel):
     out-of-fold predictions, the benchmark fitted on all of train (the benchmark run's model) everything
     else. ``stacking_fit=crossfit``: everything else gets the K fold models' mean (no full fit needed;
     on small data the fold models are weaker than the full one: docs/benchmarks.md). ``stacking=in_sample``: the
-    paper's leak. Fold models / out-of-fold predictions are cached on the benchmark run.
+    paper's leak. ``fold_rounds=benchmark`` (default): the fold models grow as many trees as the benchmark run's
+    model, so the out-of-fold predictions come from models like the one val/test get, and no fold pays the
+    early-stopping patience; ``early_stop``: each fold early-stops on val. Fold models / out-of-fold
+    predictions are cached on the benchmark run.
     """
     sc = cfg.stacking
     if sc.stacking == "in_sample":
@@ -274,7 +278,14 @@ def stacking_inputs(prep: Prepared, cfg, bench_run: str, bench: BenchmarkModel):
         raise ConfigError(f"stacking={sc.stacking!r}: expected 'oof' or 'in_sample'")
     if sc.stacking_fit not in ("crossfit", "refit"):
         raise ConfigError(f"stacking_fit={sc.stacking_fit!r}: expected 'crossfit' or 'refit'")
-    name = f"stacking/crossfit_k{sc.stacking_folds}.pkl"
+    if sc.fold_rounds not in ("benchmark", "early_stop"):
+        raise ConfigError(f"fold_rounds={sc.fold_rounds!r}: expected 'benchmark' or 'early_stop'")
+    if sc.stacking_folds < 0 or sc.stacking_folds == 1:
+        raise ConfigError(f"stacking_folds={sc.stacking_folds}: expected 0 (from the data) or at least 2")
+    rounds = int(bench.best_iteration_) if sc.fold_rounds == "benchmark" else None
+    k = fold_count(sc.stacking_folds, len(prep.rows("train")))
+    mlflow.log_param("stacking/folds_used", k)
+    name = f"stacking/folds_k{k}_{'es' if rounds is None else f't{rounds}'}.pkl"
     train_pids = prep.rows("train")["Pid"].astype(str).to_numpy()
     client = mlflow.MlflowClient()
     try:
@@ -284,13 +295,13 @@ def stacking_inputs(prep: Prepared, cfg, bench_run: str, bench: BenchmarkModel):
             pids, fitted = cloudpickle.load(fh)
         if not np.array_equal(pids, train_pids):
             raise LookupError("cached fold models were fitted on another training set")
-        log.info("reusing the %d fold models of benchmark run %s", sc.stacking_folds, bench_run)
+        log.info("reusing the %d fold models of benchmark run %s", k, bench_run)
     except Exception:  # absent or stale: fit and attach to the benchmark run for next time
         import cloudpickle
 
         t0 = time.perf_counter()
         fitted = cross_fit(prep.rows("train"), prep.y("train"), prep.rows("val"), prep.y("val"), cfg.xgb,
-                           cfg.tabular, cfg.splitting.seed, sc.stacking_folds)
+                           cfg.tabular, cfg.splitting.seed, k, rounds)
         mlflow.log_metric("time/oof_s", time.perf_counter() - t0)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / Path(name).name
@@ -305,9 +316,11 @@ def stacking_inputs(prep: Prepared, cfg, bench_run: str, bench: BenchmarkModel):
 @dataclass(frozen=True)
 class StackingCfg:
     stacking: str = "oof"          # oof = out-of-fold benchmark predictions on train (no label leak); in_sample = paper
-    stacking_folds: int = 3      # K of the K-fold (3: the K fits on 2/3 of train cost ~2 benchmark fits)
+    stacking_folds: int = 0      # K of the K-fold; 0 = from the data: 3 below 50,000 training rows, else 2
     stacking_fit: str = "refit"  # refit = val/test/new posts get the benchmark run's own model (fitted on all
     #                              of train); crossfit = the K fold models' mean (no full fit needed)
+    fold_rounds: str = "benchmark"  # benchmark = each fold model grows as many trees as the benchmark run's
+    #                                 model (no early stopping); early_stop = each fold early-stops on val
 
 
 @dataclass(frozen=True)

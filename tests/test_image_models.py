@@ -182,8 +182,15 @@ def test_stacking_refit_by_default_cross_fit_on_request(chain, monkeypatch):
     for run in (crossfit, refit):
         assert run.tags["smp.beats_stacked_benchmark"] in ("true", "false")
         assert np.isfinite(run.metrics["stacked_input/val_rmse"])
+    trees = int(bench.data.metrics["fit/best_iteration"])
     arts = {a.path for a in mlflow.MlflowClient().list_artifacts(bench.info.run_id, "stacking")}
-    assert arts == {"stacking/crossfit_k3.pkl"}
+    assert arts == {f"stacking/folds_k3_t{trees}.pkl"}  # fold_rounds=benchmark: as many trees as the benchmark
+    import cloudpickle
+
+    path = mlflow.artifacts.download_artifacts(run_id=bench.info.run_id, artifact_path=f"stacking/folds_k3_t{trees}.pkl")
+    with open(path, "rb") as fh:
+        _, fitted = cloudpickle.load(fh)
+    assert [m.booster_.get_booster().num_boosted_rounds() for m in fitted.models] == [trees] * 3
 
 
 def test_out_of_fold_never_uses_own_label():

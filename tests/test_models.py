@@ -33,8 +33,8 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
 from smp.features import TabularCfg  # noqa: E402
-from smp.models import (EXACT_MAX_ROWS, FULL_BINS_ROWS, BenchmarkModel, Part, TimeTrend, XGBCfg,  # noqa: E402
-                        cross_fit, make_booster, resolve_device, tree_settings)
+from smp.models import (EXACT_MAX_ROWS, FULL_BINS_ROWS, TWO_FOLDS_ROWS, BenchmarkModel, Part, TimeTrend,  # noqa: E402
+                        XGBCfg, cross_fit, fold_count, make_booster, resolve_device, tree_settings)
 
 
 def test_tree_settings_follow_the_data_size_and_keep_explicit_choices(monkeypatch):
@@ -112,3 +112,27 @@ def test_fold_models_use_the_tree_settings_of_the_full_training_set(monkeypatch)
     assert tree_settings(cfg, 200)["tree_method"] == "exact" and tree_settings(cfg, 300)["tree_method"] == "hist"
     fitted = cross_fit(posts, y, val, y_val, cfg, TabularCfg(), seed=0, folds=3)
     assert [m.tree_settings_ for m in fitted.models] == [tree_settings(cfg, 300)] * 3
+
+
+def test_fold_models_grow_the_given_rounds_or_early_stop():
+    """rounds=N: every fold model has exactly N trees; rounds=None: each fold stops on val (labels are noise
+    on a learnable signal, so a fast learner overfits and stops well before its cap)."""
+    rng = np.random.default_rng(1)
+    n = 300
+    posts = pd.DataFrame({"Pid": [str(i) for i in range(n)], "photo_count": rng.random(n) * 10,
+                          "Postdate": 1.4e9 + rng.random(n) * 1e7})
+    y = posts["photo_count"].to_numpy() / 3 + rng.normal(0, 2, n)
+    val, y_val = posts.head(60), y[:60]
+    cfg = XGBCfg(n_estimators=300, max_depth=6, learning_rate=0.5, early_stopping_rounds=5)
+    fixed = cross_fit(posts, y, val, y_val, cfg, TabularCfg(), seed=0, folds=3, rounds=17)
+    assert [m.booster_.get_booster().num_boosted_rounds() for m in fixed.models] == [17, 17, 17]
+    assert [m.best_iteration_ for m in fixed.models] == [17, 17, 17] and np.isfinite(fixed.oof_).all()
+    stopped = cross_fit(posts, y, val, y_val, cfg, TabularCfg(), seed=0, folds=3)
+    assert all(m.best_iteration_ < 100 for m in stopped.models)  # early stopping ended every fold
+    with pytest.raises(ValueError, match="at least one tree"):
+        cross_fit(posts, y, val, y_val, cfg, TabularCfg(), seed=0, folds=3, rounds=0)
+
+
+def test_fold_count_from_the_training_rows_unless_given():
+    assert fold_count(0, TWO_FOLDS_ROWS - 1) == 3 and fold_count(0, TWO_FOLDS_ROWS) == 2
+    assert fold_count(5, 100) == 5 and fold_count(3, 10 * TWO_FOLDS_ROWS) == 3  # an explicit K is kept
