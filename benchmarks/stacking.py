@@ -103,6 +103,16 @@ def summary(path: Path) -> str:
     return head + body
 
 
+def _number(text: str):
+    """``--param`` values as the job configs hold them: ``2`` -> 2, ``0.5`` -> 0.5, else the text."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sets", default="800:4,2000:0,8000:0", help="size:generator-seed, comma-separated")
@@ -127,7 +137,7 @@ def main() -> None:
         n, gen_seed = (int(v) for v in spec.split(":"))
         data = dataset(work, n, gen_seed)
         for seed in (int(s) for s in args.seeds.split(",")):
-            extra = dict(p.split("=", 1) for p in args.param)
+            extra = {k: _number(v) for k, v in (p.split("=", 1) for p in args.param)}
             label = "".join(f"-{k}-{v}" for k, v in extra.items())
             r = cell(data, n, seed, f"stack-n{n}{label}", extra)
             r["data"] = f"smp synth --n {n} --seed {gen_seed}"
