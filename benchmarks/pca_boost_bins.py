@@ -6,11 +6,15 @@ per setting and prints one JSON line each: wall and CPU seconds, best iteration,
 
 Run:  PYTHONPATH=. .venv/bin/python benchmarks/pca_boost_bins.py DATA_DIR FEATURES.parquet SEED \
         '{"tree_method": "exact"}' '{"tree_method": "hist", "max_bin": 16}' ...
+
+With ``SMP_DUMP=PATH.npz`` set, the split's matrices and labels are also written there, so that
+``benchmarks/xgb_fit.py`` can fit the same booster under another XGBoost release (another venv).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -39,6 +43,8 @@ def main() -> None:
     pca.fit(Part(rows(tr), y[tr], img[tr]), Part(rows(va), y[va], img[va]))
     matrix = lambda idx: pca.pca_.transform(pca._matrix(rows(idx), img[idx]))  # noqa: E731
     X_tr, X_va, X_te = matrix(tr), matrix(va), matrix(te)
+    if os.environ.get("SMP_DUMP"):
+        np.savez(os.environ["SMP_DUMP"], X_tr=X_tr, y_tr=y[tr], X_va=X_va, y_va=y[va], X_te=X_te, y_te=y[te])
     for setting in settings:
         booster = make_booster(XGBCfg(max_depth=12, **setting), seed, n_rows=len(X_tr))
         w0, c0 = time.perf_counter(), time.process_time()

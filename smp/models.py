@@ -433,7 +433,7 @@ class EnsembleModel:
 
 # stacking_folds=0: K=2 from this many training rows on, else 3. The K fold fits cost about K x (K-1)/K benchmark
 # fits of work, more on big data, where a round's cost per node (features x 256 bins) does not shrink with the
-# fold's rows: at 80,000 posts three folds took 2.2x one benchmark fit, two about 1.2x; a fold then still trains
+# fold's rows: at 80,000 posts three folds took 2.2x one benchmark fit, two 1.16x; a fold then still trains
 # on over 25,000 rows (figures: docs/benchmarks.md).
 TWO_FOLDS_ROWS = 50_000
 
