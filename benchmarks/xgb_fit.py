@@ -2,9 +2,10 @@
 
 The matrix comes from ``SMP_DUMP=m.npz benchmarks/pca_boost_bins.py ...``. Needs numpy, xgboost and
 scikit-learn (XGBRegressor), so it runs in a throwaway venv with an old release
-(e.g. ``pip install xgboost==1.7.6 'numpy<2' scipy scikit-learn``) as well as in the project's. One JSON line per setting: release, wall/CPU seconds, best iteration,
-rounds grown, ms per round, test RMSE. The booster's settings repeat pca_boost's defaults
-(``XGBCfg`` with depth 12, as in ``benchmarks/pca_boost_bins.py``) by hand, since smp itself may not import under an old release.
+(e.g. ``pip install xgboost==1.7.6 'numpy<2' scipy scikit-learn``) as well as in the project's.
+One JSON line per setting: release, wall/CPU seconds, best iteration, rounds grown, ms per round,
+test RMSE. The booster's settings repeat pca_boost's (``XGBCfg`` at depth 12, as in
+``benchmarks/pca_boost_bins.py``) by hand, since smp itself may not import under an old release.
 
 Run:  python benchmarks/xgb_fit.py m.npz SEED '{"tree_method": "exact", "n_jobs": 1}' ...
 """
