@@ -53,6 +53,35 @@ def test_tree_settings_follow_the_data_size_and_keep_explicit_choices(monkeypatc
     assert make_booster(XGBCfg(), 0, n_rows=large).get_params()["n_jobs"] is None  # all cores
 
 
+def test_pca_boost_fits_and_applies_its_pca_on_one_blas_thread(monkeypatch):
+    """PCA's products sum in one order whatever the core count (two BLAS threads moved early stopping by
+    hundreds of rounds on the demo)."""
+    from sklearn.decomposition import PCA
+    from threadpoolctl import threadpool_info
+
+    from smp.models import ImageFeatureSource, PCABoostModel, PCACfg
+
+    seen = []
+    real = PCA.fit_transform
+
+    def spy(self, X, y=None):
+        seen.append(max((p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"), default=1))
+        return real(self, X, y)
+
+    monkeypatch.setattr(PCA, "fit_transform", spy)
+    rows, y, img, cols = _posts_with_images(120)
+    model = PCABoostModel(XGBCfg(n_estimators=5, max_depth=3), PCACfg(n_components=4), TabularCfg(),
+                          ImageFeatureSource(cols))
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=2, user_api="blas"):  # as on any machine with two or more cores
+        model.fit(Part(rows[:100], y[:100], img[:100]), Part(rows[100:], y[100:], img[100:]))
+    assert seen == [1]
+    with threadpool_limits(limits=2, user_api="blas"):
+        with_two = model.predict(rows[100:], img[100:])
+    np.testing.assert_array_equal(with_two, model.predict(rows[100:], img[100:]))
+
+
 def test_device_auto_is_cpu_without_a_gpu(monkeypatch):
     import torch
 
@@ -68,6 +97,17 @@ def _posts(n, seed=0, slope=0.0):
                           "Category": rng.choice(list("ABC"), n), "tag_count": rng.integers(0, 20, n).astype(float)})
     y = 6 + slope * days / 100 + (posts["Category"] == "A") * 1.5 + 0.1 * posts["tag_count"] + rng.normal(0, .3, n)
     return posts, y.to_numpy(float)
+
+
+def _posts_with_images(n, seed=0):
+    """``_posts`` plus an image block (handcrafted + 8 clip columns) whose first column carries signal."""
+    from smp.image_features import HANDCRAFTED
+
+    posts, y = _posts(n, seed)
+    cols = [*HANDCRAFTED, *(f"clip_{i}" for i in range(8))]
+    img = np.random.default_rng(seed + 1).standard_normal((n, len(cols))).astype(np.float32)
+    img[:, 0] += (y - y.mean()).astype(np.float32)
+    return posts, y, img, cols
 
 
 def test_time_trend_extrapolates_where_trees_cannot():
