@@ -12,6 +12,7 @@ network).
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import warnings
@@ -72,13 +73,20 @@ FULL_BINS_ROWS = 16_384
 SINGLE_THREAD_ROWS = 10_000
 
 
+@functools.cache
+def _threadpools():
+    """The process's thread pools, looked up once (a fresh lookup scans the loaded libraries: ~3 ms, too much
+    for every prediction); made on first use, when numpy's and scipy's BLAS are loaded."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
 def one_blas_thread():
     """A context in which numpy's BLAS runs one thread. PCA's products then sum in one order whatever the
     machine's core count or affinity: with two BLAS threads the demo's pca_boost fitted slightly different
     components, and early stopping turned that into round 1,524 instead of 782 (test RMSE 2.189 vs 2.206)."""
-    from threadpoolctl import threadpool_limits
-
-    return threadpool_limits(limits=1, user_api="blas")
+    return _threadpools().limit(limits=1, user_api="blas")
 
 
 def resolve_device(device: str) -> str:

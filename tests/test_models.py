@@ -57,28 +57,32 @@ def test_pca_boost_fits_and_applies_its_pca_on_one_blas_thread(monkeypatch):
     """PCA's products sum in one order whatever the core count (two BLAS threads moved early stopping by
     hundreds of rounds on the demo)."""
     from sklearn.decomposition import PCA
-    from threadpoolctl import threadpool_info
+    from threadpoolctl import threadpool_info, threadpool_limits
 
     from smp.models import ImageFeatureSource, PCABoostModel, PCACfg
 
     seen = []
-    real = PCA.fit_transform
 
-    def spy(self, X, y=None):
-        seen.append(max((p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"), default=1))
-        return real(self, X, y)
+    def spy(name):
+        real = getattr(PCA, name)
 
-    monkeypatch.setattr(PCA, "fit_transform", spy)
+        def wrapped(self, *args, **kwargs):
+            blas = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+            seen.append((name, max(blas, default=1)))
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(PCA, name, wrapped)
+
+    spy("fit_transform")
+    spy("transform")
     rows, y, img, cols = _posts_with_images(120)
     model = PCABoostModel(XGBCfg(n_estimators=5, max_depth=3), PCACfg(n_components=4), TabularCfg(),
                           ImageFeatureSource(cols))
-    from threadpoolctl import threadpool_limits
-
     with threadpool_limits(limits=2, user_api="blas"):  # as on any machine with two or more cores
         model.fit(Part(rows[:100], y[:100], img[:100]), Part(rows[100:], y[100:], img[100:]))
-    assert seen == [1]
-    with threadpool_limits(limits=2, user_api="blas"):
+        assert seen == [("fit_transform", 1), ("transform", 1)]  # train, then val
         with_two = model.predict(rows[100:], img[100:])
+    assert seen[-1] == ("transform", 1)
     np.testing.assert_array_equal(with_two, model.predict(rows[100:], img[100:]))
 
 
