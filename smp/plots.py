@@ -14,6 +14,11 @@ def _plt():
     return plt
 
 
+def sig4(value: float) -> str:
+    """``value`` to 4 significant digits, trailing zeros kept (``2.230``, ``1.947``, ``0.01234``)."""
+    return f"{value:#.4g}".rstrip(".")
+
+
 def pred_vs_actual(y_true, y_pred, title: str = "Predicted vs actual"):
     """Scatter of predicted against actual popularity with the identity line."""
     plt = _plt()
@@ -64,15 +69,36 @@ def explained_variance(ratios, title: str = "PCA explained variance"):
     return fig
 
 
-def training_curve(history, title: str = "Training"):
-    """Per-epoch train loss and validation RMSE."""
+def training_curve(history, title: str = "Training", best_epoch: int | None = None,
+                   input_rmse: float | None = None):
+    """Per-epoch curves as logged: ``train_loss`` (MSE) and ``val_rmse_epoch`` (RMSE), one panel each.
+
+    The panels plot the same numbers as the run's metric charts (no square root), each axis in its own
+    units; ``best_epoch`` (the kept weights) is marked on both, and ``input_rmse`` (the stacked
+    benchmark's val RMSE, what the net must beat) is drawn on the RMSE panel.  ``best_epoch=0`` means no
+    epoch beat the input and the net kept it (residual head).
+    """
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    from matplotlib.ticker import MaxNLocator
+
     ep = [h["epoch"] for h in history]
-    ax.plot(ep, [np.sqrt(h["train_loss"]) for h in history], label="sqrt(train loss)")
-    ax.plot(ep, [h["val_rmse"] for h in history], label="val RMSE")
-    ax.set(xlabel="epoch", title=title)
-    ax.legend()
+    fig, (loss_ax, rmse_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    loss_ax.plot(ep, [h["train_loss"] for h in history], "o-", ms=3, color="tab:blue", label="train_loss")
+    loss_ax.set(xlabel="epoch", ylabel="train_loss: MSE (popularity score²)", title="train_loss (MSE, dropout on)")
+    rmse_ax.plot(ep, [h["val_rmse"] for h in history], "o-", ms=3, color="tab:orange", label="val_rmse_epoch")
+    rmse_ax.set(xlabel="epoch", ylabel="val_rmse_epoch: RMSE (popularity score)", title="val_rmse_epoch (RMSE)")
+    if input_rmse is not None and np.isfinite(input_rmse):
+        rmse_ax.axhline(input_rmse, color="grey", ls=":", lw=1, label=f"stacked input {sig4(input_rmse)}")
+    if best_epoch is not None:
+        kept = next((h for h in history if h["epoch"] == best_epoch), None)
+        label = (f"best epoch {best_epoch}" + (f" (val RMSE {sig4(kept['val_rmse'])})" if kept else "")
+                 if best_epoch > 0 else "best epoch 0: no epoch beat the input, input kept")
+        for ax in (loss_ax, rmse_ax):
+            ax.axvline(best_epoch, color="green", ls="--", lw=1, label=label)
+    for ax in (loss_ax, rmse_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize="small")
+    fig.suptitle(title)
     fig.tight_layout()
     return fig
 

@@ -417,7 +417,8 @@ def run_ensemble(cfg, family: str, parent: Parent | None = None, on_step=None) -
             log.warning("%s: validation RMSE %.4f does not beat its stacked benchmark input (%.4f)%s", family,
                         net.best_val_rmse_, net.input_val_rmse_,
                         "; the residual net fell back to the input (epoch 0)" if cfg.net.head == "residual" else "")
-        log_figure(lambda: plots.training_curve(net.history_, family), "training_curve.png", figures)
+        log_figure(lambda: plots.training_curve(net.history_, family, net.best_epoch_, net.input_val_rmse_),
+                   "training_curve.png", figures)
         preds = {p: np.asarray(net.predict(model.stack(stack[p], blocks[p])), dtype=float) for p in ("val", "test")}
         metrics = evaluate_and_log(model, prep, preds, figures)
         # the benchmark prediction the net was handed, scored on the same test posts (what the net must beat)
