@@ -120,9 +120,12 @@ def build_parser(spec: dict | None = None) -> argparse.ArgumentParser:
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         for option in entry["options"]:
             leaf, value = option["name"], _default(option)
-            flags = [f"--{leaf.replace('_', '-')}"] + ([f"--{leaf}"] if "_" in leaf else [])
-            p.add_argument(*flags, dest=leaf, default=value, metavar=option["kind"].upper(),
-                           type=lambda t, d=value: _argument(d, t), help=option["help"] or " ")
+            parse_as = lambda t, d=value: _argument(d, t)  # noqa: E731
+            p.add_argument(f"--{leaf.replace('_', '-')}", dest=leaf, default=value, metavar=option["kind"].upper(),
+                           type=parse_as, help=option["help"] or " ")
+            if "_" in leaf:  # MLproject commands pass --name_with_underscores: accepted, not listed twice in help
+                p.add_argument(f"--{leaf}", dest=leaf, default=argparse.SUPPRESS, type=parse_as,
+                               help=argparse.SUPPRESS)
     sub.add_parser("mlproject", help="print the MLproject file generated from the job configs")
     sub.add_parser("cli-spec", help="print smp/cli_spec.json (the option table) generated from the job configs")
     return parser
@@ -218,11 +221,46 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("smp").warning("%s stopped (%s); its MLflow runs ended KILLED", args.job,
                                          "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C")
         return 143 if isinstance(exc, Terminated) else 130
-    if isinstance(result, Mapping):  # a model job's JobResult: its metrics
-        for key in sorted(result):
-            if key.startswith("test_") or key.startswith("val_rmse") or not key.startswith(("val_",)):
-                print(f"{key}: {result_text(result[key])}")
+    if isinstance(result, Mapping):
+        for key, value in summary(result):
+            print(f"{key}: {result_text(value)}")
     return 0
+
+
+CURVES = ("train_loss", "val_rmse_epoch")  # per-epoch metrics: their last value is no summary
+FACT_GROUPS = ("data/", "cache/")          # params that are counts of what a run used
+
+
+def summary(result: Mapping) -> list[tuple[str, object]]:
+    """What ``smp JOB`` prints at the end, under the keys the run logged (what the UI and searches use).
+
+    A job's ``JobResult`` is read back from its run: the logged metrics (test figures, ``val_rmse`` and its
+    baseline, the grouped ``time/``, ``fit/``, ``stacked_input/`` ones; not the per-epoch curves) and the
+    ``data/`` and ``cache/`` params, after ``run: <id>``.  Other jobs' outcomes (``tune``'s study
+    summary, ``promote``'s decision, ...) print as returned.
+    """
+    run_id = getattr(result, "run_id", None)
+    if not run_id:
+        return [(key, result[key]) for key in sorted(result)]
+    import mlflow
+
+    try:
+        data = mlflow.MlflowClient().get_run(run_id).data
+    except mlflow.exceptions.MlflowException as exc:  # the store went away: the job's own figures
+        logging.getLogger("smp").warning("run %s could not be read back (%s)", run_id, exc)
+        return [("run", run_id)] + [(key, result[key]) for key in sorted(result)]
+    metrics = {k: v for k, v in data.metrics.items() if k not in CURVES and (
+        k.startswith(("test_", "val_rmse")) or not k.startswith("val_"))}
+    facts = {k: _param_value(v) for k, v in data.params.items() if k.startswith(FACT_GROUPS)}
+    return [("run", run_id)] + sorted(metrics.items()) + sorted(facts.items())
+
+
+def _param_value(text: str):
+    """A logged param as printed: a count as an integer, anything else as logged."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
 
 if __name__ == "__main__":

@@ -71,3 +71,56 @@ def test_cli_rejects_bad_values_and_reports_data_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["benchmark", "--max-depth", "2.5"])
     assert main(["benchmark", "--data", str(tmp_path / "absent.csv")]) == 2
+
+
+def test_help_lists_each_option_once_and_the_underscore_spelling_still_parses():
+    parser = build_parser()
+    choices = parser._subparsers._group_actions[0].choices
+    for name, entry in load_spec().items():
+        text = choices[name].format_help()
+        for option in entry["options"]:
+            leaf = option["name"]
+            dashed = f"--{leaf.replace('_', '-')} {option['kind'].upper()}"
+            assert text.count(dashed) == 2, (name, dashed)  # the usage line and its one help line
+            if "_" in leaf:
+                assert f"--{leaf}" not in text, (name, leaf)  # hidden, not listed beside the dashed one
+    assert "--model_name" not in choices["promote"].format_help()
+    # MLproject commands pass --name_with_underscores: both spellings set the same option
+    under = parser.parse_args(["benchmark", "--sample_size", "7", "--max_depth", "3"])
+    dashed = parser.parse_args(["benchmark", "--sample-size", "7", "--max-depth", "3"])
+    assert vars(under) == vars(dashed) and under.sample_size == 7 and under.max_depth == 3
+    assert parser.parse_args(["benchmark"]).sample_size == 80000  # the hidden spelling adds no default of its own
+
+
+def test_the_printed_summary_uses_the_keys_the_run_logged(monkeypatch, capsys):
+    """`smp JOB` ends with what the run logged, under the logged names (not the job's internal names)."""
+    import mlflow
+
+    import smp.cli as cli
+    from smp.tracking import JobResult
+
+    def fake_job(cfg):
+        with mlflow.start_run() as run:
+            mlflow.log_metrics({"test_rmse": 1.25, "test_rmse_baseline": 2.5, "val_rmse": 1.5, "val_mae": 1.0,
+                                "time/embed_s": 3.0, "fit/best_epoch": 4.0})
+            for epoch in (1, 2):
+                mlflow.log_metrics({"train_loss": 9.0 / epoch, "val_rmse_epoch": 3.0 / epoch}, step=epoch)
+            mlflow.log_params({"data/images": 600, "cache/hits": 0, "clip/device_used": "cpu", "seed": 0})
+        # the job's own names for the same numbers (embed's stats) must not reach the console
+        return JobResult(run.info.run_id, {"images": 600, "seconds": 3.0, "test_rmse": 1.25})
+
+    real_job = cli.job
+    monkeypatch.setattr(cli, "job", lambda name: (fake_job, *real_job(name)[1:]))
+    assert main(["embed"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    run_id = mlflow.last_active_run().info.run_id
+    assert lines == [f"run: {run_id}", "fit/best_epoch: 4.0000", "test_rmse: 1.2500", "test_rmse_baseline: 2.5000",
+                     "time/embed_s: 3.0000", "val_rmse: 1.5000", "cache/hits: 0", "data/images: 600"]
+    logged = mlflow.get_run(run_id).data
+    assert {line.split(":")[0] for line in lines[1:]} <= set(logged.metrics) | set(logged.params)
+
+
+def test_outcomes_without_a_run_print_as_returned():
+    from smp.cli import summary
+
+    assert summary({"version": 2, "champion": True}) == [("champion", True), ("version", 2)]
