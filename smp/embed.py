@@ -627,7 +627,7 @@ def run_embed(cfg: EmbedJob = EmbedJob(), parent=None) -> "JobResult":
 
     from smp.data import DataError, data_hash, load_data
     from smp.config import flatten
-    from smp.tracking import JobResult, dataset_source, job_run, log_params
+    from smp.tracking import JobResult, dataset_source, describe_run, job_run, log_params
 
     posts = load_data(cfg.source.data, images_root=cfg.source.images or None)
     if "image_path" not in posts.columns:
@@ -657,7 +657,7 @@ def run_embed(cfg: EmbedJob = EmbedJob(), parent=None) -> "JobResult":
                          "smp.embedding_dim": str(info.get("embedding_dim"))})
         stats = result.stats
         # what ran (weights after any fallback, device) and counts are params; speeds are grouped metrics
-        log_params({"clip/effective_pretrained": embed_cfg.clip_pretrained, "clip/device_used": info.get("device"),
+        log_params({"effective/clip_pretrained": embed_cfg.clip_pretrained, "effective/device": info.get("device"),
                     "clip/image_size": info.get("image_size"), "clip/embedding_dim": int(stats["embedding_dim"]),
                     "data/images": int(stats["images"]), "data/bad_images": int(stats["bad_images"]),
                     "cache/hits": int(stats["cache_hits"]), "cache/computed": int(stats["computed"]),
@@ -679,6 +679,15 @@ def run_embed(cfg: EmbedJob = EmbedJob(), parent=None) -> "JobResult":
                                                  source=dataset_source(str(Path(str(posts.attrs.get("source")))
                                                                            .resolve())), digest=digest),
                          context="features")
+        describe_run(
+            f"embed: CLIP {embed_cfg.clip_model} ({embed_cfg.clip_pretrained} weights"
+            + (", RANDOM: the image features carry no learned semantics" if info.get("random_weights") else "")
+            + (f"; asked for {cfg.embed.clip_pretrained}" if embed_cfg.clip_pretrained != cfg.embed.clip_pretrained
+               else "")
+            + f") + 5 handcrafted features for {int(stats['images'])} images of "
+            f"{str(posts.attrs.get('source', 'data')).rstrip('/').split('/')[-1]}: {int(stats['bad_images'])} "
+            f"unusable, {int(stats['cache_hits'])} from the cache, {int(stats['computed'])} computed on "
+            f"{info.get('device')}. The features are this run's features.parquet; image models reuse it.")
     log.info("embed: %d images (%d bad, %d from cache)", metrics.get("images", 0), metrics.get("bad_images", 0),
              metrics.get("cache_hits", 0))
     return JobResult(run.info.run_id, metrics)

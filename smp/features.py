@@ -68,6 +68,7 @@ class TabularCfg:
     max_categories: int = 200  # at most this many one-hot columns per field (rest grouped)
     absolute_date: bool = True  # Postdate itself as a feature (trees cannot extrapolate it past train's dates)
     time_trend: bool = False    # the benchmark fits a linear label trend over Postdate on train, boosts the rest
+    month: bool = True          # the calendar month as a feature (over a year of posts it stands for the date)
 
 
 _DATETIME_SECONDS = 9.2e9  # |Unix seconds| beyond this is outside pandas' datetime range (NaT there)
@@ -150,7 +151,8 @@ class TabularFeaturizer:
 
     def fit(self, posts: pd.DataFrame) -> "TabularFeaturizer":
         derived = derive_columns(posts)
-        self.categorical_ = [c for c in CATEGORICAL if (derived[c] != MISSING).any()]
+        self.categorical_ = [c for c in CATEGORICAL if (derived[c] != MISSING).any()
+                             and (c != "month" or getattr(self.cfg, "month", True))]
         self.numeric_ = [c for c in NUMERIC if derived[c].notna().any()
                          and (c != "Postdate" or self.cfg.absolute_date)]
         if not self.categorical_ and not self.numeric_:

@@ -38,7 +38,7 @@ from smp import serving
 from smp.data import DataError, load_data
 from smp.serving import model_input, predict_table, status_text
 from smp.config import flatten
-from smp.tracking import job_run, log_params
+from smp.tracking import describe_run, job_run, log_params
 
 log = logging.getLogger("smp.predict")
 
@@ -91,6 +91,9 @@ def run_predict(cfg: PredictJob = PredictJob()) -> dict[str, float]:
         mlflow.log_metrics({f"time/{k}": v for k, v in {
             "load_s": load_seconds, "predict_s": seconds, "rows_per_s": metrics["rows_per_second"]}.items()
             if np.isfinite(v)})
+        describe_run(f"predict: {metrics['rows']} posts of {Path(str(cfg.input)).name} scored with {cfg.model} "
+                     f"({metrics['scored_rows']} scored, {metrics['partial_rows']} partly, {metrics['error_rows']} "
+                     f"not); predictions in {Path(cfg.output).name} (Pid, popularity, status).")
     if metrics["error_rows"]:
         first = out.loc[kinds == "error", ["Pid", "status"]].head(3).to_dict("records")
         log.warning("%d of %d posts not scored, e.g. %s", int(metrics["error_rows"]), len(out), first)

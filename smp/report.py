@@ -13,7 +13,7 @@ import pandas as pd
 from smp import plots
 from smp.config import flatten
 from smp.jobs import FAMILIES, JOBS, NET_FAMILIES
-from smp.tracking import job_run, log_figure
+from smp.tracking import describe_run, job_run, log_figure, sig
 
 log = logging.getLogger("smp.report")
 
@@ -90,4 +90,9 @@ def run_compare(cfg: CompareJob = CompareJob()) -> dict[str, float]:
         # not a training run: the table is its artifact, no metrics of its own beside the models' runs
         result = {row.model: float(row.test_rmse) for row in table.itertuples()}
         mlflow.set_tags({"smp.compared_runs": ",".join(table["run_id"]) if not table.empty else ""})
+        ranked = sorted(result.items(), key=lambda kv: kv[1])
+        describe_run(f"compare: the paper's results table for split={cfg.split} from this experiment's newest run "
+                     "of each model family on the same data (compare.md, compare.csv, plots/compare.png). "
+                     + ("Test RMSE: " + ", ".join(f"{m} {sig(v)}" for m, v in ranked) + "."
+                        if ranked else "No finished model run matched."))
     return {f"{model} test_rmse": v for model, v in result.items()}

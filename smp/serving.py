@@ -51,16 +51,22 @@ What ``mlflow models serve`` does with errors (MLflow 3.17,
   naming that; a CSV body that pandas cannot parse gets a 400 *with* a
   ``stack_trace`` (``parse_csv_input``), which no model code can prevent.
 
-Every logged model has a typed input schema of raw post fields (``RAW_TYPES``: the SMPD fields the model
-reads plus ``image_b64`` / ``image_path``, all optional but ``Pid``), so the registry page shows what to
-send and ``mlflow models serve`` checks types before ``predict`` (numbers must arrive as JSON numbers, text
-as strings), and an output schema (``popularity`` double, ``status`` string). The accepted columns are also
-listed in the MLmodel metadata (``smp_input_columns``). Callers in this package that hand the model
-precomputed image feature columns (``smp predict``, ``promote``) call it through ``predict_frame`` (the
-predictions) or ``predict_table`` (with the status), which skip MLflow's schema step (it would drop those
-columns). With the schema, a JSON value of the wrong type is refused by MLflow itself (400, "Failed to
-convert column photo_count to type 'float64'"), and a CSV body with such a value fails in MLflow's CSV
-parser (400 naming the value, with MLflow's stack trace): neither reaches ``predict``.
+Every logged model has an input schema naming the raw post fields it reads (the SMPD fields plus
+``image_b64`` / ``image_path``, all optional but ``Pid``) with MLflow's ``AnyType`` for each, and an output
+schema (``popularity`` double, ``status`` string). Why ``AnyType``: a frame a user builds the natural way
+(``pd.read_csv`` / ``pd.read_json`` of the real posts or the official SMPD JSON) holds ``Pid`` and the dates
+and counts as int64, the same numbers as float64 once one is missing, and text columns as float64 when a
+sample has none; MLflow's typed columns refuse each of these (``string`` takes no int64 ``Pid``, ``double``
+no int64 date, ``long`` no NaN), so no typed schema serves every natural frame. With ``AnyType`` MLflow still
+checks the names (``Pid`` required; an extra column is named once in MLflow's log, "Found extra inputs ...
+These inputs will be ignored", and dropped) and ``coerce_request`` parses the values, refusing what is not
+a number with a message naming the column and the post. What each field holds is in ``FIELD_KINDS``, the
+logged model's description and its MLmodel metadata (``smp_input_kinds``). The cost, in MLflow 3.17: the
+scoring server reads a CSV body with the schema's pandas dtypes, which ``AnyType`` has none of, so a CSV
+body is refused (400) before any model code; JSON bodies (``dataframe_records`` / ``dataframe_split``) are
+the served format. Callers in this package that hand the model precomputed image feature columns
+(``smp predict``, ``promote``) call it through ``predict_frame`` (the predictions) or ``predict_table``
+(with the status), which skip MLflow's schema step (it would drop those columns).
 """
 
 from __future__ import annotations
@@ -201,7 +207,7 @@ def coerce_request(model_input, required=("Pid",)) -> pd.DataFrame:
         blank = frame["Pid"].isna() | (frame["Pid"].astype(str).str.strip() == "")
         if blank.any():
             raise RequestError(f"column 'Pid': empty in {int(blank.sum())} row(s) (row {int(blank.idxmax())} first)")
-        frame["Pid"] = frame["Pid"].astype(str)
+        frame["Pid"] = pid_text(frame["Pid"])
         try:  # one rule with the loader's: a post is scored once
             _check_unique_pids(frame, "request")
         except DataError as exc:
@@ -210,7 +216,10 @@ def coerce_request(model_input, required=("Pid",)) -> pd.DataFrame:
     for col in NUMERIC_FIELDS:
         if col not in frame.columns:
             continue
-        if not pd.api.types.is_numeric_dtype(frame[col]):
+        # every number as float64 (ints, bools, pandas' nullable Int64 with <NA>): one dtype for the model
+        if pd.api.types.is_numeric_dtype(frame[col]):
+            frame[col] = frame[col].astype("float64")
+        else:
             frame[col] = _numeric_column(frame, col)
         bad = out_of_range(col, frame[col])
         if bad.any():
@@ -225,6 +234,18 @@ def coerce_request(model_input, required=("Pid",)) -> pd.DataFrame:
     return frame
 
 
+def pid_text(pids: pd.Series) -> pd.Series:
+    """Post ids as text, whatever the frame holds: ``775``, ``"775"`` and ``775.0`` (a float column, as
+    pandas makes one beside a missing value) are the same post ``"775"``."""
+    if pd.api.types.is_float_dtype(pids):
+        values = pids.to_numpy(dtype=float)
+        if np.all(np.isfinite(values) & (values == np.round(values))):
+            return pd.Series(values.astype(np.int64).astype(str), index=pids.index, dtype=object)
+    if pd.api.types.is_bool_dtype(pids):
+        return pids.astype(str)
+    return pids.astype(str)
+
+
 def _row_key(frame: pd.DataFrame, i: int) -> str:
     return str(frame["Pid"].iloc[i]) if "Pid" in frame.columns else str(i)
 
@@ -234,14 +255,23 @@ def _row_name(frame: pd.DataFrame, i: int) -> str:
 
 
 def _numeric_column(frame: pd.DataFrame, col: str) -> pd.Series:
+    """A number column that arrived as text or mixed objects, parsed as the loader parses an SMPD file
+    (``"12"``, ``"true"``/``"false"``, a time zone as ``"+08:00"``); blank is missing; anything else refuses
+    the request, naming the column and the post."""
+    from smp.data import _parse_tz_offset
+
     text = frame[col].map(lambda v: float(v) if isinstance(v, bool) else v)  # JSON true/false: 1/0
     nested = text.map(lambda v: isinstance(v, (list, dict, tuple, set)))
     if nested.any():
         i = int(np.flatnonzero(nested.to_numpy())[0])
         raise RequestError(f"column {col!r}: expected a number, got a {type(text.iloc[i]).__name__} "
                            f"({_row_name(frame, i)})")
-    parsed = pd.to_numeric(text, errors="coerce")
-    blank = text.isna() | (text.astype(str).str.strip() == "")
+    stripped = text.map(lambda v: v.strip().lower() if isinstance(v, str) else v)
+    blank = stripped.isna() | stripped.isin(["", "nan", "none", "null"])
+    if col == "timezone_offset":
+        parsed = pd.Series([np.nan if b else _parse_tz_offset(v) for v, b in zip(text, blank)], index=text.index)
+    else:
+        parsed = pd.to_numeric(stripped.replace({"true": 1.0, "false": 0.0}).mask(blank), errors="coerce")
     bad = (parsed.isna() & ~blank).to_numpy()
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
@@ -427,18 +457,27 @@ def input_columns(example: pd.DataFrame) -> list[str]:
     return list(example.columns) + [c for c in IMAGE_INPUTS if c not in example.columns]
 
 
-# MLflow types of the raw post fields a model may read (numbers as double: JSON integers convert safely)
-RAW_TYPES = {"Pid": "string", "Category": "string", "Subcategory": "string", "Concept": "string",
-             "ispro": "double", "Postdate": "double", "photo_count": "double", "tag_count": "double",
-             "Alltags": "string", "Title": "string", "Latitude": "double", "Longitude": "double",
-             "photo_firstdate": "double", "timezone_offset": "double", "image_b64": "string", "image_path": "string"}
+# What each raw post field holds (the logged model's description and MLmodel metadata ``smp_input_kinds``;
+# the schema itself types every column as MLflow's AnyType: see the module docstring)
+FIELD_KINDS = {"Pid": "post id (required; number or text)", "Category": "text", "Subcategory": "text",
+               "Concept": "text", "ispro": "number (0/1)", "Postdate": "number (Unix seconds)",
+               "photo_count": "number", "tag_count": "number", "Alltags": "text (space-separated tags)",
+               "Title": "text", "Latitude": "number", "Longitude": "number",
+               "photo_firstdate": "number (Unix seconds)", "timezone_offset": "number (hours, or text like +08:00)",
+               "image_b64": "text (base64 of the image file)", "image_path": "text (a path the scorer can read)"}
 
 
 def input_schema(columns: list[str]):
-    """The typed input schema: each column optional except ``Pid``."""
-    from mlflow.types.schema import ColSpec, Schema
+    """The input schema: each column by name, MLflow's ``AnyType`` (any natural frame; the model parses the
+    values), optional except ``Pid``."""
+    from mlflow.types.schema import AnyType, ColSpec, Schema
 
-    return Schema([ColSpec(RAW_TYPES.get(c, "string"), c, required=(c == "Pid")) for c in columns])
+    return Schema([ColSpec(AnyType(), c, required=(c == "Pid")) for c in columns])
+
+
+def input_text(columns: list[str]) -> str:
+    """The accepted columns and what each holds, for the model's description."""
+    return "; ".join(f"{c}: {FIELD_KINDS.get(c, 'text')}" for c in columns)
 
 
 def output_schema():
@@ -502,20 +541,18 @@ def pip_requirements(needs_images: bool) -> list[str] | None:
     return out
 
 
-def log_model(model, posts_example: pd.DataFrame, name: str = "model"):
-    """Log ``model`` as a pyfunc with its typed raw-post input schema and a raw-post input example."""
+def log_model(model, posts_example: pd.DataFrame, name: str = "model", summary: str = ""):
+    """Log ``model`` as a pyfunc with its raw-post input schema, a raw-post input example and a description
+    (``model_note``: what it is, what it reads, ``summary`` = its headline figures)."""
     from mlflow.models import ModelSignature
 
     example = posts_example.copy()
-    for col in example.columns:
-        if col != "Pid" and pd.api.types.is_numeric_dtype(example[col]):
-            example[col] = example[col].astype(float)
-    example["Pid"] = example["Pid"].astype(str)
     checked = coerce_request(example)
     np.asarray(model.predict(with_image_features(model, checked)[0]), dtype=float)  # it must predict before logging
     family = getattr(model, "family", "")
     columns = input_columns(example)
     signature = ModelSignature(inputs=input_schema(columns), outputs=output_schema())
+    note = model_note(family, columns, summary)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / MODEL_ARTIFACT
         with open(path, "wb") as fh:
@@ -527,8 +564,10 @@ def log_model(model, posts_example: pd.DataFrame, name: str = "model"):
             return mlflow.pyfunc.log_model(
                 name=name, python_model=PopularityModel(), artifacts={"smp_model": str(path)},
                 signature=signature, input_example=example, model_type=family,
-                tags={"smp.family": family, "smp.description": model_description(family)},
-                metadata={"smp_family": family, "smp_input_columns": columns, "smp_required_columns": ["Pid"]},
+                tags={"smp.family": family, "smp.description": model_description(family),
+                      "mlflow.note.content": note},  # the logged model page's Description
+                metadata={"smp_family": family, "smp_input_columns": columns, "smp_required_columns": ["Pid"],
+                          "smp_input_kinds": {c: FIELD_KINDS.get(c, "text") for c in columns}},
                 pip_requirements=pip_requirements(getattr(model, "needs_images", False)),
                 code_paths=[str(p) for p in code],
             )
@@ -539,6 +578,15 @@ def model_description(family: str) -> str:
     from smp.jobs import JOBS
 
     return JOBS[family].description if family in JOBS else ""
+
+
+def model_note(family: str, columns: list[str], summary: str = "") -> str:
+    """The logged model's description: what it is, its figures, what to send it and what it answers."""
+    what = model_description(family) or family
+    return (f"{family}: {what}. {summary + ' ' if summary else ''}"
+            f"Input: one row per raw post, any subset of these columns ({input_text(columns)}); numbers may "
+            "be int or float, missing values NaN/null, other columns are ignored. Output: popularity (the SMPD label scale) "
+            "and status (ok, or partial: what was treated as missing).")
 
 
 CODE_ARCHIVE = "smp.zip"

@@ -605,5 +605,8 @@ def run_synth(cfg: SynthJob = SynthJob()) -> dict[str, float]:
     if os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`: the launcher's run says what it made
         from smp.tracking import name_launched_run
 
-        name_launched_run(f"synth · n{cfg.synth.n} · s{cfg.synth.seed}", {"smp.job": "synth", "smp.synth_out": str(out)})
+        note = (f"synth: {cfg.synth.n} synthetic SMPD posts (official file layout, JPEGs) written to {out}, "
+                f"seed {cfg.synth.seed}; train on them with `data={out}`.")
+        name_launched_run(f"synth · n{cfg.synth.n} · s{cfg.synth.seed}",
+                          {"smp.job": "synth", "smp.synth_out": str(out), "mlflow.note.content": note})
     return {"posts": cfg.synth.n}

@@ -115,8 +115,9 @@ def data_label(data: object) -> str:
 
 
 def run_label(job: str, params: dict, trial: str | None = None) -> str:
-    """The run's name: what it is, e.g. ``ensemble_mlp · demo · random · s0`` (a tuning trial: ``trial 7``)."""
-    if trial is not None:
+    """The run's name: what it is, e.g. ``ensemble_mlp · demo · random · s0`` (a tuning trial: ``trial 7``;
+    an upstream run, whose ``Parent`` has no trial, is named after its own job)."""
+    if trial not in (None, ""):
         return f"trial {trial}"
     parts = [job]
     if job == "promote":
@@ -214,6 +215,7 @@ def job_run(job: str, experiment: str, params: dict, tags: dict | None = None, p
         commit = git_commit()
         if commit:
             all_tags.setdefault("mlflow.source.git.commit", commit)
+        all_tags.setdefault(NOTE, job_note(job, params, parent))  # replaced by the job's own once it has results
         log_params(params, tags=all_tags, skip_logged=launched)
         yield run
     except BaseException as exc:
@@ -230,6 +232,43 @@ def job_run(job: str, experiment: str, params: dict, tags: dict | None = None, p
         raise
     else:
         mlflow.end_run()
+
+
+NOTE = "mlflow.note.content"  # the run page's Description (and the runs table's Description column)
+
+
+def sig(value, digits: int = 4) -> str:
+    """A figure as descriptions show it: 4 significant digits (``1.904``, ``0.5763``, ``2.333e+04``)."""
+    try:
+        return f"{float(value):.{digits}g}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def job_note(job: str, params: dict, parent: "Parent | None" = None) -> str:
+    """A run's first description, set when it starts: what the job is and on what (the job replaces it with
+    its results when it has them, so a run that failed or was killed still says what it was)."""
+    from smp.jobs import JOBS
+
+    what = JOBS[job].help if job in JOBS else job
+    on = []
+    if "data" in params:
+        on.append(f"data {data_label(params.get('data'))}")
+    if "split" in params and job not in ("promote", "predict"):
+        on.append(f"split {params['split']}")
+    if "seed" in params and "split" in params:
+        on.append(f"seed {params['seed']}")
+    text = f"{job}: {what}" + (f" ({', '.join(on)})" if on else "") + "."
+    if parent is not None and parent.trial not in (None, ""):
+        text += f" Trial {parent.trial} of the study in its parent run."
+    elif parent is not None:
+        text += f" Made by run {parent.run_id} (its parent)."
+    return text
+
+
+def describe_run(text: str) -> None:
+    """Set the active run's description (the run page's Description)."""
+    mlflow.set_tag(NOTE, text)
 
 
 def name_launched_run(name: str, tags: dict | None = None) -> None:

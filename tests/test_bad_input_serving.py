@@ -96,11 +96,12 @@ def image_model(tmp_path_factory, smpd_dir):
 
 
 def raw_rows(image_model, n: int) -> pd.DataFrame:
-    """``n`` raw posts as a client sends them: the SMPD fields, numbers as floats, no label or image."""
+    """``n`` raw posts as a client sends them: the SMPD fields, counts as int64 (as pandas reads them), no
+    label or image."""
     posts = image_model["posts"].drop(columns=["label", "image_path"]).head(n).reset_index(drop=True)
     posts.attrs = {}
-    posts["tag_count"] = posts["Alltags"].fillna("").str.split().str.len()  # SMPD has only the words
-    return posts.astype({c: float for c in posts.select_dtypes("number").columns})
+    posts["tag_count"] = posts["Alltags"].fillna("").str.split().str.len().astype("int64")  # SMPD has only the words
+    return posts
 
 
 # --------------------------------------------------------------------------- smp predict
@@ -249,7 +250,7 @@ def test_served_image_model_answers_each_post_with_its_status(image_model, serve
 
     # the pyfunc in-process (a notebook) answers the same, post for post
     monkeypatch.setenv(serving.IMAGE_ROOT_ENV, str(image_model["images"]))
-    frame = pd.DataFrame(records).astype({c: float for c in ("photo_count", "Postdate", "Latitude")})
+    frame = pd.DataFrame(records)  # as pandas builds it: ints stay int64, no cast
     in_process = mlflow.pyfunc.load_model(str(image_model["model"])).predict(frame)
     assert list(in_process.columns) == ["popularity", "status"]
     assert list(in_process["status"]) == [s for _, s in sent]
