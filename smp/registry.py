@@ -14,14 +14,16 @@ are unseen by both, an image model meets posts without images) the candidate
 is refused the title: it becomes ``@challenger`` and the reason is recorded.
 Logged test RMSEs of two runs are never compared: they are figures on
 different posts.  The comparison is kept as model-version tags and a
-description, and the decision as a ``promote`` run.  Aliases only, no stages.
+description (the ranking the candidate was chosen from, with each run's val
+RMSE, the champion's figures and the rule; numbers to 4 significant digits),
+and the decision as a ``promote`` run.  Aliases only, no stages.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import mlflow
@@ -32,6 +34,7 @@ from mlflow.exceptions import MlflowException
 
 from smp.data import DataCfg, DataError
 from smp.evaluate import regression_metrics
+from smp.plots import sig4
 from smp.serving import model_input, predict_frame
 from smp.splits import MIN_SPLIT_ROWS, Prepared, SplitCfg, prepare
 from smp.config import ConfigError, flatten
@@ -42,6 +45,7 @@ log = logging.getLogger("smp.registry")
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 MIN_SHARED_TEST_ROWS = MIN_SPLIT_ROWS  # fewer posts unseen by both models: no comparison (the test split's minimum)
+RANKING_ROWS = 5  # candidates listed by name in a version's description (the rest are counted)
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,16 @@ class PromoteJob:
     margin: float = 0.0    # the candidate takes @champion only if its test RMSE < champion's - margin
     run_id: str = ""       # promote this run instead of searching for the best
     experiment: str = ""   # "" = MLFLOW_EXPERIMENT_NAME, else "smp" (under `mlflow run`: its --experiment-name)
+
+
+@dataclass
+class Ranking:
+    """The model runs a candidate was chosen from, lowest ``val_rmse`` first, and the rule that chose it."""
+
+    runs: list     # FINISHED model runs with a finite val_rmse (and the filters), best first
+    pool: str      # which runs those are, in words
+    given: bool = False  # the candidate was given as run_id (not picked from the ranking)
+    skipped: set = field(default_factory=set)  # run ids passed over because they have no logged model
 
 
 @dataclass
@@ -72,8 +86,13 @@ def run_promote(cfg: PromoteJob = PromoteJob()) -> dict[str, float]:
         raise ConfigError(f"family={cfg.family!r}: expected one of {FAMILIES} or ''")
     with job_run("promote", cfg.experiment, flatten(cfg), {"smp.registered_model": cfg.model_name}) as run:
         client = MlflowClient()  # job_run configured the tracking URI
-        cand_run = given_run(client, cfg.run_id) if cfg.run_id else best_model_run(
-            run.info.experiment_id, cfg.family, cfg.split)
+        if cfg.run_id:
+            cand_run = given_run(client, cfg.run_id)
+            ranking = ranked_runs(cand_run.info.experiment_id, cfg.family, cfg.split)
+            ranking.given = True
+        else:
+            ranking = ranked_runs(run.info.experiment_id, cfg.family, cfg.split)
+            cand_run = best_model_run(ranking, run.info.experiment_id, cfg.family, cfg.split)
         cand_id = cand_run.info.run_id
         version, created = register_run(client, cfg.model_name, cand_id)
         champ = current_alias(client, cfg.model_name, CHAMPION)
@@ -88,7 +107,7 @@ def run_promote(cfg: PromoteJob = PromoteJob()) -> dict[str, float]:
             decision = CHAMPION if wins else CHALLENGER
         if comp.method != "unchanged":  # a champion promoted again keeps the record of how it won
             set_alias(client, cfg.model_name, decision, version.version)
-            record(client, cfg, cand_run, version.version, champ, comp, decision)
+            record(client, cfg, cand_run, version.version, champ, comp, decision, ranking)
         outcome = {"version": int(version.version), "new_version": bool(created), "champion": decision == CHAMPION,
                    "candidate_test_rmse": comp.candidate_rmse, "champion_test_rmse": comp.champion_rmse,
                    "eval_rows": comp.rows}
@@ -106,8 +125,9 @@ def run_promote(cfg: PromoteJob = PromoteJob()) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------- finding and registering
-def best_model_run(experiment_id: str, family: str = "", split: str = ""):
-    """The FINISHED model run with the lowest ``val_rmse`` that has a logged model; ``DataError`` if none."""
+def ranked_runs(experiment_id: str, family: str = "", split: str = "") -> Ranking:
+    """The experiment's FINISHED model runs with a finite ``val_rmse`` (of ``family`` / ``split`` when given),
+    lowest ``val_rmse`` first (newest first on ties): what ``promote`` picks its candidate from."""
     filt = ["attributes.status = 'FINISHED'"]
     if family:
         filt.append(f"tags.`smp.model` = '{family}'")
@@ -115,13 +135,22 @@ def best_model_run(experiment_id: str, family: str = "", split: str = ""):
         filt.append(f"tags.`smp.split` = '{split}'")
     runs = mlflow.search_runs([experiment_id], filter_string=" and ".join(filt),
                               order_by=["metrics.val_rmse ASC", "attributes.start_time DESC"], output_format="list")
-    for r in runs:
-        val = r.data.metrics.get("val_rmse")
-        if r.data.tags.get("smp.model") not in FAMILIES or val is None or not np.isfinite(val):
-            continue
+    runs = [r for r in runs if r.data.tags.get("smp.model") in FAMILIES
+            and np.isfinite(r.data.metrics.get("val_rmse", math.nan))]
+    name = MlflowClient().get_experiment(experiment_id).name
+    scope = ", ".join(x for x in (f"family {family}" if family else "any family",
+                                  f"split {split}" if split else "any split"))
+    return Ranking(runs, f"finished model runs of experiment `{name}` ({scope})")
+
+
+def best_model_run(ranking: Ranking, experiment_id: str, family: str = "", split: str = ""):
+    """The best run of ``ranking`` that has a logged model (the others are noted as skipped); ``DataError`` if
+    none has."""
+    for r in ranking.runs:
         if has_logged_model(r.info.run_id):
             return r
-        log.warning("run %s (val_rmse %.4f) has no logged model; skipped", r.info.run_id, val)
+        ranking.skipped.add(r.info.run_id)
+        log.warning("run %s (val_rmse %.4f) has no logged model; skipped", r.info.run_id, r.data.metrics["val_rmse"])
     raise DataError(nothing_to_promote(experiment_id, family, split))
 
 
@@ -331,8 +360,8 @@ def set_version_tag(client: MlflowClient, name: str, version: str, key: str, val
 
 
 def record(client: MlflowClient, cfg: PromoteJob, cand_run, version, champ, comp: Comparison,
-           decision: str) -> None:
-    """Keep the comparison on the candidate's model version: tags and a description."""
+           decision: str, ranking: Ranking | None = None) -> None:
+    """Keep the comparison on the candidate's model version: tags and a description (``version_description``)."""
     tags = cand_run.data.tags
     rmse = lambda v: "nan" if not np.isfinite(v) else f"{v:.4f}"  # noqa: E731
     version_tags = {"decision": decision, "comparison": comp.method, "margin": str(cfg.margin),
@@ -347,17 +376,77 @@ def record(client: MlflowClient, cfg: PromoteJob, cand_run, version, champ, comp
         if value not in ("", "nan"):
             set_version_tag(client, cfg.model_name, str(version), key, value)
     describe_model(client, cfg.model_name)
+    champ_run = client.get_run(champ.run_id) if champ is not None else None
+    text = version_description(cfg, cand_run, champ, champ_run, comp, decision, ranking)
+    client.update_model_version(cfg.model_name, str(version), description=text)
+
+
+def _num(value) -> str:
+    """A figure in a description: 4 significant digits, ``n/a`` when missing."""
+    return sig4(value) if value is not None and np.isfinite(value) else "n/a"
+
+
+def _run_label(run) -> str:
+    return f"{run.info.run_name or run.info.run_id} (`{run.info.run_id[:8]}`)"
+
+
+def ranking_table(ranking: Ranking, cand_id: str, champ_id: str | None = None, rows: int = RANKING_ROWS) -> str:
+    """The candidates as a Markdown table, best ``val_rmse`` first: the first ``rows``, plus the candidate and
+    the champion wherever they rank; the rest counted."""
+    runs = ranking.runs
+    show = [i for i, r in enumerate(runs) if i < rows or r.info.run_id in (cand_id, champ_id)]
+    lines = ["| rank | run | family | split | val RMSE | |", "| --- | --- | --- | --- | --- | --- |"]
+    for i in show:
+        r = runs[i]
+        note = ("this version" if r.info.run_id == cand_id else "the champion" if r.info.run_id == champ_id
+                else "no logged model: skipped" if r.info.run_id in ranking.skipped else "")
+        lines.append(f"| {i + 1} | {_run_label(r)} | {r.data.tags.get('smp.model', '?')} | "
+                     f"{r.data.tags.get('smp.split', '?')} | {_num(r.data.metrics.get('val_rmse'))} | {note} |")
+    hidden = [runs[i] for i in range(len(runs)) if i not in show]
+    if hidden:
+        vals = [r.data.metrics["val_rmse"] for r in hidden]
+        lines.append(f"\n... and {len(hidden)} more (val RMSE {_num(min(vals))} to {_num(max(vals))}).")
+    return "\n".join(lines)
+
+
+def version_description(cfg: PromoteJob, cand_run, champ, champ_run, comp: Comparison, decision: str,
+                        ranking: Ranking | None = None) -> str:
+    """A model version's description (Markdown): what it is, the ranking it was chosen from (candidates, their
+    val RMSE, the rule), and how it fared against the champion; numbers to 4 significant digits."""
+    tags = cand_run.data.tags
+    cand_id = cand_run.info.run_id
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    head = (f"{tags.get('smp.model', '?')} model from run {cand_run.info.run_id} "
-            f"(split {tags.get('smp.split', '?')}, data {tags.get('smp.data_hash', '?')}, "
-            f"val RMSE {rmse(cand_run.data.metrics.get('val_rmse', math.nan))}).")
+    parts = [f"**{tags.get('smp.model', '?')}** model from run {_run_label(cand_run)}: split "
+             f"{tags.get('smp.split', '?')}, data {tags.get('smp.data_hash', '?')}, "
+             f"val RMSE {_num(cand_run.data.metrics.get('val_rmse'))}, "
+             f"logged test RMSE {_num(cand_run.data.metrics.get('test_rmse'))}. Full id: `{cand_id}`."]
+    if ranking is not None:
+        runs = ranking.runs
+        rank = next((i + 1 for i, r in enumerate(runs) if r.info.run_id == cand_id), None)
+        pool = f"the {len(runs)} {ranking.pool}"
+        if ranking.given:
+            why = (f"given as `run_id`, not searched for; by val RMSE it ranks {rank} of {pool}" if rank
+                   else f"given as `run_id`, not searched for; it is not one of {pool}")
+        else:
+            why = f"the lowest val RMSE among {pool} that logged a model" + (
+                f" (the {rank - 1} ranked above it logged none)" if rank and rank > 1 else "")
+        parts.append(f"**Why this run**: {why}.\n\n"
+                     + ranking_table(ranking, cand_id, champ_run.info.run_id if champ_run else None))
     if champ is None:
-        body = f"Alias `{CHAMPION}`: {comp.note} (logged test RMSE {rmse(comp.candidate_rmse)})."
-    elif comp.method == "refused":
-        body = (f"Alias `{decision}`: not compared with champion v{champ.version}, so it cannot take `{CHAMPION}`: "
-                f"{comp.note}.")
+        decided = "there was no champion to compare with"
     else:
-        verb = "beats" if decision == CHAMPION else "does not beat"
-        body = (f"Alias `{decision}`: test RMSE {rmse(comp.candidate_rmse)} {verb} champion v{champ.version}'s "
-                f"{rmse(comp.champion_rmse)} by more than the margin {cfg.margin}; {comp.note}.")
-    client.update_model_version(cfg.model_name, str(version), description=f"{head}\n{body}\nPromoted {when}.")
+        champ_is = (f"Champion v{champ.version} is run {_run_label(champ_run)}, val RMSE "
+                    f"{_num(champ_run.data.metrics.get('val_rmse'))}") if champ_run else ""
+        if comp.method == "refused":
+            decided = f"not compared with champion v{champ.version}, so it cannot take `{CHAMPION}`: {comp.note}"
+        else:
+            verb = "beats" if decision == CHAMPION else "does not beat"
+            decided = (f"test RMSE {_num(comp.candidate_rmse)} {verb} champion v{champ.version}'s "
+                       f"{_num(comp.champion_rmse)} by more than the margin {_num(cfg.margin)}; {comp.note}")
+        decided = f"{decided.rstrip('.')}. {champ_is}" if champ_is else decided
+    parts += [f"**Decision**: `@{decision}`: {decided.rstrip('.')}.",
+              f"**Rule**: the run chosen above becomes `@{CHAMPION}` only when its RMSE on test posts unseen by both "
+              f"models beats the champion's by more than the margin ({_num(cfg.margin)}); otherwise "
+              f"`@{CHALLENGER}`. Logged test RMSEs of two runs are never compared (they are on different posts).",
+              f"Promoted {when}."]
+    return "\n\n".join(parts)

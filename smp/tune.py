@@ -28,7 +28,13 @@ trip) and prunes there.  A pruned trial's run ends KILLED with the tag
 What a trial logs: its params, metrics, dataset inputs and model (so any
 trial can be promoted); its figures only with ``trial_figures=true`` (drawing
 and uploading them was the largest cost after the model, benchmarks/team.py).
-The parent run gets the study's figures, best params and the best model.
+The parent run gets the study's figures (labels inside the picture, whole trial
+numbers), best params and the best model, and logs ``val_rmse`` (the best
+trial's), ``study/best_trial`` and ``study/trials_{state}``: what ``run_tune``
+returns and ``smp tune`` prints.  The study names its objective ``val_rmse``
+and carries a note (user attribute ``note``, and optuna-dashboard's note when
+that is installed): family, data, split, the best trial and what it changed
+from the defaults, numbers to 4 significant digits.
 
 Storage: ``storage=""`` keeps the study in ``optuna.db`` beside the MLflow
 store (sqlite); any Optuna storage URL works (``postgresql://...``), and
@@ -51,9 +57,10 @@ from pathlib import Path
 import mlflow
 import optuna
 
-from smp.config import ConfigError, apply, flatten
+from smp.config import ConfigError, apply, flatten, leaves
 from smp.data import DataCfg
 from smp.jobs import JOBS, family
+from smp.plots import sig4
 from smp.splits import SplitCfg
 from smp.tracking import (Parent, configure_tracking, data_label, describe_experiment, log_figure, log_params,
                           logged_model_uri, resolve_experiment)
@@ -61,6 +68,8 @@ from smp.tracking import (Parent, configure_tracking, data_label, describe_exper
 log = logging.getLogger("smp.tune")
 
 PARENT_ATTR = "mlflow_parent_run_id"
+NOTE_ATTR = "note"  # the study's summary (Markdown), also optuna-dashboard's note when it is installed
+OBJECTIVE = "val_rmse"  # what every trial returns: the validation RMSE of the family's job (lower is better)
 
 
 @dataclass(frozen=True)
@@ -198,10 +207,10 @@ def objective_for(cfg: TuneJob, parent_run_id: str):
 
         result = run_fn(apply(base, space(trial)), parent=parent, on_step=step_reporter(trial, every))
         trial.set_user_attr("mlflow_run_id", result.run_id)
-        for key in ("val_mae", "val_spearman", "test_rmse"):
+        for key in ("val_mae", "val_spearman", "test_rmse"):  # shown beside the value: 4 significant digits
             if key in result:
-                trial.set_user_attr(key, result[key])
-        return result["val_rmse"]
+                trial.set_user_attr(key, float(sig4(result[key])))
+        return result[OBJECTIVE]
 
     return objective
 
@@ -229,12 +238,19 @@ def _record_run_id(trial) -> None:
 
 
 def open_study(cfg: TuneJob) -> optuna.Study:
-    """Create or load the study (seeded TPE sampler, the chosen pruner)."""
+    """Create or load the study (seeded TPE sampler, the chosen pruner); its objective is named ``val_rmse``."""
+    import warnings
+
     name = cfg.study.study_name or f"smp-{cfg.study.model}-{cfg.splitting.split}"
-    return optuna.create_study(
+    study = optuna.create_study(
         study_name=name, storage=make_storage(cfg.study.storage, cfg.study.heartbeat), direction="minimize",
         sampler=optuna.samplers.TPESampler(seed=cfg.study.sampler_seed), pruner=make_pruner(cfg.study),
         load_if_exists=True)
+    if study.metric_names != [OBJECTIVE]:  # optuna-dashboard and the plots name the axis after it
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([OBJECTIVE])
+    return study
 
 
 def parent_name(cfg: TuneJob) -> str:
@@ -286,38 +302,116 @@ def run_tune(cfg: TuneJob = TuneJob()) -> dict[str, float]:
     log.info("study %s: parent run %s, %d trials so far", study.study_name, parent, len(study.trials))
     print(f"study {study.study_name}: parent run {parent}")
     if cfg.study.n_trials == 0:
-        return {"trials": len(study.trials)}
+        return trial_counts(study)
     study.optimize(objective_for(cfg, parent), n_trials=cfg.study.n_trials if cfg.study.n_trials > 0 else None,
                    timeout=cfg.study.timeout or None, callbacks=callbacks, catch=(RuntimeError, FloatingPointError),
                    gc_after_trial=True)
-    return summarise(study, parent)
+    return summarise(study, parent, cfg)
 
 
-def summarise(study: optuna.Study, parent: str) -> dict[str, float]:
-    """Log best params/value, the study's figures and the best trial's model on the parent run."""
+def trial_counts(study: optuna.Study) -> dict[str, int]:
+    """``{"study/trials_complete": n, ...}``: the study's trials per state, under the keys the parent logs."""
     states = [t.state for t in study.trials]
-    counts = {s.name.lower(): float(states.count(s)) for s in optuna.trial.TrialState}
+    return {f"study/trials_{s.name.lower()}": states.count(s) for s in optuna.trial.TrialState}
+
+
+def summarise(study: optuna.Study, parent: str, cfg: TuneJob | None = None) -> dict[str, float]:
+    """Log best params/value, the study's figures and the best trial's model on the parent run; write the
+    study's note (``study_note``).  Returns what the parent logged, under the same keys: ``val_rmse`` (the
+    best trial's), ``study/best_trial`` and ``study/trials_{state}``."""
+    counts = trial_counts(study)
     try:
         best = study.best_trial
     except ValueError:
         log.warning("study %s has no completed trial yet", study.study_name)
-        return {"trials_" + k: int(v) for k, v in counts.items()}
+        return dict(counts)
+    if cfg is not None:
+        try:
+            save_study_note(study, study_note(study, cfg, parent))
+        except Exception as exc:  # noqa: BLE001 - a note must not fail the study
+            log.warning("could not write the note of study %s: %s", study.study_name, exc)
+    summary = {OBJECTIVE: best.value, "study/best_trial": best.number, **counts}
     for attempt in range(3):  # several workers may summarise at once; the server can refuse a racing write
         try:
-            _log_summary(study, best, parent, counts)
+            _log_summary(study, best, parent, summary)
             break
         except mlflow.exceptions.MlflowException as exc:
             log.warning("summary on parent run %s failed (attempt %d/3): %s", parent, attempt + 1, exc)
             time.sleep(1.0 + attempt)
-    return {"best_val_rmse": best.value, "best_trial": best.number, **{"trials_" + k: int(v) for k, v in counts.items()}}
+    return summary
 
 
-def _log_summary(study, best, parent: str, counts: dict) -> None:
+def best_vs_defaults(cfg: TuneJob, params: dict) -> list[tuple[str, object, object]]:
+    """``[(config field, default, trial's value)]`` for every field a trial's ``params`` set through the
+    family's search space; the default is what ``smp {model}`` uses on the study's data and split (the split's
+    protocol settings included)."""
+    from smp.train import for_protocol
+
+    _, base = job_for(cfg.study.model, cfg.source, cfg.splitting, cfg.experiment)
+    defaults = {path[-1]: value for path, value in leaves(for_protocol(base))}
+    suggested = space_for(cfg.study.model)(optuna.trial.FixedTrial(params))
+    return [(name, defaults.get(name), value) for name, value in suggested.items()]
+
+
+def _value_text(value) -> str:
+    """A setting as the note shows it (floats to 4 significant digits, tuples comma-separated)."""
+    if isinstance(value, float):
+        return sig4(value)
+    if isinstance(value, (tuple, list)):
+        return ", ".join(_value_text(v) for v in value)
+    return str(value)
+
+
+def study_note(study: optuna.Study, cfg: TuneJob, parent: str) -> str:
+    """The study's note (Markdown): family, data, split, the best trial and what it changed from the defaults;
+    numbers to 4 significant digits."""
+    model, split = cfg.study.model, cfg.splitting
+    counts = {k.rsplit("_", 1)[1]: n for k, n in trial_counts(study).items() if n}
+    best = study.best_trial
+    run = best.user_attrs.get("mlflow_run_id", "")
+    fields = best_vs_defaults(cfg, best.params)
+    changed = [f for f in fields if f[1] != f[2]]
+    same = [f for f in fields if f[1] == f[2]]
+    lines = [
+        f"**{model}**: {family(model).help}.",
+        f"Data `{cfg.source.data}` (sample_size {split.sample_size}, 0 = all posts); split `{split.split}` "
+        f"(seed {split.seed}, val {_value_text(split.val_frac)}, test {_value_text(split.test_frac)}).",
+        f"Objective: `{OBJECTIVE}`, the validation RMSE of the family's job (lower is better).",
+        "",
+        f"**Best: trial {best.number}, {OBJECTIVE} {sig4(best.value)}**"
+        + (f" (MLflow run `{run}`)" if run else "") + f", of {len(study.trials)} trials ("
+        + ", ".join(f"{n} {state}" for state, n in counts.items()) + ").",
+        "",
+    ]
+    defaults = f"the defaults (what `smp {model}` uses on this split)"
+    if changed:
+        lines += [f"What trial {best.number} changed from {defaults}:", "",
+                  "| parameter | default | best trial |", "| --- | --- | --- |"]
+        lines += [f"| {name} | {_value_text(default)} | {_value_text(value)} |" for name, default, value in changed]
+        if same:
+            lines += ["", "Searched but left at the default: "
+                      + ", ".join(f"{name} {_value_text(value)}" for name, _, value in same) + "."]
+    else:
+        lines.append(f"Trial {best.number} used {defaults}.")
+    lines += ["", f"MLflow: the study's parent run `{parent}` (its trials nested under it). Written by `smp tune`."]
+    return "\n".join(lines) + "\n"
+
+
+def save_study_note(study: optuna.Study, text: str) -> None:
+    """Keep ``text`` as the study's ``note`` user attribute and, with optuna-dashboard installed, as the note its
+    study page shows."""
+    study.set_user_attr(NOTE_ATTR, text)
+    try:
+        from optuna_dashboard import save_note
+    except ImportError:
+        return
+    save_note(study, text)
+
+
+def _log_summary(study, best, parent: str, summary: dict) -> None:
     client = mlflow.MlflowClient()
     # the best trial's val_rmse under the headline name (the parent charts beside the trials); counts grouped
-    summary = {"val_rmse": best.value, "study/best_trial": float(best.number),
-               **{f"study/trials_{k}": v for k, v in counts.items()}}
-    client.log_batch(parent, metrics=[mlflow.entities.Metric(k, v, int(time.time() * 1000), 0)
+    client.log_batch(parent, metrics=[mlflow.entities.Metric(k, float(v), int(time.time() * 1000), 0)
                                       for k, v in summary.items()])
     with mlflow.start_run(run_id=parent):
         mlflow.log_dict(best.params, "best_params.json")
@@ -344,6 +438,22 @@ def _figure(ax):
     return ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
 
 
+def study_figure(plot, study: optuna.Study):
+    """One of optuna's matplotlib plots of ``study``, made readable: the objective named ``val_rmse``, whole
+    trial numbers on a trial axis, room for every label (the parallel coordinates get a wider figure) and a
+    layout that keeps them all inside the picture."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig = _figure(plot(study, target_name=OBJECTIVE))
+    for ax in fig.axes:
+        if ax.get_xlabel() == "Trial":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if len(fig.axes) > 1:  # parallel coordinates: one axis per parameter, the objective's and a colour bar
+        fig.set_size_inches(max(6.4, 1.2 * len(fig.axes) + 1), 5)
+    fig.tight_layout()
+    return fig
+
+
 def _log_study_figures(study: optuna.Study) -> None:
     import warnings
 
@@ -358,6 +468,6 @@ def _log_study_figures(study: optuna.Study) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # optuna marks its matplotlib backend experimental
             try:
-                log_figure(lambda: _figure(plot(study)), name)
+                log_figure(lambda: study_figure(plot, study), name)
             except Exception as exc:  # noqa: BLE001 - a figure must not fail the study
                 log.warning("could not plot %s: %s", name, exc)

@@ -13,6 +13,7 @@ from smp import registry
 from smp.config import ConfigError
 from smp.data import DataCfg, DataError
 from smp.models import XGBCfg
+from smp.plots import sig4
 from smp.registry import PromoteJob, run_promote
 from smp.splits import SplitCfg
 from smp.train import BenchmarkJob, run_benchmark
@@ -62,6 +63,20 @@ def test_champion_then_challenger_and_one_version_per_run(smpd_dir):
     assert v2.tags["comparison"] == "same_rows" and v2.tags["family"] == "benchmark"
     assert float(v2.tags["champion_test_rmse"]) == pytest.approx(out["champion_test_rmse"], abs=1e-4)
     assert "does not beat champion v1" in v2.description and worse in v2.description
+    # ... and says why it won or not: the ranking it was chosen from, the champion's figures, the rule
+    val = {r: mlflow.get_run(r).data.metrics["val_rmse"] for r in (good, worse)}
+    assert "given as `run_id`, not searched for; by val RMSE it ranks 2 of the 2 finished model runs of " \
+           "experiment `t` (any family, any split)" in v2.description
+    assert f"| 1 | benchmark · smpd · random · s0 (`{good[:8]}`) | benchmark | random | {sig4(val[good])} | " \
+           "the champion |" in v2.description
+    assert f"| 2 | benchmark · smpd · random · s0 (`{worse[:8]}`) | benchmark | random | {sig4(val[worse])} | " \
+           "this version |" in v2.description
+    assert (f"test RMSE {sig4(out['candidate_test_rmse'])} does not beat champion v1's "
+            f"{sig4(out['champion_test_rmse'])} by more than the margin 0") in v2.description
+    assert f"Champion v1 is run benchmark · smpd · random · s0 (`{good[:8]}`), val RMSE {sig4(val[good])}." \
+        in v2.description
+    assert "**Rule**: the run chosen above becomes `@champion` only when" in v2.description
+    assert _figures_beyond_4_digits(v2.description) == []
     # re-evaluated on the rebuilt test split, each model's RMSE matches the one its run logged
     logged = {r: mlflow.get_run(r).data.metrics["test_rmse"] for r in (good, worse)}
     assert out["champion_test_rmse"] == pytest.approx(logged[good], rel=1e-5)
@@ -75,7 +90,43 @@ def test_champion_then_challenger_and_one_version_per_run(smpd_dir):
     assert all(r.data.metrics == {} for r in runs)  # not training runs: the decision is tags, never metrics
     v1 = mlflow.MlflowClient().get_model_version(NAME, "1")  # a first promotion names no champion it beat
     assert "compared_against_version" not in v1.tags and "champion_test_rmse" not in v1.tags
+    assert ("**Why this run**: the lowest val RMSE among the 1 finished model runs of experiment `t` (any family, "
+            "any split) that logged a model.") in v1.description
+    assert "**Decision**: `@champion`: there was no champion to compare with." in v1.description
+    assert _figures_beyond_4_digits(v1.description) == []
     assert mlflow.MlflowClient().get_registered_model(NAME).description.startswith("Predicts a Flickr post")
+
+
+def _figures_beyond_4_digits(text: str) -> list[str]:
+    """Decimal figures in ``text`` with more than 4 significant digits (ids in backticks and the date left out)."""
+    import re
+
+    text = re.sub(r"`[^`]*`|\d{4}-\d\d-\d\d \d\d:\d\d", "", text)
+    return [m for m in re.findall(r"\d+\.\d+", text) if len(m.replace(".", "").lstrip("0")) > 4]
+
+
+def test_a_searched_candidate_lists_the_runs_it_was_ranked_against(smpd_dir, monkeypatch):
+    """More candidates than the table shows: the best five by val RMSE, the champion wherever it ranks, the rest
+    counted; a run ranked above the chosen one without a logged model is marked as skipped."""
+    runs = [train(smpd_dir, XGBCfg(n_estimators=n, max_depth=2, learning_rate=0.1, early_stopping_rounds=0))
+            for n in (1, 2, 3, 5, 8, 13, 21)]
+    val = {r: mlflow.get_run(r).data.metrics["val_rmse"] for r in runs}
+    order = sorted(runs, key=val.get)
+    real = registry.has_logged_model
+    monkeypatch.setattr(registry, "has_logged_model", lambda rid: rid != order[0] and real(rid))
+    out = run_promote(PromoteJob(experiment="t", family="benchmark"))
+    v = mlflow.MlflowClient().get_model_version(NAME, str(int(out["version"])))
+    assert v.run_id == order[1]
+    text = v.description
+    assert ("the lowest val RMSE among the 7 finished model runs of experiment `t` (family benchmark, any split) "
+            "that logged a model (the 1 ranked above it logged none)") in text
+    assert f"(`{order[0][:8]}`) | benchmark | random | {sig4(val[order[0]])} | no logged model: skipped |" in text
+    assert f"(`{order[1][:8]}`) | benchmark | random | {sig4(val[order[1]])} | this version |" in text
+    shown = [r for r in runs if f"(`{r[:8]}`)" in text]
+    assert shown == [r for r in runs if r in order[:5]]
+    rest = [val[r] for r in order[5:]]
+    assert f"... and 2 more (val RMSE {sig4(min(rest))} to {sig4(max(rest))})." in text
+    assert _figures_beyond_4_digits(text) == []
 
 
 def test_margin_keeps_champion_until_beaten_by_enough(smpd_dir):

@@ -11,7 +11,8 @@ import pytest
 
 from smp.data import DataCfg
 from smp.splits import SplitCfg
-from smp.tune import StudyCfg, TuneJob, open_study, run_tune
+from smp.plots import sig4
+from smp.tune import StudyCfg, TuneJob, open_study, run_tune, study_figure, study_note, xgb_space
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +50,19 @@ def test_study_parent_nested_runs_resume_and_pruning(smpd_dir, tmp_path):
     assert pruned_run.info.status == "KILLED" and pruned_run.data.tags["smp.trial_state"] == "PRUNED"
     done = [r for r in children if r.info.status == "FINISHED"]
     assert min(r.data.metrics["val_rmse"] for r in done) == pytest.approx(study.best_value)
-    assert result["best_val_rmse"] == pytest.approx(study.best_value)
+    # what `smp tune` returns (and prints) is what the parent logged, under the same keys
+    p = mlflow.get_run(parent)
+    assert result["val_rmse"] == pytest.approx(study.best_value) and result["study/best_trial"] == study.best_trial.number
+    assert set(result) == {"val_rmse", "study/best_trial"} | {f"study/trials_{s.name.lower()}"
+                                                              for s in optuna.trial.TrialState}
+    assert all(p.data.metrics[k] == pytest.approx(v) for k, v in result.items())
+    # the study names its objective and carries a note (optuna-dashboard shows both)
+    assert study.metric_names == ["val_rmse"]
+    note = study.user_attrs["note"]
+    assert f"trial {study.best_trial.number}, val_rmse {sig4(study.best_value)}" in note and parent in note
+    assert f"Data `{smpd_dir}`" in note and "split `random`" in note
+    dashboard = pytest.importorskip("optuna_dashboard")
+    assert dashboard.get_note(study) == note
     # a trial logs params, metrics, inputs and its model, but no figures unless asked (trial_figures)
     client = mlflow.MlflowClient()
     best = done[0].info.run_id
@@ -59,7 +72,6 @@ def test_study_parent_nested_runs_resume_and_pruning(smpd_dir, tmp_path):
     assert {i.dataset.name.rsplit("-", 1)[1] for i in mlflow.get_run(best).inputs.dataset_inputs} == {
         "train", "val", "test"}
     # the parent holds the summary: best value/params, figures, the best trial's model
-    p = mlflow.get_run(parent)
     assert p.data.metrics["val_rmse"] == pytest.approx(study.best_value)  # the best trial's, charted beside them
     assert p.data.metrics["study/trials_complete"] + p.data.metrics["study/trials_pruned"] == 3
     assert p.info.run_name.startswith("tune · benchmark · ")
@@ -131,3 +143,69 @@ def test_xgboost_pruning_reports_every_n_rounds():
     reported = study.trials[0].intermediate_values
     assert sorted(reported) == [0, 10, 20]
     assert all(np.isfinite(v) for v in reported.values())
+
+
+def _fixed_study(values: dict[int, float]) -> optuna.Study:
+    """An in-memory benchmark study whose trial ``i`` (GOOD first, then TPE's) scores ``values[i]``."""
+    import warnings
+
+    study = optuna.create_study(direction="minimize")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(["val_rmse"])
+    study.enqueue_trial(GOOD)
+
+    def objective(trial):
+        xgb_space(trial)
+        return values[trial.number]
+
+    study.optimize(objective, n_trials=len(values))
+    return study
+
+
+def test_study_note_names_family_data_split_and_what_the_best_trial_changed():
+    study = _fixed_study({0: 1.234567, 1: 2.5, 2: 3.0})
+    cfg = TuneJob(source=DataCfg(data="posts.csv"), splitting=SplitCfg(sample_size=0, split="user", seed=3))
+    note = study_note(study, cfg, "parent123")
+    assert note.startswith("**benchmark**: the paper's tabular XGBoost benchmark.")
+    assert "Data `posts.csv` (sample_size 0, 0 = all posts); split `user` (seed 3, val 0.09, test 0.1)." in note
+    assert "**Best: trial 0, val_rmse 1.235**" in note and "of 3 trials (3 complete)" in note
+    # GOOD against XGBCfg's defaults (the paper's): what changed, in a table; what did not, in one line
+    for row in ("| max_depth | 18 | 3 |", "| learning_rate | 0.01 | 0.3 |", "| n_estimators | 2000 | 200 |",
+                "| reg_alpha | 0 | 0.001 |"):
+        assert row in note
+    assert "| subsample |" not in note
+    assert "left at the default: min_child_weight 1, subsample 1, colsample_bytree 1, reg_lambda 1." in note
+    assert "`parent123`" in note
+
+
+def test_study_note_compares_with_the_chrono_protocol_defaults():
+    study = _fixed_study({0: 1.0})
+    cfg = TuneJob(splitting=SplitCfg(split="chrono"))
+    from smp.train import BenchmarkJob, for_protocol
+
+    chrono = for_protocol(BenchmarkJob(splitting=SplitCfg(split="chrono"))).xgb  # what `smp benchmark` uses there
+    assert f"| max_depth | {chrono.max_depth} | 3 |" in study_note(study, cfg, "p")
+
+
+def test_study_figures_keep_every_label_inside_and_number_trials_in_whole_numbers():
+    import warnings
+
+    from optuna.visualization import matplotlib as ovm
+
+    study = _fixed_study({0: 1.2, 1: 1.1, 2: 1.3, 3: 1.05})
+    warnings.simplefilter("ignore")
+    for plot in (ovm.plot_optimization_history, ovm.plot_param_importances, ovm.plot_parallel_coordinate):
+        fig = study_figure(plot, study)
+        fig.canvas.draw()
+        drawn = fig.get_tightbbox(fig.canvas.get_renderer())  # in inches, every visible artist
+        width, height = fig.get_size_inches()
+        assert drawn.x0 >= 0 and drawn.y0 >= 0 and drawn.x1 <= width and drawn.y1 <= height, plot.__name__
+        if plot is ovm.plot_optimization_history:
+            ax = fig.axes[0]
+            assert ax.get_ylabel() == "val_rmse"
+            shown = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+            assert shown and all(float(t).is_integer() for t in shown)
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
