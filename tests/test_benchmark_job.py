@@ -95,7 +95,7 @@ def test_chrono_protocol_defaults_replace_only_default_settings():
 
     xgb, tab = protocol_defaults(SplitCfg(split="chrono"), XGBCfg(), TabularCfg())
     assert {k: getattr(xgb, k) for k in CHRONO_XGB} == CHRONO_XGB
-    assert tab.absolute_date is False and tab.time_trend is False
+    assert tab.absolute_date is False and tab.month is False and tab.time_trend is False
     mine = XGBCfg(max_depth=5)
     xgb, _ = protocol_defaults(SplitCfg(split="chrono"), mine, TabularCfg())
     assert xgb.max_depth == 5 and xgb.n_estimators == CHRONO_XGB["n_estimators"]  # an explicit choice is kept
@@ -105,3 +105,25 @@ def test_chrono_protocol_defaults_replace_only_default_settings():
     assert for_protocol(BenchmarkJob()) == BenchmarkJob()
     pca = for_protocol(PCABoostJob(splitting=SplitCfg(split="chrono")))  # its paper depth 12 is its default
     assert pca.xgb.max_depth == CHRONO_XGB["max_depth"]
+
+
+def test_changed_settings_are_the_ones_the_protocol_replaced():
+    from smp.splits import SplitCfg
+    from smp.train import CHRONO_XGB, BenchmarkJob, for_protocol, protocol_changes
+
+    asked = BenchmarkJob(splitting=SplitCfg(split="chrono"))
+    changed = protocol_changes(asked, for_protocol(asked))
+    assert changed == {k: v for k, v in {**CHRONO_XGB, "absolute_date": False, "month": False}.items()
+                       if getattr(asked.xgb, k, None) != v and k not in ("absolute_date", "month")} | {
+        "absolute_date": False, "month": False}
+    assert changed["max_depth"] == 6 and "n_estimators" not in changed  # 2000 is asked and used
+    assert protocol_changes(BenchmarkJob(), for_protocol(BenchmarkJob())) == {}
+
+
+def test_upstream_runs_are_named_after_their_job_and_trials_by_number():
+    from smp.tracking import run_label
+
+    params = {"data": "demo", "split": "random", "seed": 0}
+    assert run_label("benchmark", params, "") == "benchmark · demo · random · s0"  # Parent.trial's default
+    assert run_label("benchmark", params, None) == "benchmark · demo · random · s0"
+    assert run_label("benchmark", params, "7") == "trial 7"

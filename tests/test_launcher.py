@@ -9,6 +9,7 @@ names its run at random unless the job renames it. The entry points run in depen
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -94,3 +95,59 @@ def test_entry_point_through_mlflow_run(entry, store, monkeypatch):
     if entry == "predict":
         pred = pd.read_csv(store["work"] / "predictions.csv")
         assert len(pred) == 160 and pred["popularity"].notna().all()
+    check_every_run(exp.experiment_id)
+
+
+RANDOM_NAME = re.compile(r"^[a-z]+-[a-z]+-\d+$")  # MLflow's own run names (e.g. "bemused-fox-123")
+
+
+def check_every_run(experiment_id: str) -> None:
+    """Every run the chains made so far (upstream and nested ones too): named after what it is (``trial N`` only
+    under a study), described, and every ``effective/`` value is what the fitted model really used."""
+    runs = mlflow.search_runs([experiment_id], output_format="list")
+    by_id = {r.info.run_id: r for r in runs}
+    for run in runs:
+        name, tags = run.info.run_name, run.data.tags
+        parent = by_id.get(tags.get("mlflow.parentRunId", ""))
+        in_study = parent is not None and parent.data.tags.get("smp.job") == "tune"
+        assert name and not RANDOM_NAME.match(name), name
+        assert name.startswith("trial ") == in_study, (name, tags.get("smp.job"))
+        if in_study:
+            assert re.fullmatch(r"trial \d+", name), name
+        assert len(tags.get("mlflow.note.content", "")) > 40, (name, tags.get("mlflow.note.content"))
+        effective = {k.split("/", 1)[1]: v for k, v in run.data.params.items() if k.startswith("effective/")}
+        if effective and tags.get("smp.model") in ("benchmark", "pca_boost", "ensemble_mlp", "ensemble_conv1d"):
+            model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/{tags['smp.model']}")
+            check_effective(model.unwrap_python_model().model, effective, run)
+        if "clip_pretrained" in effective:  # a fallback of the embedding: what the embed run used
+            embed = by_id.get(tags.get("smp.embed_run", ""), run)
+            assert effective["clip_pretrained"] == embed.data.tags.get("smp.clip_effective_pretrained"), name
+
+
+def check_effective(model, effective: dict, run) -> None:
+    """Each ``effective/`` param of a model run equals the fitted model's own setting."""
+    booster_model = getattr(model, "benchmark", None) or model  # an ensemble: the benchmark it stacks on
+    booster_model = getattr(booster_model, "models", [booster_model])[0]  # cross-fitted: a fold model
+    params = booster_model.booster_.get_params()
+    tabular = booster_model.tabular
+    for key, value in effective.items():
+        if key in ("tree_method", "max_bin", "max_depth", "n_estimators", "learning_rate", "device", "n_jobs"):
+            if run.data.tags.get("smp.model") not in ("benchmark", "pca_boost") and key in (
+                    "tree_method", "max_bin", "device", "n_jobs"):
+                continue  # logged by the benchmark's own run, not the ensemble's
+            real = params[key]
+            if key == "n_jobs" and real is None:
+                real = os.cpu_count()
+            if key == "device":
+                real = booster_model.tree_settings_["device"]  # the fit's (the booster moves to cpu to predict)
+            assert str(real) == value or float(real) == float(value), (key, real, value)
+        elif key == "early_stopping_rounds":
+            assert str(booster_model.cfg.early_stopping_rounds) == value
+        elif key in ("absolute_date", "month", "time_trend"):
+            assert str(getattr(tabular, key)).lower() == value, (key, value)
+        elif key == "stacking_folds":  # the fold models cached on the benchmark run are K of them
+            cached = [a.path for a in mlflow.MlflowClient().list_artifacts(run.data.tags["smp.benchmark_run"],
+                                                                            "stacking")]
+            assert any(p.startswith(f"stacking/folds_k{value}_") for p in cached), (value, cached)
+        elif key != "clip_pretrained":
+            raise AssertionError(f"effective/{key}: no check for this setting; add one")
