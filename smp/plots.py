@@ -15,8 +15,8 @@ def _plt():
 
 
 def sig4(value: float) -> str:
-    """``value`` to 4 significant digits, trailing zeros kept (``2.230``, ``1.947``, ``0.01234``)."""
-    return f"{value:#.4g}".rstrip(".")
+    """``value`` to 4 significant digits, as descriptions show numbers (``1.947``, ``0.01234``, ``2.23``)."""
+    return f"{float(value):.4g}"
 
 
 def pred_vs_actual(y_true, y_pred, title: str = "Predicted vs actual"):
@@ -71,7 +71,7 @@ def explained_variance(ratios, title: str = "PCA explained variance"):
 
 def training_curve(history, title: str = "Training", best_epoch: int | None = None,
                    input_rmse: float | None = None):
-    """Per-epoch curves as logged: ``train_loss`` (MSE) and ``val_rmse_epoch`` (RMSE), one panel each.
+    """Per-epoch curves as logged: ``train_loss`` (MSE) above ``val_rmse_epoch`` (RMSE), one panel each.
 
     The panels plot the same numbers as the run's metric charts (no square root), each axis in its own
     units; ``best_epoch`` (the kept weights) is marked on both, and ``input_rmse`` (the stacked
@@ -82,7 +82,7 @@ def training_curve(history, title: str = "Training", best_epoch: int | None = No
     from matplotlib.ticker import MaxNLocator
 
     ep = [h["epoch"] for h in history]
-    fig, (loss_ax, rmse_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (loss_ax, rmse_ax) = plt.subplots(2, 1, figsize=(6.4, 6.4), sharex=True)  # epochs line up
     loss_ax.plot(ep, [h["train_loss"] for h in history], "o-", ms=3, color="tab:blue", label="train_loss")
     loss_ax.set(xlabel="epoch", ylabel="train_loss: MSE (popularity score²)", title="train_loss (MSE, dropout on)")
     rmse_ax.plot(ep, [h["val_rmse"] for h in history], "o-", ms=3, color="tab:orange", label="val_rmse_epoch")
@@ -97,6 +97,7 @@ def training_curve(history, title: str = "Training", best_epoch: int | None = No
             ax.axvline(best_epoch, color="green", ls="--", lw=1, label=label)
     for ax in (loss_ax, rmse_ax):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.tick_params(labelbottom=True)  # epoch numbers under both panels
         ax.legend(fontsize="small")
     fig.suptitle(title)
     fig.tight_layout()

@@ -390,22 +390,23 @@ def _run_label(run) -> str:
     return f"{run.info.run_name or run.info.run_id} (`{run.info.run_id[:8]}`)"
 
 
-def ranking_table(ranking: Ranking, cand_id: str, champ_id: str | None = None, rows: int = RANKING_ROWS) -> str:
-    """The candidates as a Markdown table, best ``val_rmse`` first: the first ``rows``, plus the candidate and
-    the champion wherever they rank; the rest counted."""
+def ranking_list(ranking: Ranking, cand_id: str, champ_id: str | None = None, rows: int = RANKING_ROWS) -> str:
+    """The candidates as a Markdown list, best ``val_rmse`` first: the first ``rows``, plus the candidate and the
+    champion wherever they rank; the rest counted."""
     runs = ranking.runs
     show = [i for i, r in enumerate(runs) if i < rows or r.info.run_id in (cand_id, champ_id)]
-    lines = ["| rank | run | family | split | val RMSE | |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = []
     for i in show:
         r = runs[i]
-        note = ("this version" if r.info.run_id == cand_id else "the champion" if r.info.run_id == champ_id
+        mark = ("this version" if r.info.run_id == cand_id else "the champion" if r.info.run_id == champ_id
                 else "no logged model: skipped" if r.info.run_id in ranking.skipped else "")
-        lines.append(f"| {i + 1} | {_run_label(r)} | {r.data.tags.get('smp.model', '?')} | "
-                     f"{r.data.tags.get('smp.split', '?')} | {_num(r.data.metrics.get('val_rmse'))} | {note} |")
+        lines.append(f"- #{i + 1}: val RMSE {_num(r.data.metrics.get('val_rmse'))}, "
+                     f"{r.data.tags.get('smp.model', '?')}, split {r.data.tags.get('smp.split', '?')}, "
+                     f"run {_run_label(r)}" + (f" **← {mark}**" if mark else ""))
     hidden = [runs[i] for i in range(len(runs)) if i not in show]
     if hidden:
         vals = [r.data.metrics["val_rmse"] for r in hidden]
-        lines.append(f"\n... and {len(hidden)} more (val RMSE {_num(min(vals))} to {_num(max(vals))}).")
+        lines.append(f"- and {len(hidden)} more (val RMSE {_num(min(vals))} to {_num(max(vals))})")
     return "\n".join(lines)
 
 
@@ -431,7 +432,7 @@ def version_description(cfg: PromoteJob, cand_run, champ, champ_run, comp: Compa
             why = f"the lowest val RMSE among {pool} that logged a model" + (
                 f" (the {rank - 1} ranked above it logged none)" if rank and rank > 1 else "")
         parts.append(f"**Why this run**: {why}.\n\n"
-                     + ranking_table(ranking, cand_id, champ_run.info.run_id if champ_run else None))
+                     + ranking_list(ranking, cand_id, champ_run.info.run_id if champ_run else None))
     if champ is None:
         decided = "there was no champion to compare with"
     else:

@@ -32,9 +32,9 @@ The parent run gets the study's figures (labels inside the picture, whole trial
 numbers), best params and the best model, and logs ``val_rmse`` (the best
 trial's), ``study/best_trial`` and ``study/trials_{state}``: what ``run_tune``
 returns and ``smp tune`` prints.  The study names its objective ``val_rmse``
-and carries a note (user attribute ``note``, and optuna-dashboard's note when
-that is installed): family, data, split, the best trial and what it changed
-from the defaults, numbers to 4 significant digits.
+and carries a note (optuna-dashboard's, when that is installed; a one-line
+``summary`` user attribute always): family, data, split, the best trial and
+what it changed from the defaults, numbers to 4 significant digits.
 
 Storage: ``storage=""`` keeps the study in ``optuna.db`` beside the MLflow
 store (sqlite); any Optuna storage URL works (``postgresql://...``), and
@@ -68,7 +68,7 @@ from smp.tracking import (Parent, configure_tracking, data_label, describe_exper
 log = logging.getLogger("smp.tune")
 
 PARENT_ATTR = "mlflow_parent_run_id"
-NOTE_ATTR = "note"  # the study's summary (Markdown), also optuna-dashboard's note when it is installed
+SUMMARY_ATTR = "summary"  # one line: family, data, split, best trial (the full note is optuna-dashboard's)
 OBJECTIVE = "val_rmse"  # what every trial returns: the validation RMSE of the family's job (lower is better)
 
 
@@ -327,7 +327,7 @@ def summarise(study: optuna.Study, parent: str, cfg: TuneJob | None = None) -> d
         return dict(counts)
     if cfg is not None:
         try:
-            save_study_note(study, study_note(study, cfg, parent))
+            save_study_note(study, study_summary(study, cfg), study_note(study, cfg, parent))
         except Exception as exc:  # noqa: BLE001 - a note must not fail the study
             log.warning("could not write the note of study %s: %s", study.study_name, exc)
     summary = {OBJECTIVE: best.value, "study/best_trial": best.number, **counts}
@@ -378,7 +378,7 @@ def study_note(study: optuna.Study, cfg: TuneJob, parent: str) -> str:
         f"(seed {split.seed}, val {_value_text(split.val_frac)}, test {_value_text(split.test_frac)}).",
         f"Objective: `{OBJECTIVE}`, the validation RMSE of the family's job (lower is better).",
         "",
-        f"**Best: trial {best.number}, {OBJECTIVE} {sig4(best.value)}**"
+        f"**Best trial {best.number}, {OBJECTIVE} {sig4(best.value)}**"
         + (f" (MLflow run `{run}`)" if run else "") + f", of {len(study.trials)} trials ("
         + ", ".join(f"{n} {state}" for state, n in counts.items()) + ").",
         "",
@@ -397,15 +397,25 @@ def study_note(study: optuna.Study, cfg: TuneJob, parent: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save_study_note(study: optuna.Study, text: str) -> None:
-    """Keep ``text`` as the study's ``note`` user attribute and, with optuna-dashboard installed, as the note its
-    study page shows."""
-    study.set_user_attr(NOTE_ATTR, text)
+def study_summary(study: optuna.Study, cfg: TuneJob) -> str:
+    """One line for the study's ``summary`` user attribute: family, data, split and the best trial."""
+    best = study.best_trial
+    changed = [name for name, default, value in best_vs_defaults(cfg, best.params) if default != value]
+    return (f"{cfg.study.model} on {data_label(cfg.source.data)}, split {cfg.splitting.split}: best trial "
+            f"{best.number}, {OBJECTIVE} {sig4(best.value)}; changed from the defaults: "
+            f"{', '.join(changed) or 'nothing'}")
+
+
+def save_study_note(study: optuna.Study, summary: str, note: str) -> None:
+    """Keep ``summary`` as the study's ``summary`` user attribute (optuna-dashboard lists user attributes as
+    plain text) and, with optuna-dashboard installed, ``note`` (Markdown) as the note it shows on the study's
+    Note page."""
+    study.set_user_attr(SUMMARY_ATTR, summary)
     try:
         from optuna_dashboard import save_note
     except ImportError:
         return
-    save_note(study, text)
+    save_note(study, note)
 
 
 def _log_summary(study, best, parent: str, summary: dict) -> None:
@@ -449,7 +459,7 @@ def study_figure(plot, study: optuna.Study):
         if ax.get_xlabel() == "Trial":
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if len(fig.axes) > 1:  # parallel coordinates: one axis per parameter, the objective's and a colour bar
-        fig.set_size_inches(max(6.4, 1.2 * len(fig.axes) + 1), 5)
+        fig.set_size_inches(max(6.4, 1.1 * len(fig.axes) + 1), 5)
     fig.tight_layout()
     return fig
 

@@ -58,11 +58,12 @@ def test_study_parent_nested_runs_resume_and_pruning(smpd_dir, tmp_path):
     assert all(p.data.metrics[k] == pytest.approx(v) for k, v in result.items())
     # the study names its objective and carries a note (optuna-dashboard shows both)
     assert study.metric_names == ["val_rmse"]
-    note = study.user_attrs["note"]
-    assert f"trial {study.best_trial.number}, val_rmse {sig4(study.best_value)}" in note and parent in note
-    assert f"Data `{smpd_dir}`" in note and "split `random`" in note
+    best = f"best trial {study.best_trial.number}, val_rmse {sig4(study.best_value)}"
+    assert study.user_attrs["summary"].startswith(f"benchmark on smpd, split random: {best}; changed from the ")
     dashboard = pytest.importorskip("optuna_dashboard")
-    assert dashboard.get_note(study) == note
+    note = dashboard.get_note(study)
+    assert best.capitalize() in note and parent in note
+    assert f"Data `{smpd_dir}`" in note and "split `random`" in note
     # a trial logs params, metrics, inputs and its model, but no figures unless asked (trial_figures)
     client = mlflow.MlflowClient()
     best = done[0].info.run_id
@@ -169,7 +170,7 @@ def test_study_note_names_family_data_split_and_what_the_best_trial_changed():
     note = study_note(study, cfg, "parent123")
     assert note.startswith("**benchmark**: the paper's tabular XGBoost benchmark.")
     assert "Data `posts.csv` (sample_size 0, 0 = all posts); split `user` (seed 3, val 0.09, test 0.1)." in note
-    assert "**Best: trial 0, val_rmse 1.235**" in note and "of 3 trials (3 complete)" in note
+    assert "**Best trial 0, val_rmse 1.235**" in note and "of 3 trials (3 complete)" in note
     # GOOD against XGBCfg's defaults (the paper's): what changed, in a table; what did not, in one line
     for row in ("| max_depth | 18 | 3 |", "| learning_rate | 0.01 | 0.3 |", "| n_estimators | 2000 | 200 |",
                 "| reg_alpha | 0 | 0.001 |"):
@@ -177,6 +178,10 @@ def test_study_note_names_family_data_split_and_what_the_best_trial_changed():
     assert "| subsample |" not in note
     assert "left at the default: min_child_weight 1, subsample 1, colsample_bytree 1, reg_lambda 1." in note
     assert "`parent123`" in note
+    from smp.tune import study_summary
+
+    assert study_summary(study, cfg) == ("benchmark on posts, split user: best trial 0, val_rmse 1.235; changed "
+                                         "from the defaults: max_depth, learning_rate, n_estimators, reg_alpha")
 
 
 def test_study_note_compares_with_the_chrono_protocol_defaults():
