@@ -43,7 +43,7 @@ VARIANTS = {
                               True),
     "deep_nodate_trend": ("all", {**PLAIN, "max_depth": 18}, False, False, True),
     "paper_nodate_trend_80k": ("80k", PAPER, True, False, True),
-    "chrono_default": ("80k", None, None, None, None),  # the entry point's split=chrono default (this issue)
+    "chrono_default": ("80k", None, None, None, None),  # the entry point's split=chrono default: its own split
 }
 
 
@@ -59,7 +59,7 @@ def main() -> None:
     from smp.evaluate import baseline_metrics, regression_metrics
     from smp.features import TabularCfg
     from smp.models import BenchmarkModel, Part, XGBCfg
-    from smp.splits import SplitCfg, subsample
+    from smp.splits import SplitCfg, split_indices, subsample
     from smp.train import protocol_defaults
 
     posts, _ = labelled(load_data(args.data))
@@ -83,7 +83,10 @@ def main() -> None:
         order = np.argsort(train["Postdate"].to_numpy(float), kind="stable")
         n_val = int(round(0.1 * len(train)))  # 9% of the pipeline's 90% train+val: the latest posts before the cut
         fit_rows, val_rows = train.iloc[np.sort(order[:-n_val])], train.iloc[np.sort(order[-n_val:])]
-        if not es:  # nothing is chosen on the window: train on all of the pool
+        if xgb is None:  # exactly what the entry point fits: the job's own chronological split of the sample
+            parts = split_indices(train, SplitCfg(split="chrono"))
+            fit_rows, val_rows = train.iloc[parts["train"]], train.iloc[parts["val"]]
+        elif not es:  # nothing is chosen on the window: train on all of the pool
             fit_rows = train
         fit_rows, val_rows = fit_rows.reset_index(drop=True), val_rows.reset_index(drop=True)
         t0 = time.perf_counter()

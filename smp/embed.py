@@ -657,7 +657,9 @@ def run_embed(cfg: EmbedJob = EmbedJob(), parent=None) -> "JobResult":
                          "smp.embedding_dim": str(info.get("embedding_dim"))})
         stats = result.stats
         # what ran (weights after any fallback, device) and counts are params; speeds are grouped metrics
-        log_params({"effective/clip_pretrained": embed_cfg.clip_pretrained, "effective/device": info.get("device"),
+        if embed_cfg.clip_pretrained != cfg.embed.clip_pretrained:  # the demo's fallback to random weights
+            log_params({"effective/clip_pretrained": embed_cfg.clip_pretrained})
+        log_params({"effective/device": info.get("device"),
                     "clip/image_size": info.get("image_size"), "clip/embedding_dim": int(stats["embedding_dim"]),
                     "data/images": int(stats["images"]), "data/bad_images": int(stats["bad_images"]),
                     "cache/hits": int(stats["cache_hits"]), "cache/computed": int(stats["computed"]),

@@ -83,7 +83,10 @@ def test_entry_point_through_mlflow_run(entry, store, monkeypatch):
         assert run.data.metrics["test_rmse"] > 0 and "test_rmse_baseline" in run.data.metrics
         assert run.data.params["data/posts"] == "160" and run.data.params["sample_size"] == "0"
     if entry in ("pca_boost", "ensemble_mlp", "ensemble_conv1d"):
-        assert run.data.params["clip/effective_pretrained"] == "none"
+        # random weights as asked: no fallback, so no effective/ value beside the requested one
+        assert run.data.params["clip_pretrained"] == "none" and "effective/clip_pretrained" not in run.data.params
+        embed = mlflow.get_run(run.data.tags["smp.embed_run"])
+        assert embed.data.tags["smp.clip_effective_pretrained"] == "none"
     if entry == "tune":
         trials = mlflow.search_runs([exp.experiment_id],
                                     filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'", output_format="list")
