@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from smp.tracking import sig
+
 
 def _plt():
     import matplotlib
@@ -12,11 +14,6 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def sig4(value: float) -> str:
-    """``value`` to 4 significant digits, as descriptions show numbers (``1.947``, ``0.01234``, ``2.23``)."""
-    return f"{float(value):.4g}"
 
 
 def pred_vs_actual(y_true, y_pred, title: str = "Predicted vs actual"):
@@ -88,10 +85,10 @@ def training_curve(history, title: str = "Training", best_epoch: int | None = No
     rmse_ax.plot(ep, [h["val_rmse"] for h in history], "o-", ms=3, color="tab:orange", label="val_rmse_epoch")
     rmse_ax.set(xlabel="epoch", ylabel="val_rmse_epoch: RMSE (popularity score)", title="val_rmse_epoch (RMSE)")
     if input_rmse is not None and np.isfinite(input_rmse):
-        rmse_ax.axhline(input_rmse, color="grey", ls=":", lw=1, label=f"stacked input {sig4(input_rmse)}")
+        rmse_ax.axhline(input_rmse, color="grey", ls=":", lw=1, label=f"stacked input {sig(input_rmse)}")
     if best_epoch is not None:
         kept = next((h for h in history if h["epoch"] == best_epoch), None)
-        label = (f"best epoch {best_epoch}" + (f" (val RMSE {sig4(kept['val_rmse'])})" if kept else "")
+        label = (f"best epoch {best_epoch}" + (f" (val RMSE {sig(kept['val_rmse'])})" if kept else "")
                  if best_epoch > 0 else "best epoch 0: no epoch beat the input, input kept")
         for ax in (loss_ax, rmse_ax):
             ax.axvline(best_epoch, color="green", ls="--", lw=1, label=label)

@@ -34,12 +34,11 @@ from mlflow.exceptions import MlflowException
 
 from smp.data import DataCfg, DataError
 from smp.evaluate import regression_metrics
-from smp.plots import sig4
 from smp.serving import model_input, predict_frame
 from smp.splits import MIN_SPLIT_ROWS, Prepared, SplitCfg, prepare
 from smp.config import ConfigError, flatten
 from smp.jobs import FAMILIES
-from smp.tracking import job_run, logged_model_uri, upsert
+from smp.tracking import job_run, logged_model_uri, sig, upsert
 
 log = logging.getLogger("smp.registry")
 
@@ -383,7 +382,7 @@ def record(client: MlflowClient, cfg: PromoteJob, cand_run, version, champ, comp
 
 def _num(value) -> str:
     """A figure in a description: 4 significant digits, ``n/a`` when missing."""
-    return sig4(value) if value is not None and np.isfinite(value) else "n/a"
+    return sig(value) if value is not None and np.isfinite(value) else "n/a"
 
 
 def _run_label(run) -> str:

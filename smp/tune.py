@@ -60,10 +60,9 @@ import optuna
 from smp.config import ConfigError, apply, flatten, leaves
 from smp.data import DataCfg
 from smp.jobs import JOBS, family
-from smp.plots import sig4
 from smp.splits import SplitCfg
 from smp.tracking import (Parent, configure_tracking, data_label, describe_experiment, log_figure, log_params,
-                          logged_model_uri, resolve_experiment)
+                          logged_model_uri, resolve_experiment, sig)
 
 log = logging.getLogger("smp.tune")
 
@@ -209,7 +208,7 @@ def objective_for(cfg: TuneJob, parent_run_id: str):
         trial.set_user_attr("mlflow_run_id", result.run_id)
         for key in ("val_mae", "val_spearman", "test_rmse"):  # shown beside the value: 4 significant digits
             if key in result:
-                trial.set_user_attr(key, float(sig4(result[key])))
+                trial.set_user_attr(key, float(sig(result[key])))
         return result[OBJECTIVE]
 
     return objective
@@ -356,7 +355,7 @@ def best_vs_defaults(cfg: TuneJob, params: dict) -> list[tuple[str, object, obje
 def _value_text(value) -> str:
     """A setting as the note shows it (floats to 4 significant digits, tuples comma-separated)."""
     if isinstance(value, float):
-        return sig4(value)
+        return sig(value)
     if isinstance(value, (tuple, list)):
         return ", ".join(_value_text(v) for v in value)
     return str(value)
@@ -378,7 +377,7 @@ def study_note(study: optuna.Study, cfg: TuneJob, parent: str) -> str:
         f"(seed {split.seed}, val {_value_text(split.val_frac)}, test {_value_text(split.test_frac)}).",
         f"Objective: `{OBJECTIVE}`, the validation RMSE of the family's job (lower is better).",
         "",
-        f"**Best trial {best.number}, {OBJECTIVE} {sig4(best.value)}**"
+        f"**Best trial {best.number}, {OBJECTIVE} {sig(best.value)}**"
         + (f" (MLflow run `{run}`)" if run else "") + f", of {len(study.trials)} trials ("
         + ", ".join(f"{n} {state}" for state, n in counts.items()) + ").",
         "",
@@ -402,7 +401,7 @@ def study_summary(study: optuna.Study, cfg: TuneJob) -> str:
     best = study.best_trial
     changed = [name for name, default, value in best_vs_defaults(cfg, best.params) if default != value]
     return (f"{cfg.study.model} on {data_label(cfg.source.data)}, split {cfg.splitting.split}: best trial "
-            f"{best.number}, {OBJECTIVE} {sig4(best.value)}; changed from the defaults: "
+            f"{best.number}, {OBJECTIVE} {sig(best.value)}; changed from the defaults: "
             f"{', '.join(changed) or 'nothing'}")
 
 

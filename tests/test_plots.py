@@ -32,8 +32,8 @@ def test_training_curve_plots_the_logged_mse_and_rmse_and_marks_the_best_epoch()
     for ax in (loss_ax, rmse_ax):
         (best,) = [line for label, line in _lines(ax).items() if label.startswith("best epoch")]
         assert list(best.get_xdata()) == [2, 2]
-    assert "best epoch 2 (val RMSE 1.700)" in _lines(rmse_ax)
-    assert list(_lines(rmse_ax)["stacked input 1.750"].get_ydata()) == [1.75, 1.75]
+    assert "best epoch 2 (val RMSE 1.7)" in _lines(rmse_ax)
+    assert list(_lines(rmse_ax)["stacked input 1.75"].get_ydata()) == [1.75, 1.75]
     # epochs are whole numbers on the axis
     assert all(float(t).is_integer() for t in loss_ax.get_xticks())
     assert fig._suptitle.get_text() == "ensemble_mlp"
@@ -58,10 +58,3 @@ def _close_figures():
     import matplotlib.pyplot as plt
 
     plt.close("all")
-
-
-def test_sig4_keeps_four_significant_digits():
-    from smp.plots import sig4
-
-    assert [sig4(v) for v in (2.23, 1.94738, 0.0123456, 1234.5, 12345.0)] == [
-        "2.230", "1.947", "0.01235", "1234", "1.234e+04"]

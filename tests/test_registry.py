@@ -13,9 +13,9 @@ from smp import registry
 from smp.config import ConfigError
 from smp.data import DataCfg, DataError
 from smp.models import XGBCfg
-from smp.plots import sig4
 from smp.registry import PromoteJob, run_promote
 from smp.splits import SplitCfg
+from smp.tracking import sig
 from smp.train import BenchmarkJob, run_benchmark
 
 pytestmark = pytest.mark.slow
@@ -67,13 +67,13 @@ def test_champion_then_challenger_and_one_version_per_run(smpd_dir):
     val = {r: mlflow.get_run(r).data.metrics["val_rmse"] for r in (good, worse)}
     assert "given as `run_id`, not searched for; by val RMSE it ranks 2 of the 2 finished model runs of " \
            "experiment `t` (any family, any split)" in v2.description
-    assert (f"- #1: val RMSE {sig4(val[good])}, benchmark, split random, run benchmark · smpd · random · s0 "
+    assert (f"- #1: val RMSE {sig(val[good])}, benchmark, split random, run benchmark · smpd · random · s0 "
             f"(`{good[:8]}`) **← the champion**") in v2.description
-    assert (f"- #2: val RMSE {sig4(val[worse])}, benchmark, split random, run benchmark · smpd · random · s0 "
+    assert (f"- #2: val RMSE {sig(val[worse])}, benchmark, split random, run benchmark · smpd · random · s0 "
             f"(`{worse[:8]}`) **← this version**") in v2.description
-    assert (f"test RMSE {sig4(out['candidate_test_rmse'])} does not beat champion v1's "
-            f"{sig4(out['champion_test_rmse'])} by more than the margin 0") in v2.description
-    assert f"Champion v1 is run benchmark · smpd · random · s0 (`{good[:8]}`), val RMSE {sig4(val[good])}." \
+    assert (f"test RMSE {sig(out['candidate_test_rmse'])} does not beat champion v1's "
+            f"{sig(out['champion_test_rmse'])} by more than the margin 0") in v2.description
+    assert f"Champion v1 is run benchmark · smpd · random · s0 (`{good[:8]}`), val RMSE {sig(val[good])}." \
         in v2.description
     assert "**Rule**: the run chosen above becomes `@champion` only when" in v2.description
     assert _figures_beyond_4_digits(v2.description) == []
@@ -120,13 +120,13 @@ def test_a_searched_candidate_lists_the_runs_it_was_ranked_against(smpd_dir, mon
     text = v.description
     assert ("the lowest val RMSE among the 7 finished model runs of experiment `t` (family benchmark, any split) "
             "that logged a model (the 1 ranked above it logged none)") in text
-    assert f"- #1: val RMSE {sig4(val[order[0]])}, benchmark, split random, run benchmark" in text
+    assert f"- #1: val RMSE {sig(val[order[0]])}, benchmark, split random, run benchmark" in text
     assert f"(`{order[0][:8]}`) **← no logged model: skipped**" in text
-    assert f"- #2: val RMSE {sig4(val[order[1]])}" in text and f"(`{order[1][:8]}`) **← this version**" in text
+    assert f"- #2: val RMSE {sig(val[order[1]])}" in text and f"(`{order[1][:8]}`) **← this version**" in text
     shown = [r for r in runs if f"(`{r[:8]}`)" in text]
     assert shown == [r for r in runs if r in order[:5]]
     rest = [val[r] for r in order[5:]]
-    assert f"- and 2 more (val RMSE {sig4(min(rest))} to {sig4(max(rest))})" in text
+    assert f"- and 2 more (val RMSE {sig(min(rest))} to {sig(max(rest))})" in text
     assert _figures_beyond_4_digits(text) == []
 
 

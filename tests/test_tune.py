@@ -11,7 +11,7 @@ import pytest
 
 from smp.data import DataCfg
 from smp.splits import SplitCfg
-from smp.plots import sig4
+from smp.tracking import sig
 from smp.tune import StudyCfg, TuneJob, open_study, run_tune, study_figure, study_note, xgb_space
 
 pytestmark = pytest.mark.slow
@@ -58,7 +58,7 @@ def test_study_parent_nested_runs_resume_and_pruning(smpd_dir, tmp_path):
     assert all(p.data.metrics[k] == pytest.approx(v) for k, v in result.items())
     # the study names its objective and carries a note (optuna-dashboard shows both)
     assert study.metric_names == ["val_rmse"]
-    best = f"best trial {study.best_trial.number}, val_rmse {sig4(study.best_value)}"
+    best = f"best trial {study.best_trial.number}, val_rmse {sig(study.best_value)}"
     assert study.user_attrs["summary"].startswith(f"benchmark on smpd, split random: {best}; changed from the ")
     dashboard = pytest.importorskip("optuna_dashboard")
     note = dashboard.get_note(study)
