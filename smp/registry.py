@@ -38,7 +38,7 @@ from smp.serving import model_input, predict_frame
 from smp.splits import MIN_SPLIT_ROWS, Prepared, SplitCfg, prepare
 from smp.config import ConfigError, flatten
 from smp.jobs import FAMILIES
-from smp.tracking import job_run, logged_model_uri, sig, upsert
+from smp.tracking import NOTE, job_run, logged_model_uri, sig, upsert
 
 log = logging.getLogger("smp.registry")
 
@@ -118,6 +118,8 @@ def run_promote(cfg: PromoteJob = PromoteJob()) -> dict[str, float]:
             decision_tags["smp.compared_against_version"] = str(champ.version)
         if comp.method == "refused":
             decision_tags["smp.refused_because"] = comp.note[:500]
+        champ_run = client.get_run(champ.run_id) if champ is not None else None
+        decision_tags[NOTE] = promote_note(cfg, cand_run, version.version, champ, champ_run, comp, decision)
         mlflow.set_tags(decision_tags)
     log.info("%s v%s (run %s) -> @%s: %s", cfg.model_name, version.version, cand_id, decision, comp.note)
     return outcome
@@ -432,21 +434,37 @@ def version_description(cfg: PromoteJob, cand_run, champ, champ_run, comp: Compa
                 f" (the {rank - 1} ranked above it logged none)" if rank and rank > 1 else "")
         parts.append(f"**Why this run**: {why}.\n\n"
                      + ranking_list(ranking, cand_id, champ_run.info.run_id if champ_run else None))
+    decided = decision_text(cfg, champ, champ_run, comp, decision)
+    parts += [f"**Decision**: {decided}",
+              f"**Rule**: the run chosen above becomes `@{CHAMPION}` only when its RMSE on test posts unseen by both "
+              f"models beats the champion's by more than the margin ({_num(cfg.margin)}); otherwise "
+              f"`@{CHALLENGER}`. Logged test RMSEs of two runs are never compared (they are on different posts).",
+              f"Promoted {when}."]
+    return "\n\n".join(parts)
+
+
+def decision_text(cfg: PromoteJob, champ, champ_run, comp: Comparison, decision: str) -> str:
+    """The decision in a sentence or two: the alias taken and the comparison with the champion behind it."""
     if champ is None:
         decided = "there was no champion to compare with"
     else:
-        champ_is = (f"Champion v{champ.version} is run {_run_label(champ_run)}, val RMSE "
-                    f"{_num(champ_run.data.metrics.get('val_rmse'))}") if champ_run else ""
         if comp.method == "refused":
             decided = f"not compared with champion v{champ.version}, so it cannot take `{CHAMPION}`: {comp.note}"
         else:
             verb = "beats" if decision == CHAMPION else "does not beat"
             decided = (f"test RMSE {_num(comp.candidate_rmse)} {verb} champion v{champ.version}'s "
                        f"{_num(comp.champion_rmse)} by more than the margin {_num(cfg.margin)}; {comp.note}")
-        decided = f"{decided.rstrip('.')}. {champ_is}" if champ_is else decided
-    parts += [f"**Decision**: `@{decision}`: {decided.rstrip('.')}.",
-              f"**Rule**: the run chosen above becomes `@{CHAMPION}` only when its RMSE on test posts unseen by both "
-              f"models beats the champion's by more than the margin ({_num(cfg.margin)}); otherwise "
-              f"`@{CHALLENGER}`. Logged test RMSEs of two runs are never compared (they are on different posts).",
-              f"Promoted {when}."]
-    return "\n\n".join(parts)
+        if champ_run is not None:
+            decided = (f"{decided.rstrip('.')}. Champion v{champ.version} is run {_run_label(champ_run)}, val RMSE "
+                       f"{_num(champ_run.data.metrics.get('val_rmse'))}")
+    return f"`@{decision}`: {decided.rstrip('.')}."
+
+
+def promote_note(cfg: PromoteJob, cand_run, version, champ, champ_run, comp: Comparison, decision: str) -> str:
+    """The ``promote`` run's description: which run became which version and alias, and why in one sentence
+    (the version's description has the ranking and the rule)."""
+    decided = "already the champion." if comp.method == "unchanged" else decision_text(
+        cfg, champ, champ_run, comp, decision)
+    return (f"promote: run {_run_label(cand_run)} (val RMSE {_num(cand_run.data.metrics.get('val_rmse'))}) is "
+            f"{cfg.model_name} v{version}, {decided} The version's description lists the runs it was ranked "
+            f"against and the rule.")

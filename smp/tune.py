@@ -61,8 +61,8 @@ from smp.config import ConfigError, apply, flatten, leaves
 from smp.data import DataCfg
 from smp.jobs import JOBS, family
 from smp.splits import SplitCfg
-from smp.tracking import (Parent, configure_tracking, data_label, describe_experiment, log_figure, log_params,
-                          logged_model_uri, resolve_experiment, sig)
+from smp.tracking import (NOTE, Parent, configure_tracking, data_label, describe_experiment, job_note, log_figure,
+                          log_params, logged_model_uri, resolve_experiment, sig)
 
 log = logging.getLogger("smp.tune")
 
@@ -258,8 +258,10 @@ def parent_name(cfg: TuneJob) -> str:
 
 
 def parent_tags(cfg: TuneJob, study: optuna.Study) -> dict[str, str]:
+    """The parent run's tags; its first description says what the study is (the summary replaces it)."""
     return {"smp.job": "tune", "smp.model": f"tune:{cfg.study.model}", "optuna.study": study.study_name,
-            "smp.split": cfg.splitting.split}
+            "smp.split": cfg.splitting.split,
+            NOTE: job_note("tune", flatten(cfg)) + f" Optuna study {study.study_name}; no finished trial yet."}
 
 
 def parent_run(study: optuna.Study, cfg: TuneJob) -> str:
@@ -324,15 +326,17 @@ def summarise(study: optuna.Study, parent: str, cfg: TuneJob | None = None) -> d
     except ValueError:
         log.warning("study %s has no completed trial yet", study.study_name)
         return dict(counts)
+    note = None
     if cfg is not None:
         try:
             save_study_note(study, study_summary(study, cfg), study_note(study, cfg, parent))
+            note = study_note(study, cfg)  # the parent run's description (that run's own page: no link to itself)
         except Exception as exc:  # noqa: BLE001 - a note must not fail the study
             log.warning("could not write the note of study %s: %s", study.study_name, exc)
     summary = {OBJECTIVE: best.value, "study/best_trial": best.number, **counts}
     for attempt in range(3):  # several workers may summarise at once; the server can refuse a racing write
         try:
-            _log_summary(study, best, parent, summary)
+            _log_summary(study, best, parent, summary, note)
             break
         except mlflow.exceptions.MlflowException as exc:
             log.warning("summary on parent run %s failed (attempt %d/3): %s", parent, attempt + 1, exc)
@@ -361,9 +365,9 @@ def _value_text(value) -> str:
     return str(value)
 
 
-def study_note(study: optuna.Study, cfg: TuneJob, parent: str) -> str:
+def study_note(study: optuna.Study, cfg: TuneJob, parent: str = "") -> str:
     """The study's note (Markdown): family, data, split, the best trial and what it changed from the defaults;
-    numbers to 4 significant digits."""
+    numbers to 4 significant digits; with ``parent``, where the study is in MLflow."""
     model, split = cfg.study.model, cfg.splitting
     counts = {k.rsplit("_", 1)[1]: n for k, n in trial_counts(study).items() if n}
     best = study.best_trial
@@ -392,7 +396,8 @@ def study_note(study: optuna.Study, cfg: TuneJob, parent: str) -> str:
                       + ", ".join(f"{name} {_value_text(value)}" for name, _, value in same) + "."]
     else:
         lines.append(f"Trial {best.number} used {defaults}.")
-    lines += ["", f"MLflow: the study's parent run `{parent}` (its trials nested under it). Written by `smp tune`."]
+    if parent:
+        lines += ["", f"MLflow: the study's parent run `{parent}` (its trials nested under it). Written by `smp tune`."]
     return "\n".join(lines) + "\n"
 
 
@@ -417,7 +422,7 @@ def save_study_note(study: optuna.Study, summary: str, note: str) -> None:
     save_note(study, note)
 
 
-def _log_summary(study, best, parent: str, summary: dict) -> None:
+def _log_summary(study, best, parent: str, summary: dict, note: str | None = None) -> None:
     client = mlflow.MlflowClient()
     # the best trial's val_rmse under the headline name (the parent charts beside the trials); counts grouped
     client.log_batch(parent, metrics=[mlflow.entities.Metric(k, float(v), int(time.time() * 1000), 0)
@@ -434,6 +439,8 @@ def _log_summary(study, best, parent: str, summary: dict) -> None:
                     log.warning("could not copy the best trial's model: %s", exc)
         _log_study_figures(study)
     tags = {f"best.{k}": str(v) for k, v in best.params.items()}
+    if note:  # the parent run's description is the study's note (the MLflow run page of the study)
+        tags[NOTE] = f"Optuna study `{study.study_name}`. " + note
     if best.user_attrs.get("mlflow_run_id"):
         tags["smp.best_run_id"] = best.user_attrs["mlflow_run_id"]
     current = client.get_run(parent).data.tags

@@ -87,6 +87,9 @@ def test_champion_then_challenger_and_one_version_per_run(smpd_dir):
                               order_by=["attributes.start_time DESC"], output_format="list")
     assert len(runs) == 3 and runs[0].data.tags["smp.decision"] == "challenger"
     assert runs[0].data.tags["smp.candidate_run"] == worse and runs[0].data.tags["smp.registered_version"] == "2"
+    assert (f"(`{worse[:8]}`) (val RMSE {sig(val[worse])}) is {NAME} v2, `@challenger`: test RMSE "
+            f"{sig(out['candidate_test_rmse'])} does not beat champion v1's") in runs[0].data.tags["mlflow.note.content"]
+    assert "already the champion." in runs[1].data.tags["mlflow.note.content"]  # the second promote of v1
     assert all(r.data.metrics == {} for r in runs)  # not training runs: the decision is tags, never metrics
     v1 = mlflow.MlflowClient().get_model_version(NAME, "1")  # a first promotion names no champion it beat
     assert "compared_against_version" not in v1.tags and "champion_test_rmse" not in v1.tags

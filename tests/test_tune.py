@@ -64,6 +64,9 @@ def test_study_parent_nested_runs_resume_and_pruning(smpd_dir, tmp_path):
     note = dashboard.get_note(study)
     assert best.capitalize() in note and parent in note
     assert f"Data `{smpd_dir}`" in note and "split `random`" in note
+    # the parent run's page (MLflow) says the same: its description is the study's note
+    description = mlflow.get_run(parent).data.tags["mlflow.note.content"]
+    assert description.startswith("Optuna study `t`. **benchmark**") and best.capitalize() in description
     # a trial logs params, metrics, inputs and its model, but no figures unless asked (trial_figures)
     client = mlflow.MlflowClient()
     best = done[0].info.run_id
