@@ -255,8 +255,8 @@ def summary(result: Mapping) -> list[tuple[str, object]]:
     except mlflow.exceptions.MlflowException as exc:  # the store went away: the job's own figures
         logging.getLogger("smp").warning("run %s could not be read back (%s)", run_id, exc)
         return [("run", run_id)] + [(key, result[key]) for key in sorted(result)]
-    metrics = {k: v for k, v in data.metrics.items() if k not in CURVES and (
-        k.startswith(("test_", "val_rmse")) or not k.startswith("val_"))}
+    metrics = {k: int(v) if float(v).is_integer() else v for k, v in data.metrics.items()  # counts: 28, not 28.0000
+               if k not in CURVES and (k.startswith(("test_", "val_rmse")) or not k.startswith("val_"))}
     facts = {k: _param_value(v) for k, v in data.params.items() if k.startswith(FACT_GROUPS)}
     return [("run", run_id)] + sorted(metrics.items()) + sorted(facts.items())
 

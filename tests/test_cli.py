@@ -102,20 +102,20 @@ def test_the_printed_summary_uses_the_keys_the_run_logged(monkeypatch, capsys):
     def fake_job(cfg):
         with mlflow.start_run() as run:
             mlflow.log_metrics({"test_rmse": 1.25, "test_rmse_baseline": 2.5, "val_rmse": 1.5, "val_mae": 1.0,
-                                "time/embed_s": 3.0, "fit/best_epoch": 4.0})
+                                "time/embed_s": 3.25, "fit/best_epoch": 4.0})
             for epoch in (1, 2):
                 mlflow.log_metrics({"train_loss": 9.0 / epoch, "val_rmse_epoch": 3.0 / epoch}, step=epoch)
             mlflow.log_params({"data/images": 600, "cache/hits": 0, "clip/device_used": "cpu", "seed": 0})
         # the job's own names for the same numbers (embed's stats) must not reach the console
-        return JobResult(run.info.run_id, {"images": 600, "seconds": 3.0, "test_rmse": 1.25})
+        return JobResult(run.info.run_id, {"images": 600, "seconds": 3.25, "test_rmse": 1.25})
 
     real_job = cli.job
     monkeypatch.setattr(cli, "job", lambda name: (fake_job, *real_job(name)[1:]))
     assert main(["embed"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     run_id = mlflow.last_active_run().info.run_id
-    assert lines == [f"run: {run_id}", "fit/best_epoch: 4.0000", "test_rmse: 1.2500", "test_rmse_baseline: 2.5000",
-                     "time/embed_s: 3.0000", "val_rmse: 1.5000", "cache/hits: 0", "data/images: 600"]
+    assert lines == [f"run: {run_id}", "fit/best_epoch: 4", "test_rmse: 1.2500", "test_rmse_baseline: 2.5000",
+                     "time/embed_s: 3.2500", "val_rmse: 1.5000", "cache/hits: 0", "data/images: 600"]
     logged = mlflow.get_run(run_id).data
     assert {line.split(":")[0] for line in lines[1:]} <= set(logged.metrics) | set(logged.params)
 
