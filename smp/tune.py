@@ -438,7 +438,8 @@ def _log_summary(study, best, parent: str, summary: dict, note: str | None = Non
                 except Exception as exc:  # noqa: BLE001 - the summary still gets logged
                     log.warning("could not copy the best trial's model: %s", exc)
         _log_study_figures(study)
-    tags = {f"best.{k}": str(v) for k, v in best.params.items()}
+    # the best params, floats to 4 significant digits (best_params.json keeps the exact values)
+    tags = {f"best.{k}": sig(v) if isinstance(v, float) else str(v) for k, v in best.params.items()}
     if note:  # the parent run's description is the study's note (the MLflow run page of the study)
         tags[NOTE] = f"Optuna study `{study.study_name}`. " + note
     if best.user_attrs.get("mlflow_run_id"):

@@ -79,6 +79,10 @@ def test_study_parent_nested_runs_resume_and_pruning(smpd_dir, tmp_path):
     assert p.data.metrics["val_rmse"] == pytest.approx(study.best_value)  # the best trial's, charted beside them
     assert p.data.metrics["study/trials_complete"] + p.data.metrics["study/trials_pruned"] == 3
     assert p.info.run_name.startswith("tune · benchmark · ")
+    best_params = study.best_trial.params  # exact in best_params.json, 4 significant digits in the tags
+    assert mlflow.artifacts.load_dict(f"runs:/{parent}/best_params.json") == best_params
+    assert p.data.tags["best.learning_rate"] == sig(best_params["learning_rate"])
+    assert p.data.tags["best.max_depth"] == str(best_params["max_depth"])
     assert {r.info.run_name for r in children} == {"trial 0", "trial 1", "trial 2"}
     arts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent, "plots")}
     assert "plots/optimization_history.png" in arts
