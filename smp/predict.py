@@ -83,20 +83,20 @@ def run_predict(cfg: PredictJob = PredictJob()) -> dict[str, float]:
         out.to_csv(cfg.output, index=False)
         mlflow.log_artifact(cfg.output)
         kinds = out["status"].astype(str).str.split(":").str[0]
-        metrics = {"rows": len(out), "scored_rows": int(out["popularity"].notna().sum()),
-                   "error_rows": int((kinds == "error").sum()), "partial_rows": int((kinds == "partial").sum()),
-                   "load_seconds": load_seconds, "predict_seconds": seconds,
-                   "rows_per_second": len(out) / seconds if seconds > 0 else float("nan")}
-        log_params({f"data/{k}": metrics[k] for k in ("rows", "scored_rows", "error_rows", "partial_rows")})
-        mlflow.log_metrics({f"time/{k}": v for k, v in {
-            "load_s": load_seconds, "predict_s": seconds, "rows_per_s": metrics["rows_per_second"]}.items()
-            if np.isfinite(v)})
-        describe_run(f"predict: {metrics['rows']} posts of {Path(str(cfg.input)).name} scored with {cfg.model} "
-                     f"({metrics['scored_rows']} scored, {metrics['partial_rows']} partly, {metrics['error_rows']} "
+        counts = {"rows": len(out), "scored_rows": int(out["popularity"].notna().sum()),
+                  "error_rows": int((kinds == "error").sum()), "partial_rows": int((kinds == "partial").sum())}
+        timings = {"load_s": load_seconds, "predict_s": seconds,
+                   "rows_per_s": len(out) / seconds if seconds > 0 else float("nan")}
+        log_params({f"data/{k}": v for k, v in counts.items()})
+        mlflow.log_metrics({f"time/{k}": v for k, v in timings.items() if np.isfinite(v)})
+        describe_run(f"predict: {counts['rows']} posts of {Path(str(cfg.input)).name} scored with {cfg.model} "
+                     f"({counts['scored_rows']} scored, {counts['partial_rows']} partly, {counts['error_rows']} "
                      f"not); predictions in {Path(cfg.output).name} (Pid, popularity, status).")
-    if metrics["error_rows"]:
+    # what the run logged, under its keys (``smp predict`` prints them)
+    metrics = {**{f"data/{k}": v for k, v in counts.items()}, **{f"time/{k}": v for k, v in timings.items()}}
+    if counts["error_rows"]:
         first = out.loc[kinds == "error", ["Pid", "status"]].head(3).to_dict("records")
-        log.warning("%d of %d posts not scored, e.g. %s", int(metrics["error_rows"]), len(out), first)
+        log.warning("%d of %d posts not scored, e.g. %s", counts["error_rows"], len(out), first)
     log.info("predicted %d posts with %s in %.2fs -> %s", len(out), cfg.model, seconds, cfg.output)
     return metrics
 

@@ -142,7 +142,7 @@ def test_smp_predict_notes_out_of_range_values_and_broken_images(image_model, tm
     assert list(out["Pid"]) == list(posts["Pid"])
     assert {i: out.loc[i, "status"] for i in cases} == {i: s for i, (_, s) in cases.items()}
     assert np.isfinite(out["popularity"]).all()  # every post scored
-    assert metrics["rows"] == 10 and metrics["partial_rows"] == 9 and metrics["error_rows"] == 0
+    assert metrics["data/rows"] == 10 and metrics["data/partial_rows"] == 9 and metrics["data/error_rows"] == 0
     assert str(images) not in out["status"].str.cat()
 
 

@@ -123,5 +123,5 @@ def test_logged_model_page_describes_what_to_send(real_sample):
     assert all(str(c.type) == "Any" for c in schema.inputs)  # every natural dtype passes MLflow's check
     note = mlflow.get_logged_model(info.model_id).tags["mlflow.note.content"]  # the model page's description
     assert note.startswith("benchmark: ") and "Postdate: number (Unix seconds)" in note
-    assert "numbers may be int or float" in note and "test RMSE" in note
+    assert "numbers may be int or float" in note and "Test RMSE" in note
     assert version.run_id

@@ -219,13 +219,13 @@ def test_smp_predict_reports_every_post(smpd_dir, tmp_path):
     assert status[pid[7]] == f"error: column 'image_b64': not valid base64 (Pid '{pid[7]}')"
     assert np.isnan(out.loc[7, "popularity"])  # not scored
     assert (out.drop(index=[3, 7])["status"] == "ok").all() and np.isfinite(out.drop(index=7)["popularity"]).all()
-    assert metrics["rows"] == 12 and metrics["error_rows"] == 1 and metrics["partial_rows"] == 1
-    assert metrics["scored_rows"] == 11
+    assert metrics["data/rows"] == 12 and metrics["data/error_rows"] == 1 and metrics["data/partial_rows"] == 1
+    assert metrics["data/scored_rows"] == 11
 
     # a posts table with a header and no rows: zero rows out, a header-only file, the run FINISHED
     (tmp_path / "empty.csv").write_text(",".join(posts.columns) + "\n")
     empty = run_predict(PredictJob(input=str(tmp_path / "empty.csv"), output=str(tmp_path / "empty_out.csv")))
-    assert empty["rows"] == 0 and empty["error_rows"] == 0
+    assert empty["data/rows"] == 0 and empty["data/error_rows"] == 0
     assert pd.read_csv(tmp_path / "empty_out.csv").columns.tolist() == ["Pid", "popularity", "status"]
     assert mlflow.last_active_run().info.status == "FINISHED"
 
