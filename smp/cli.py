@@ -126,6 +126,11 @@ def build_parser(spec: dict | None = None) -> argparse.ArgumentParser:
             if "_" in leaf:  # MLproject commands pass --name_with_underscores: accepted, not listed twice in help
                 p.add_argument(f"--{leaf}", dest=leaf, default=argparse.SUPPRESS, type=parse_as,
                                help=argparse.SUPPRESS)
+    runs = sub.add_parser("runs", help="list the RUNNING runs and whether their job is alive; --close-stale marks "
+                          "those whose job is gone FAILED (smp.tracking.run_liveness)")
+    runs.add_argument("--experiment", default="", help="only this experiment (default: every experiment)")
+    runs.add_argument("--close-stale", action="store_true",
+                      help="mark FAILED the runs started on this host whose process is gone")
     sub.add_parser("mlproject", help="print the MLproject file generated from the job configs")
     sub.add_parser("cli-spec", help="print smp/cli_spec.json (the option table) generated from the job configs")
     return parser
@@ -188,6 +193,23 @@ def result_text(value) -> str:
     return str(value)
 
 
+def _mark_launched_run(job_name: str, values: dict, reason: str) -> None:
+    """Under ``mlflow run``, a job refused before its run started leaves the launcher's run named after the job
+    with the reason (``smp.end_reason``, description) instead of a random name and nothing said; the launcher
+    then marks it FAILED. Best effort: the refusal itself is what the user must see."""
+    import os
+
+    if not os.environ.get("MLFLOW_RUN_ID"):
+        return
+    from smp.tracking import NOTE, name_launched_run, run_label
+
+    try:
+        name_launched_run(run_label(job_name, values), {"smp.job": job_name, "smp.end_reason": reason[:400],
+                                                        NOTE: f"{job_name}: refused before it started: {reason}"})
+    except Exception as exc:  # noqa: BLE001 - the tracking store may be the problem; the error above is the news
+        logging.getLogger("smp").debug("the launched run could not be marked: %s", exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``smp`` command; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -208,6 +230,18 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per artifact read is noise
+    if args.job == "runs":
+        try:
+            return runs_command(args.experiment, args.close_stale)
+        except Exception as exc:  # noqa: BLE001 - re-raised unless the tracking store is at fault
+            return store_error(exc)
+    if args.job != "synth" or os.environ.get("MLFLOW_RUN_ID"):  # synth only writes files
+        from smp.tracking import configure_tracking
+
+        try:  # before the job's modules and data load: an unusable tracking store fails in seconds, named
+            configure_tracking()
+        except Exception as exc:  # noqa: BLE001 - re-raised unless the tracking store is at fault
+            return store_error(exc)
     run_fn, default, _ = job(args.job)
     from smp.tracking import Terminated, raise_on_sigterm
 
@@ -219,17 +253,59 @@ def main(argv: list[str] | None = None) -> int:
         result = run_fn(apply(default, values))
     except ConfigError as exc:
         logging.getLogger("smp").error("bad parameter: %s", exc)
+        _mark_launched_run(args.job, values, f"bad parameter: {exc}")
         return 2
     except DataError as exc:
         logging.getLogger("smp").error("%s", exc)
+        _mark_launched_run(args.job, values, f"DataError: {exc}")
         return 2
     except (KeyboardInterrupt, Terminated) as exc:
         logging.getLogger("smp").warning("%s stopped (%s); its MLflow runs ended KILLED", args.job,
                                          "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C")
         return 143 if isinstance(exc, Terminated) else 130
+    except Exception as exc:  # noqa: BLE001 - re-raised unless the tracking store or the disk is at fault
+        return store_error(exc)
     if isinstance(result, Mapping):
         for key, value in summary(result):
             print(f"{key}: {result_text(value)}")
+    return 0
+
+
+def store_error(exc: Exception) -> int:
+    """Exit status 2 and one line naming the URI or path and the problem when ``exc`` is the tracking store's
+    or the disk's fault (``smp.tracking.store_failure``; the traceback only at ``--log-level DEBUG``);
+    anything else is raised again."""
+    from smp.tracking import store_failure
+
+    failure = store_failure(exc)
+    if failure is None:
+        raise exc
+    logging.getLogger("smp").error("%s", failure)
+    logging.getLogger("smp").debug("traceback of the error above", exc_info=exc)
+    return 2
+
+
+def runs_command(experiment: str = "", close_stale: bool = False) -> int:
+    """``smp runs``: print every RUNNING run (of ``experiment``, else of every experiment) and whether its job
+    is alive; with ``close_stale`` mark FAILED those whose job is gone (``smp.tracking.run_liveness``)."""
+    import mlflow
+
+    from smp.tracking import close_stale_runs, configure_tracking, stale_runs
+
+    configure_tracking()
+    ids = None
+    if experiment:
+        exp = mlflow.get_experiment_by_name(experiment)
+        if exp is None:
+            logging.getLogger("smp").error("no experiment named %r", experiment)
+            return 2
+        ids = [exp.experiment_id]
+    found = (close_stale_runs if close_stale else stale_runs)(ids)
+    for run, stale, why in found:
+        done = "closed FAILED: " if stale and close_stale else ""
+        print(f"{run.info.run_id}  {run.info.run_name}  {done}{why}")
+    closed = sum(stale for _, stale, _ in found) if close_stale else 0
+    print(f"{len(found)} RUNNING run(s)" + (f", {closed} closed" if close_stale else ""))
     return 0
 
 

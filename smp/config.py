@@ -120,3 +120,59 @@ def parse_tuple(text, item=int) -> tuple:
         return tuple(item(float(t)) if item is int else item(t) for t in parts)
     except ValueError:
         raise ValueError(f"expected comma-separated {item.__name__}s, got {text!r}") from None
+
+
+# --------------------------------------------------------------------------- value rules
+# Each config dataclass refuses, when it is built, a value that cannot mean anything (``check`` in its
+# ``__post_init__``): the CLI, ``mlflow run`` and Python callers all build configs before any data loads
+# or any run starts, so a bad value never costs a data load, a run or a library traceback.
+
+def at_least(lo, what: str = "") -> tuple:
+    """The rule ``value >= lo`` (a whole number where ``lo`` is one)."""
+    return (lambda v: v >= lo), what or f"a number >= {lo}"
+
+
+def above(lo, hi=None) -> tuple:
+    """The rule ``lo < value`` (``<= hi`` when given)."""
+    if hi is None:
+        return (lambda v: v > lo), f"a number > {lo}"
+    return (lambda v: lo < v <= hi), f"a number in ({lo}, {hi}]"
+
+
+def fraction() -> tuple:
+    """The rule ``0 < value < 1``."""
+    return (lambda v: 0 < v < 1), "a fraction strictly between 0 and 1"
+
+
+def one_of(*choices) -> tuple:
+    """The rule ``value in choices``."""
+    return (lambda v: v in choices), "one of " + ", ".join(map(str, choices))
+
+
+def zero_or_at_least(lo, zero_means: str) -> tuple:
+    """The rule ``value == 0 or value >= lo``."""
+    return (lambda v: v == 0 or v >= lo), f"0 ({zero_means}) or a number >= {lo}"
+
+
+def device() -> tuple:
+    """The rule for a compute device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
+    return (lambda v: v in ("auto", "cpu", "cuda") or str(v).startswith("cuda:")), "auto, cpu, cuda or cuda:N"
+
+
+def each(rule: tuple) -> tuple:
+    """``rule`` applied to every item of a tuple value."""
+    ok, what = rule
+    return (lambda v: all(ok(x) for x in v)), f"items each {what}"
+
+
+def check(cfg, **rules) -> None:
+    """Refuse a field of ``cfg`` that breaks its rule: ``ConfigError`` naming the parameter, the value given and
+    what is allowed (e.g. ``learning_rate=-1.0: expected a number in (0, 1]``)."""
+    for name, (ok, what) in rules.items():
+        value = getattr(cfg, name)
+        try:
+            good = bool(ok(value))
+        except TypeError:
+            good = False
+        if not good or (isinstance(value, float) and value != value):  # NaN passes no rule
+            raise ConfigError(f"{name}={value!r}: expected {what}")

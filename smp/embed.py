@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from smp.clip import Encoder, graph_mode, load_clip, model_spec, preprocess_for, resolve_device
+from smp.config import at_least, check, device, one_of
 from smp.data import DataCfg
 from smp.image_features import (HANDCRAFTED, PAPER_CLIP_MODEL, PAPER_CLIP_PRETRAINED, BadImage, decode_image,
                                 handcrafted_features)
@@ -71,6 +72,10 @@ class EmbedCfg:
     force_quick_gelu: bool = False  # set when a local checkpoint is OpenAI's (RN50 needs QuickGELU)
     compile: str = "auto"  # "freeze" (jit trace+freeze), "inductor" (torch.compile), "none" (eager); auto: freeze on CPU from 128 images
     progress: bool = True  # tqdm progress bar
+
+    def __post_init__(self) -> None:
+        check(self, batch_size=at_least(1), num_workers=at_least(0), device=device(), chunk_size=at_least(1),
+              flush_seconds=at_least(0), compile=one_of("auto", "freeze", "inductor", "none"))
 
 
 @dataclass

@@ -21,6 +21,8 @@ import pandas as pd
 from sklearn.compose import ColumnTransformer
 from sklearn.preprocessing import OneHotEncoder
 
+from smp.config import at_least, check
+
 MISSING = "__missing__"
 CATEGORICAL = ("Category", "Subcategory", "Concept", "ispro", "weekday", "month")
 NUMERIC = (
@@ -69,6 +71,9 @@ class TabularCfg:
     absolute_date: bool = True  # Postdate itself as a feature (trees cannot extrapolate it past train's dates)
     time_trend: bool = False    # the benchmark fits a linear label trend over Postdate on train, boosts the rest
     month: bool = True          # the calendar month as a feature (over a year of posts it stands for the date)
+
+    def __post_init__(self) -> None:
+        check(self, min_frequency=at_least(1), max_categories=at_least(1))
 
 
 _DATETIME_SECONDS = 9.2e9  # |Unix seconds| beyond this is outside pandas' datetime range (NaT there)

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import xgboost as xgb
 
+from smp.config import above, at_least, check, device, one_of, zero_or_at_least
 from smp.features import RAW_FIELDS, TabularCfg, TabularFeaturizer
 from smp.image_features import HANDCRAFTED
 
@@ -53,6 +54,13 @@ class XGBCfg:
     max_bin: int = 0                 # histogram bins (hist/approx); 0 = from the data (see tree_settings)
     device: str = "auto"             # auto = cuda when XGBoost and torch see a GPU, else cpu
     n_jobs: int = 0                  # 0 = from the data: 1 thread below SINGLE_THREAD_ROWS rows, else all cores
+
+    def __post_init__(self) -> None:
+        check(self, n_estimators=at_least(1), max_depth=at_least(1), learning_rate=above(0, 1),
+              early_stopping_rounds=at_least(0), min_child_weight=at_least(0), subsample=above(0, 1),
+              colsample_bytree=above(0, 1), reg_lambda=at_least(0), reg_alpha=at_least(0),
+              tree_method=one_of("auto", "exact", "hist", "approx"),
+              max_bin=zero_or_at_least(2, "from the data"), device=device(), n_jobs=at_least(0))
 
 
 # XGBoost keeps up to this many nodes' gradient histograms (features x bins x 16 bytes each) for its
@@ -342,6 +350,9 @@ def _has_image(block: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class PCACfg:
     n_components: int = 300  # paper: PCA to 300 dims before XGBoost
+
+    def __post_init__(self) -> None:
+        check(self, n_components=at_least(1))
 
 
 class PCABoostModel:

@@ -46,7 +46,7 @@ from sklearn.decomposition import PCA
 from torch import nn
 from tqdm.auto import tqdm
 
-from smp.config import parse_tuple
+from smp.config import ConfigError, at_least, check, each, one_of, parse_tuple
 
 OnEpoch = Callable[[int, float, float], None]  # (epoch, train_loss, val_rmse) -> None
 
@@ -65,6 +65,11 @@ class MLPCfg:
     head: str = "residual"               # residual = benchmark + learnt correction (starts at 0); paper = plain
     seed: int = 0                        # weights, dropout and shuffling
 
+    def __post_init__(self) -> None:
+        check(self, hidden=each(at_least(1)), dropout=((lambda v: 0 <= v < 1), "a fraction in [0, 1)"), lr=at_least(0),
+              weight_decay=at_least(0), epochs=at_least(1), batch_size=at_least(1), patience=at_least(0),
+              head=one_of("residual", "paper"), seed=at_least(0))
+
 
 @dataclass(frozen=True)
 class Conv1DCfg:
@@ -80,6 +85,15 @@ class Conv1DCfg:
     patience: int = 10                       # epochs without val RMSE improvement before stopping
     head: str = "residual"                   # residual = benchmark + learnt correction (starts at 0); paper = plain
     seed: int = 0                            # weights, dropout, shuffling and PCA
+
+    def __post_init__(self) -> None:
+        check(self, n_pca=at_least(1), channels=each(at_least(1)), head_hidden=each(at_least(1)),
+              kernel_sizes=each(((lambda k: k >= 1 and k % 2 == 1), "odd and >= 1")), dropout=((lambda v: 0 <= v < 1), "a fraction in [0, 1)"), lr=at_least(0),
+              weight_decay=at_least(0), epochs=at_least(1), batch_size=at_least(1), patience=at_least(0),
+              head=one_of("residual", "paper"), seed=at_least(0))
+        if not self.channels or len(self.kernel_sizes) != len(self.channels):
+            raise ConfigError(f"channels={self.channels!r}, kernel_sizes={self.kernel_sizes!r}: expected one odd "
+                              "kernel size per conv layer (at least one layer)")
 
 
 # ---------------------------------------------------------------- networks

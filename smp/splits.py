@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from smp.config import ConfigError
+from smp.config import ConfigError, at_least, check, fraction, one_of, zero_or_at_least
 from smp.data import DataCfg, DataError, data_hash, labelled, load_data
 
 log = logging.getLogger("smp.splits")
@@ -40,6 +40,13 @@ class SplitCfg:
     val_frac: float = 0.09    # 7.2k of 80k
     test_frac: float = 0.10   # 8k of 80k
     chrono_tuned: bool = True  # split=chrono: booster/feature settings that hold on later posts (train.CHRONO_*)
+
+    def __post_init__(self) -> None:
+        check(self, sample_size=zero_or_at_least(1, "all posts"), split=one_of(*SPLITS), seed=at_least(0),
+              val_frac=fraction(), test_frac=fraction())
+        if self.val_frac + self.test_frac >= 1:
+            raise ConfigError(f"val_frac={self.val_frac} + test_frac={self.test_frac}: expected a sum below 1 "
+                              "(the rest of the posts train the model)")
 
 
 def subsample(posts: pd.DataFrame, sample_size: int, seed: int) -> pd.DataFrame:

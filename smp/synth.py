@@ -249,6 +249,14 @@ class SynthCfg:
     img_max: int = 160
     bad_images: int = 0  # posts whose JPEG is broken, cycling through BAD_KINDS
 
+    def __post_init__(self) -> None:
+        from smp.config import ConfigError, at_least, check
+
+        check(self, n=at_least(1), seed=at_least(0), n_users=at_least(0), img_min=at_least(8), img_max=at_least(8),
+              bad_images=at_least(0))
+        if self.img_max < self.img_min:
+            raise ConfigError(f"img_max={self.img_max}: expected >= img_min={self.img_min}")
+
 
 # ---------------------------------------------------------------- label ----
 def image_score(brightness, colourfulness, sharpness, centred) -> np.ndarray:

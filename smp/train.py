@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from smp import plots
-from smp.config import ConfigError, flatten
+from smp.config import ConfigError, check, flatten, one_of, zero_or_at_least
 from smp.data import DataCfg, DataError
 from smp.evaluate import baseline_metrics, regression_metrics
 from smp.features import TabularCfg
@@ -176,6 +176,13 @@ def log_model_and_metrics(model, example: pd.DataFrame, metrics: dict[str, float
     """Log the model, then each split's metrics on the run, linked to the model and to that split's dataset
     (the logged model's page lists them with the data they were measured on); ``note``: the run's
     description (the logged model's carries the same figures)."""
+    beats = bool(metrics.get("test_rmse", np.inf) < metrics.get("test_rmse_baseline", -np.inf))
+    mlflow.set_tag("smp.beats_mean_predictor", str(beats).lower())  # promote and the UI see a model that learnt nothing
+    if not beats:
+        log.warning("%s: test RMSE %s is not below the mean predictor's %s: the model learnt nothing that holds on "
+                    "the test posts (tagged smp.beats_mean_predictor=false)", model.family,
+                    sig(metrics.get("test_rmse")), sig(metrics.get("test_rmse_baseline")))
+        note += " WARNING: it does not beat the mean predictor on the test posts (smp.beats_mean_predictor=false)."
     if note:
         describe_run(note)
     info = log_model(model, example, name=model.family, summary=headline(metrics))  # named after its family
@@ -382,6 +389,10 @@ class StackingCfg:
     #                              of train); crossfit = the K fold models' mean (no full fit needed)
     fold_rounds: str = "benchmark"  # benchmark = each fold model grows as many trees as the benchmark run's
     #                                 model (no early stopping); early_stop = each fold early-stops on val
+
+    def __post_init__(self) -> None:
+        check(self, stacking=one_of("oof", "in_sample"), stacking_folds=zero_or_at_least(2, "from the data"),
+              stacking_fit=one_of("crossfit", "refit"), fold_rounds=one_of("benchmark", "early_stop"))
 
 
 @dataclass(frozen=True)

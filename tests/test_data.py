@@ -187,8 +187,8 @@ def test_user_split_no_overlap_and_clear_error():
     assert 0.06 < len(parts["test"]) / 2000 < 0.16
     with pytest.raises(DataError, match="split=user needs the Uid field"):
         split_indices(_frame(100), SplitCfg(split="user"))
-    with pytest.raises(ConfigError, match="unknown protocol"):
-        split_indices(_frame(100), SplitCfg(split="bogus"))
+    with pytest.raises(ConfigError, match=r"split='bogus': expected one of random, chrono, user"):
+        SplitCfg(split="bogus")  # refused when the config is built, before any data
 
 
 def test_subsample_is_seeded_and_sized():
