@@ -43,12 +43,30 @@ machine.  The study's ``mlflow_parent_run_id`` user attribute holds the parent
 run so every worker logs its trials under it.  Several workers on one study:
 create the study and its parent first (``n_trials=0``), then start each worker
 with ``parent_run=<id>`` (``scripts/tune_workers.sh`` does both).
+
+Faults (docs/reliability.md, "Studies"):
+
+* Bad settings are refused before any study or run exists: ``StudyCfg`` (and the data and split configs) check
+  their values when built, and ``run_tune`` prepares the data and split once before opening the study
+  (``DataError`` / ``ConfigError``).  Should a fresh study's trials still all fail on a bad setting, the study
+  and the parent run this process made are removed.
+* Identity: a new study stores what it is tuned on (family, data hash, split and the hash of its rows) as the
+  user attribute ``identity``; opening it with other data, another split or family is refused, naming both.
+* Dead workers: each trial records its worker (machine, pid, process start) as the user attribute ``worker``.
+  On resume (and at the end) a RUNNING trial whose worker on this machine is gone is failed at once; with
+  ``heartbeat`` S > 0 (RDB storage), one that sent no heartbeat for ``GRACE_BEATS`` x S seconds is failed by
+  Optuna, wherever its worker ran.  Either way its MLflow runs end KILLED with ``smp.end_reason`` and
+  ``smp.trial_state=STALE``.
+* Resume: a study that holds trials already gets a sampler seed derived from (``sampler_seed``, trials in the
+  study), so its random start does not replay the first trials' parameters (``resume_seed``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
@@ -57,10 +75,10 @@ from pathlib import Path
 import mlflow
 import optuna
 
-from smp.config import ConfigError, apply, flatten, leaves
-from smp.data import DataCfg
-from smp.jobs import JOBS, family
-from smp.splits import SplitCfg
+from smp.config import ConfigError, apply, at_least, check, flatten, leaves, one_of
+from smp.data import DataCfg, DataError
+from smp.jobs import FAMILIES, JOBS, family
+from smp.splits import Prepared, SplitCfg, prepare
 from smp.tracking import (NOTE, Parent, configure_tracking, data_label, describe_experiment, job_note, log_figure,
                           log_params, logged_model_uri, resolve_experiment, sig)
 
@@ -69,6 +87,12 @@ log = logging.getLogger("smp.tune")
 PARENT_ATTR = "mlflow_parent_run_id"
 SUMMARY_ATTR = "summary"  # one line: family, data, split, best trial (the full note is optuna-dashboard's)
 OBJECTIVE = "val_rmse"  # what every trial returns: the validation RMSE of the family's job (lower is better)
+IDENTITY_ATTR = "identity"  # what the study is tuned on (study_identity): set when it is created, checked on open
+WORKER_ATTR = "worker"      # the trial's worker: host, machine, pid, process start (a dead one is found on resume)
+RUN_ATTR = "mlflow_run_id"  # the trial's MLflow run
+GRACE_BEATS = 5  # heartbeat S > 0: a trial with no heartbeat for 5 x S seconds is stale (a live worker beats
+#                  every S s; a missed beat or two, e.g. a busy database, must not fail a live trial)
+PRUNERS = ("median", "hyperband", "none")
 
 
 @dataclass(frozen=True)
@@ -86,6 +110,11 @@ class StudyCfg:
     heartbeat: int = 0        # seconds between trial heartbeats (RDB storage; 0 = off): stale trials fail
     trial_figures: bool = False  # each trial's run logs the job's figures too (off: params, metrics, model)
     parent_run: str = ""      # MLflow run to log trials under ("" = the study's, created by its first worker)
+
+    def __post_init__(self) -> None:
+        check(self, model=one_of(*FAMILIES), n_trials=at_least(-1, "-1 (until timeout), 0 (only create) or more"),
+              max_trials=at_least(0), timeout=at_least(0), pruner=one_of(*PRUNERS), startup_trials=at_least(0),
+              report_every=at_least(1), heartbeat=at_least(0))
 
 
 @dataclass(frozen=True)
@@ -152,28 +181,168 @@ def default_storage() -> str:
     return "sqlite:///optuna.db"
 
 
+class _Storage(optuna.storages.RDBStorage):
+    """Optuna's RDB storage whose heartbeat survives a failed write: Optuna's heartbeat thread ends at the first
+    error (a locked sqlite file, a database restart), after which a live trial would look dead."""
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        try:
+            super().record_heartbeat(trial_id)
+        except Exception as exc:  # noqa: BLE001 - the next beat tries again
+            log.warning("trial heartbeat not recorded (retried in %s s): %s", self.heartbeat_interval, exc)
+
+
 def make_storage(url: str, heartbeat: int = 0):
-    """An Optuna storage from a URL (``journal:PATH`` for a journal file)."""
+    """An Optuna storage from a URL (``journal:PATH`` for a journal file).  With ``heartbeat`` S > 0 an RDB
+    storage records each running trial's heartbeat every S seconds and fails a trial silent for
+    ``GRACE_BEATS`` x S seconds, ending its MLflow runs (``end_trial_runs``); a journal file has no heartbeats
+    (its workers share one machine, where ``fail_stale_trials`` finds a dead one by its process)."""
     url = url or default_storage()
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
+        if heartbeat > 0:
+            log.info("heartbeat=%d ignored: a journal file has no heartbeats (dead workers on this machine are "
+                     "found by their process)", heartbeat)
         return JournalStorage(JournalFileBackend(url[len("journal:"):]))
-    if heartbeat > 0:
-        return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
-                                          failed_trial_callback=_mark_stale_run_failed)
-    return url
+    if heartbeat <= 0:
+        return _Storage(url)
+    grace = GRACE_BEATS * heartbeat
+
+    def on_stale(study, trial) -> None:
+        end_trial_runs(study, trial, f"no heartbeat from its worker{_worker_text(trial)} for {grace} s "
+                                     f"(one every {heartbeat} s expected): presumed dead")
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: experimental since 2.9
+        return _Storage(url, heartbeat_interval=heartbeat, grace_period=grace,
+                        heartbeat_stale_trial_callback=on_stale)
 
 
-def _mark_stale_run_failed(study, trial) -> None:
-    """A trial whose worker died (no heartbeat): end its MLflow run as FAILED instead of RUNNING forever."""
-    run_id = trial.user_attrs.get("mlflow_run_id")
-    if run_id:
+# --------------------------------------------------------------------------- dead workers
+def _machine() -> str:
+    """This machine and pid namespace (a pid means the same process only there): host, boot id, pid namespace."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = ""
+    return f"{socket.gethostname()}|{boot}|{namespace}"
+
+
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, from /proc); None when it is gone or a zombie, ""
+    where /proc cannot tell (not Linux)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None if Path("/proc/self/stat").exists() else ""
+    except OSError:
+        return ""
+    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def this_worker() -> dict:
+    """The running process as a trial's ``worker`` attribute."""
+    return {"host": socket.gethostname(), "machine": _machine(), "pid": os.getpid(),
+            "started": _process_start(os.getpid())}
+
+
+def worker_gone(worker: dict) -> bool:
+    """True when ``worker`` (a trial's ``worker`` attribute) ran on this machine and its process is gone (its
+    pid free, a zombie, or now another process's).  A worker elsewhere is never judged here (heartbeats)."""
+    if not worker or worker.get("machine") != _machine():
+        return False
+    pid, started = int(worker["pid"]), worker.get("started") or ""
+    now = _process_start(pid)
+    if now is None:
+        return True
+    if started and now:
+        return now != started
+    try:  # no /proc: is the pid in use at all
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass
+    return False
+
+
+def _worker_text(trial) -> str:
+    worker = trial.user_attrs.get(WORKER_ATTR) or {}
+    return f" (pid {worker['pid']} on {worker['host']})" if worker.get("pid") else ""
+
+
+def fail_stale_trials(study: optuna.Study) -> list[int]:
+    """Fail the study's RUNNING trials whose worker is dead and end their MLflow runs KILLED (``end_trial_runs``):
+    a worker on this machine whose process is gone, at once; with heartbeats, one silent for the grace period
+    (Optuna's ``fail_stale_trials``, which also runs before every trial).  Returns the trial numbers failed here."""
+    import warnings
+
+    failed = []
+    by = f"pid {os.getpid()} on {socket.gethostname()}"
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if not worker_gone(trial.user_attrs.get(WORKER_ATTR)):
+            continue
+        reason = f"its worker{_worker_text(trial)} is gone (killed or crashed); failed by {by}"
         try:
-            mlflow.MlflowClient().set_terminated(run_id, status="FAILED")
-            mlflow.MlflowClient().set_tag(run_id, "smp.trial_state", "STALE")
-        except Exception as exc:  # noqa: BLE001 - the study must go on
-            log.warning("could not mark run %s failed: %s", run_id, exc)
+            study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
+            if not study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:  # another worker failed it first
+            continue
+        end_trial_runs(study, trial, reason)
+        failed.append(trial.number)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # heartbeats (a no-op without them)
+    if failed:
+        log.warning("study %s: trial(s) %s were RUNNING with their worker gone: failed, their MLflow runs ended "
+                    "KILLED", study.study_name, failed)
+    return failed
+
+
+def _trial_runs(study: optuna.Study, trial) -> list[str]:
+    """The MLflow run of ``trial`` (its ``mlflow_run_id``, else found by its tags under the study's parent run)
+    and the runs nested under it (an ensemble trial's upstream jobs)."""
+    client = mlflow.MlflowClient()
+    runs = [trial.user_attrs[RUN_ATTR]] if trial.user_attrs.get(RUN_ATTR) else []
+    parent = study.user_attrs.get(PARENT_ATTR)
+    if not runs and parent:  # killed before its first step recorded the run
+        experiment = client.get_run(parent).info.experiment_id
+        found = client.search_runs([experiment], filter_string=(
+            f"tags.`mlflow.parentRunId` = '{parent}' AND tags.`optuna.study` = '{study.study_name}' "
+            f"AND tags.`optuna.trial_number` = '{trial.number}'"))
+        runs = [r.info.run_id for r in found]
+    for run_id in list(runs):
+        experiment = client.get_run(run_id).info.experiment_id
+        runs += [r.info.run_id for r in client.search_runs(
+            [experiment], filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'")]
+    return runs
+
+
+def end_trial_runs(study: optuna.Study, trial, reason: str) -> list[str]:
+    """End a stale trial's MLflow runs that are still RUNNING: status KILLED, ``smp.end_reason`` (why) and
+    ``smp.trial_state=STALE``.  Returns the runs ended; never raises (the study must go on)."""
+    ended = []
+    try:
+        client = mlflow.MlflowClient()
+        for run_id in _trial_runs(study, trial):
+            if client.get_run(run_id).info.status != "RUNNING":
+                continue
+            client.set_tag(run_id, "smp.end_reason", f"trial {trial.number} of study {study.study_name}: {reason}")
+            client.set_tag(run_id, "smp.trial_state", "STALE")
+            client.set_terminated(run_id, status="KILLED")
+            ended.append(run_id)
+    except Exception as exc:  # noqa: BLE001 - the study must go on
+        log.warning("could not end the MLflow runs of stale trial %d: %s", trial.number, exc)
+    return ended
 
 
 def make_pruner(cfg: StudyCfg):
@@ -201,6 +370,7 @@ def objective_for(cfg: TuneJob, parent_run_id: str):
     every = max(1, cfg.study.report_every) if JOBS[cfg.study.model].net == "" else 1  # boosters: rounds are cheap
 
     def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr(WORKER_ATTR, this_worker())  # a resumed study fails this trial if its process dies
         parent = Parent(parent_run_id, experiment_id, figures=cfg.study.trial_figures, trial=str(trial.number),
                         tags=(("optuna.study", trial.study.study_name), ("optuna.trial_number", str(trial.number))))
 
@@ -236,20 +406,105 @@ def _record_run_id(trial) -> None:
         trial.set_user_attr("mlflow_run_id", run.info.run_id)
 
 
-def open_study(cfg: TuneJob) -> optuna.Study:
-    """Create or load the study (seeded TPE sampler, the chosen pruner); its objective is named ``val_rmse``."""
+def study_name(cfg: TuneJob) -> str:
+    """The study's name: ``study_name``, else ``smp-{model}-{split}``."""
+    return cfg.study.study_name or f"smp-{cfg.study.model}-{cfg.splitting.split}"
+
+
+def study_identity(cfg: TuneJob, prep: Prepared) -> dict:
+    """What a study is tuned on: family, data (its content hash, as runs tag ``smp.data_hash``), split settings and
+    a hash of the rows on each side of the split (``rows``: same data and settings give the same rows).  Trials
+    of one study are comparable only when this is the same; ``data`` (the path given) is shown, not compared."""
+    import pandas as pd
+
+    split = cfg.splitting
+    rows = hashlib.sha256(prep.digest.encode())
+    rows.update(pd.util.hash_pandas_object(prep.posts["Pid"].astype(str), index=False).to_numpy().tobytes())
+    for part in ("train", "val", "test"):
+        rows.update(part.encode() + prep.parts[part].astype("int64").tobytes())
+    identity = {"model": cfg.study.model, "data": str(cfg.source.data), "data_hash": prep.digest,
+                "split": split.split, "sample_size": split.sample_size, "seed": split.seed,
+                "val_frac": split.val_frac, "test_frac": split.test_frac, "rows": rows.hexdigest()[:16]}
+    if split.split == "chrono":  # the protocol's own booster and feature settings, or the paper's
+        identity["chrono_tuned"] = split.chrono_tuned
+    return identity
+
+
+COMPARED = ("model", "data_hash", "split", "rows", "chrono_tuned")  # what must match to continue a study
+
+
+def check_identity(study: optuna.Study, identity: dict, storage: str = "") -> None:
+    """Refuse to continue ``study`` on other data, another split or family (``ConfigError`` naming the study, what
+    it was made on and what this run has); a study made before identities were kept gets this run's."""
+    stored = study.user_attrs.get(IDENTITY_ATTR)
+    if not stored:
+        if study.get_trials(deepcopy=False):
+            log.warning("study %s predates smp's study identity: recording this run's data and split (%s)",
+                        study.study_name, _identity_text(identity))
+        study.set_user_attr(IDENTITY_ATTR, identity)
+        return
+    differ = [k for k in COMPARED if stored.get(k) != identity.get(k)]
+    if not differ:
+        return
+    shown = [k for k in ("model", "data_hash", "split", "sample_size", "seed", "val_frac", "test_frac",
+                         "chrono_tuned") if stored.get(k) != identity.get(k) and k in stored and k in identity]
+    changes = "; ".join(f"{k} {stored[k]} -> {identity[k]}" for k in shown) or "other rows: the split's code changed"
+    raise ConfigError(
+        f"study {study.study_name!r}{f' in {storage}' if storage else ''} was made on other data or another split "
+        f"({changes}): its {len(study.trials)} trials would be compared with this run's across different data. "
+        f"It was made on: {_identity_text(stored)}. Continue it with those, or name a new study "
+        f"(--study-name smp-{identity['model']}-{identity['split']}-{identity['rows'][:8]})")
+
+
+def _identity_text(identity: dict) -> str:
+    keys = ("model", "data", "data_hash", "split", "sample_size", "seed", "val_frac", "test_frac", "chrono_tuned")
+    return ", ".join(f"{k} {identity[k]}" for k in keys if k in identity)
+
+
+def resume_seed(seed: int, n_trials: int) -> int:
+    """The sampler seed of a study that holds ``n_trials`` trials: ``seed`` itself for a new study, else one
+    derived from both.  A sampler seeded alike again would replay its first proposals (TPE's random start
+    trials: trial 2 = trial 0 after a restart).  Derived, not persisted: nothing to keep in sync, several
+    workers (seeds ``seed + i``) stay apart, and a resumed study is still reproducible from its history."""
+    if n_trials == 0:
+        return seed
+    return int.from_bytes(hashlib.sha256(f"{seed}:{n_trials}".encode()).digest()[:4], "big")
+
+
+def open_study(cfg: TuneJob, identity: dict | None = None) -> optuna.Study:
+    """Create or load the study (seeded TPE sampler, the chosen pruner); its objective is named ``val_rmse``.
+    A new study stores ``identity`` (``study_identity``: computed here when not given); an existing one must
+    have the same (``check_identity``) and gets a sampler seed that continues its sequence (``resume_seed``)."""
+    return _open_study(cfg, identity)[0]
+
+
+def _open_study(cfg: TuneJob, identity: dict | None = None) -> tuple[optuna.Study, bool]:
+    """``(study, created by this call)``."""
     import warnings
 
-    name = cfg.study.study_name or f"smp-{cfg.study.model}-{cfg.splitting.split}"
-    study = optuna.create_study(
-        study_name=name, storage=make_storage(cfg.study.storage, cfg.study.heartbeat), direction="minimize",
-        sampler=optuna.samplers.TPESampler(seed=cfg.study.sampler_seed), pruner=make_pruner(cfg.study),
-        load_if_exists=True)
+    if identity is None:
+        identity = study_identity(cfg, prepare(cfg.source, cfg.splitting))
+    name, storage = study_name(cfg), make_storage(cfg.study.storage, cfg.study.heartbeat)
+    sampler = optuna.samplers.TPESampler(seed=cfg.study.sampler_seed)
+    try:
+        study = optuna.create_study(study_name=name, storage=storage, direction="minimize", sampler=sampler,
+                                    pruner=make_pruner(cfg.study))
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=make_pruner(cfg.study))
+        created = False
+    if not created or IDENTITY_ATTR in study.user_attrs:
+        check_identity(study, identity, cfg.study.storage or default_storage())
+    else:
+        study.set_user_attr(IDENTITY_ATTR, identity)
+    n = len(study.get_trials(deepcopy=False))
+    if n:
+        study.sampler = optuna.samplers.TPESampler(seed=resume_seed(cfg.study.sampler_seed, n))
     if study.metric_names != [OBJECTIVE]:  # optuna-dashboard and the plots name the axis after it
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names([OBJECTIVE])
-    return study
+    return study, created
 
 
 def parent_name(cfg: TuneJob) -> str:
@@ -285,10 +540,16 @@ def parent_run(study: optuna.Study, cfg: TuneJob) -> str:
 
 
 def run_tune(cfg: TuneJob = TuneJob()) -> dict[str, float]:
-    """Run (or continue) the study for ``cfg.study.model``; log the summary on the parent run."""
+    """Run (or continue) the study for ``cfg.study.model``; log the summary on the parent run.
+
+    The data and split are prepared once first, so bad data or settings fail before any study or run exists;
+    a study made on other data or another split is refused (``check_identity``); trials left RUNNING by dead
+    workers are failed and their MLflow runs ended (``fail_stale_trials``)."""
     configure_tracking()
     launched = os.environ.pop("MLFLOW_RUN_ID", None)  # under `mlflow run`: that run becomes the parent
-    study = open_study(cfg)
+    identity = study_identity(cfg, prepare(cfg.source, cfg.splitting))
+    study, created = _open_study(cfg, identity)
+    own_parent = not (launched or cfg.study.parent_run or study.user_attrs.get(PARENT_ATTR))
     if launched and PARENT_ATTR not in study.user_attrs:
         study.set_user_attr(PARENT_ATTR, launched)
         with mlflow.start_run(run_id=launched) as run:
@@ -296,6 +557,7 @@ def run_tune(cfg: TuneJob = TuneJob()) -> dict[str, float]:
                        skip_logged=True)  # the launcher logged the MLproject parameters already
             describe_experiment(run.info.experiment_id)
     parent = parent_run(study, cfg)
+    fail_stale_trials(study)
     callbacks = []
     if cfg.study.max_trials > 0:
         states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -304,10 +566,34 @@ def run_tune(cfg: TuneJob = TuneJob()) -> dict[str, float]:
     print(f"study {study.study_name}: parent run {parent}")
     if cfg.study.n_trials == 0:
         return trial_counts(study)
-    study.optimize(objective_for(cfg, parent), n_trials=cfg.study.n_trials if cfg.study.n_trials > 0 else None,
-                   timeout=cfg.study.timeout or None, callbacks=callbacks, catch=(RuntimeError, FloatingPointError),
-                   gc_after_trial=True)
+    try:
+        study.optimize(objective_for(cfg, parent), n_trials=cfg.study.n_trials if cfg.study.n_trials > 0 else None,
+                       timeout=cfg.study.timeout or None, callbacks=callbacks,
+                       catch=(RuntimeError, FloatingPointError), gc_after_trial=True)
+    except (ConfigError, DataError) as exc:
+        if created:
+            discard_failed_study(study, parent if own_parent else None, exc)
+        raise
+    fail_stale_trials(study)
     return summarise(study, parent, cfg)
+
+
+def discard_failed_study(study: optuna.Study, parent: str | None, exc: Exception) -> bool:
+    """Remove a study this process created whose every trial failed on a bad setting or bad data, and the parent
+    run it made (with its trial runs; MLflow keeps them restorable): no failed study, no empty parent run left
+    behind.  A study with any trial not failed (another worker's) is kept.  Returns whether it was removed."""
+    if any(t.state != optuna.trial.TrialState.FAIL for t in study.get_trials(deepcopy=False)):
+        return False
+    optuna.delete_study(study_name=study.study_name, storage=study._storage)
+    if parent:
+        client = mlflow.MlflowClient()
+        experiment = client.get_run(parent).info.experiment_id
+        for run in client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'"):
+            client.delete_run(run.info.run_id)
+        client.delete_run(parent)
+    log.error("study %s removed%s: every trial of it failed (%s)", study.study_name,
+              f" with its parent run {parent}" if parent else "", exc)
+    return True
 
 
 def trial_counts(study: optuna.Study) -> dict[str, int]:
