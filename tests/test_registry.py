@@ -248,3 +248,179 @@ def test_dataset_inputs_logged_concurrently_are_retried(monkeypatch):
     assert len(calls) == 2
     logged = mlflow.get_run(run.info.run_id).inputs.dataset_inputs
     assert sorted(i.dataset.name for i in logged) == ["posts-random-s0-test", "posts-random-s0-train"]
+
+
+# --------------------------------------------------------------------------- candidates are checked (issue 26)
+MID = XGBCfg(n_estimators=5, max_depth=2, learning_rate=0.1, early_stopping_rounds=0)  # worse than GOOD, beats the mean
+
+
+def model_dir(run_id: str):
+    """The directory holding the artifacts of the model ``run_id`` logged (the sqlite store's ./mlruns)."""
+    from pathlib import Path
+    from urllib.parse import urlparse
+
+    from smp.tracking import logged_model_uri
+
+    model = mlflow.MlflowClient().get_logged_model(logged_model_uri(run_id).split("/", 1)[1])
+    return Path(urlparse(model.artifact_location).path)
+
+
+def last_promote():
+    return mlflow.search_runs(experiment_names=["t"], filter_string="tags.`smp.job` = 'promote'",
+                              order_by=["attributes.start_time DESC"], output_format="list")[0]
+
+
+def test_a_failed_run_or_a_model_that_is_not_ready_is_no_candidate(smpd_dir):
+    client = mlflow.MlflowClient()
+    failed = train(smpd_dir)
+    client.set_tag(failed, "smp.end_reason", "OSError: [Errno 28] No space left on device")
+    client.set_terminated(failed, "FAILED")  # the issue's case: the model upload was cut short by a full disk
+    with pytest.raises(DataError, match=rf"run {failed} is FAILED, not FINISHED: only a finished run's model can be "
+                                        r"promoted \(a run that failed or was stopped may have logged an incomplete "
+                                        r"model\); it ended with: OSError: \[Errno 28\] No space left on device"):
+        run_promote(PromoteJob(experiment="t", run_id=failed))
+    pending = train(smpd_dir)
+    model_id = client.get_run(pending).outputs.model_outputs[-1].model_id
+    client.finalize_logged_model(model_id, "FAILED")
+    with pytest.raises(DataError, match=rf"run {pending}: its logged model {model_id} is FAILED, not READY \(its "
+                                        r"upload did not complete\); only a READY model can be promoted"):
+        run_promote(PromoteJob(experiment="t", run_id=pending))
+    assert versions() == []  # refused before anything was registered
+    # searched: the failed run is not ranked, the finished one with a FAILED model is passed over, said so
+    mid = train(smpd_dir, MID)
+    out = run_promote(PromoteJob(experiment="t"))
+    v = mlflow.MlflowClient().get_model_version(NAME, str(out["version"]))
+    assert v.run_id == mid and out["decision"] == "champion"
+    assert "that logged a model (the 1 ranked above it had no READY logged model)" in v.description
+    assert (f"(`{pending[:8]}`) **← its logged model {model_id} is FAILED, not READY (its upload did not "
+            f"complete): skipped**") in v.description
+    assert failed[:8] not in v.description
+
+
+def test_a_first_promotion_of_a_model_that_learnt_nothing_is_rejected(smpd_dir, tmp_path):
+    """Labels that are noise: a deep booster without early stopping fits the noise and loses to the mean."""
+    rng = np.random.default_rng(0)
+    n = 300
+    df = pd.DataFrame({"Pid": [f"n{i}" for i in range(n)], "Category": rng.choice(["Fashion", "Travel"], n),
+                       "Postdate": rng.uniform(1.42e9, 1.46e9, n), "tag_count": rng.integers(0, 40, n),
+                       "label": rng.normal(6, 2, n)})
+    df.to_csv(tmp_path / "noise.csv", index=False)
+    noise = train(tmp_path / "noise.csv", XGBCfg(n_estimators=200, max_depth=6, learning_rate=0.3,
+                                                 early_stopping_rounds=0))
+    logged = mlflow.get_run(noise).data.metrics
+    assert logged["test_rmse"] > logged["test_rmse_baseline"]
+    out = run_promote(PromoteJob(experiment="t"))
+    assert out["decision"] == "rejected" and out["champion"] is False and out["version"] == 1
+    assert alias("champion") is None and alias("challenger") is None  # no alias at all, first promotion included
+    assert out["check_test_rmse"] == pytest.approx(logged["test_rmse"], rel=1e-5)
+    assert out["check_mean_predictor_rmse"] == pytest.approx(logged["test_rmse_baseline"], rel=1e-5)
+    v1 = mlflow.MlflowClient().get_model_version(NAME, "1")
+    because = (f"its test RMSE on its own 30 test posts, {sig(logged['test_rmse'])}, does not beat the mean "
+               f"predictor's {sig(logged['test_rmse_baseline'])} (it learnt nothing usable)")
+    assert v1.tags["decision"] == "rejected" and v1.tags["check"] == "failed" and v1.tags["rejected_because"] == because
+    assert "compared_against_version" not in v1.tags
+    assert f"**Decision**: **rejected**, no alias: it fails the check every candidate passes before an alias " \
+           f"moves: {because}." in v1.description
+    assert f"**Check**: failed: {because}." in v1.description
+    promote = last_promote()
+    assert promote.data.tags["smp.decision"] == "rejected" and promote.data.tags["smp.rejected_because"] == because
+    assert promote.data.tags["smp.check"] == "failed"
+    assert f"is {NAME} v1, **rejected**, no alias" in promote.data.tags["mlflow.note.content"]
+    # a model that learnt something is the first champion after it
+    good = train(smpd_dir)
+    out = run_promote(PromoteJob(experiment="t", run_id=good))
+    assert out["decision"] == "champion" and alias("champion").run_id == good
+    v2 = mlflow.MlflowClient().get_model_version(NAME, "2")
+    assert v2.tags["check"] == "passed" and v2.tags["comparison"] == "first"
+    assert "**Check**: loaded and scored on its own 16 test posts before any alias moved: test RMSE " in v2.description
+
+
+def test_a_model_predicting_one_value_for_every_post_is_not_crowned(smpd_dir):
+    class Constant(mlflow.pyfunc.PythonModel):
+        """The issue's model: 0.5 for every post (an XGBoost with no trees predicts its base score)."""
+
+        _skip_type_hint_validation = True  # (else MLflow warns that predict has no type hints)
+
+        def predict(self, context, model_input, params=None):
+            return np.full(len(model_input), 0.5)
+
+    src = mlflow.get_run(train(smpd_dir))
+    with mlflow.start_run(experiment_id=src.info.experiment_id) as run:  # the same run, with that model
+        mlflow.log_params(src.data.params)
+        mlflow.log_metrics(src.data.metrics)
+        mlflow.set_tags({k: v for k, v in src.data.tags.items() if k.startswith("smp.")})
+        mlflow.pyfunc.log_model(name="model", python_model=Constant(), pip_requirements=[])
+    run_id = run.info.run_id
+    assert mlflow.get_run(run_id).info.status == "FINISHED"
+    out = run_promote(PromoteJob(experiment="t", run_id=run_id))
+    assert out["decision"] == "rejected" and alias("champion") is None
+    assert out["check_test_rmse"] > 4 > out["check_mean_predictor_rmse"]  # labels around 6; the mean predictor ~2
+    assert "does not beat the mean predictor's" in mlflow.MlflowClient().get_model_version(NAME, "1").tags[
+        "rejected_because"]
+
+
+def test_a_model_that_cannot_be_loaded_is_rejected_and_loses_challenger(smpd_dir):
+    train(smpd_dir)
+    run_promote(PromoteJob(experiment="t"))  # v1 champion
+    worse = train(smpd_dir, WORSE)
+    assert run_promote(PromoteJob(experiment="t", run_id=worse))["decision"] == "challenger"  # v2
+    pkl = model_dir(worse) / "artifacts" / "smp_model.pkl"
+    pkl.write_bytes(pkl.read_bytes()[: pkl.stat().st_size // 2])  # truncated, as by a full disk
+    out = run_promote(PromoteJob(experiment="t", run_id=worse))
+    assert out["version"] == 2 and out["decision"] == "rejected" and out["new_version"] is False
+    assert str(alias("champion").version) == "1" and alias("challenger") is None
+    v2 = mlflow.MlflowClient().get_model_version(NAME, "2")
+    assert v2.tags["decision"] == "rejected" and v2.tags["comparison"] == "rejected"
+    assert v2.tags["rejected_because"].startswith("its model cannot be loaded (")
+    assert "truncated" in v2.tags["rejected_because"]
+    # what the earlier promote wrote and is no longer true is gone
+    assert "compared_against_version" not in v2.tags and "champion_test_rmse" not in v2.tags
+
+
+def test_a_champion_that_can_no_longer_be_loaded_loses_to_any_valid_candidate(smpd_dir, monkeypatch):
+    good = train(smpd_dir)
+    run_promote(PromoteJob(experiment="t"))  # v1
+    mid = train(smpd_dir, MID)  # worse than the champion on every post set, but a valid model
+
+    # a store that does not answer is not a broken champion: the promote fails and nothing moves
+    real_load, real_get = mlflow.pyfunc.load_model, mlflow.MlflowClient.get_model_version
+    down = mlflow.exceptions.MlflowException(
+        "API request to http://127.0.0.1:5000/api/2.0/mlflow-artifacts failed with exception HTTPConnectionPool("
+        "host='127.0.0.1', port=5000): Max retries exceeded (Caused by NewConnectionError: Connection refused)")
+
+    def load(uri, *args, **kwargs):
+        if uri == f"models:/{NAME}/1":
+            raise down
+        return real_load(uri, *args, **kwargs)
+
+    def get(self, name, version):
+        if str(version) == "1":
+            raise down
+        return real_get(self, name, version)
+
+    with monkeypatch.context() as m:
+        m.setattr(mlflow.pyfunc, "load_model", load)
+        m.setattr(mlflow.MlflowClient, "get_model_version", get)
+        with pytest.raises(DataError, match=rf"{NAME} v1 could not be loaded: the tracking server did not answer "
+                                            r"\(MlflowException: .*Connection refused.*\); nothing was changed"):
+            run_promote(PromoteJob(experiment="t", run_id=mid))
+    assert alias("champion").run_id == good and alias("challenger") is None
+
+    import shutil
+
+    shutil.rmtree(model_dir(good))  # its artifacts are gone
+    out = run_promote(PromoteJob(experiment="t", run_id=mid))
+    assert out["decision"] == "champion" and alias("champion").run_id == mid
+    client = mlflow.MlflowClient()
+    v1, v2 = client.get_model_version(NAME, "1"), client.get_model_version(NAME, "2")
+    because = v2.tags["champion_unloadable_because"]
+    assert because.startswith("champion v1 can no longer be loaded (") and v2.tags["comparison"] == \
+        "champion_unloadable"
+    assert v2.tags["compared_against_version"] == "1" and v2.tags["check"] == "passed"
+    assert v1.tags["replaced_by"] == "2" and v1.tags["unloadable_because"] == because
+    assert (f"**Decision**: `@champion`: {because}, so it loses to this version, which passed its own check (test "
+            f"RMSE {sig(out['check_test_rmse'])} on its own test posts). Champion v1 is run") in v2.description
+    promote = last_promote()
+    assert promote.data.tags["smp.comparison"] == "champion_unloadable"
+    assert promote.data.tags["smp.champion_unloadable_because"] == because
+    mlflow.pyfunc.load_model(f"models:/{NAME}@champion")  # what predict and serve load works again
