@@ -358,6 +358,12 @@ def bytes_problem(n_bytes: int) -> str | None:
     return None
 
 
+def path_problem(path: str) -> str | None:
+    """Why ``path`` cannot name an image file, judged from its text alone, or None: a NUL byte, which no
+    file system allows (``os.stat`` and ``open`` raise ValueError on one, not OSError)."""
+    return "the path holds a NUL byte" if "\0" in path else None
+
+
 def image_problem(data: bytes, complete: bool = True) -> str | None:
     """Why encoded image bytes cannot be used, judged without decoding them, or None (decoding decides).
 

@@ -21,6 +21,13 @@ the posts in batches.  Every input post gets a row in the output CSV
 
 A duplicate ``Pid`` refuses the whole input (``load_data``), as the server
 refuses a request with one.
+
+The CSV is safe to open in a spreadsheet (OWASP's CSV injection advice): a
+text cell (``Pid``, ``status``) that starts with ``=``, ``+``, ``-``, ``@``, a
+tab or a carriage return, which a spreadsheet would run as a formula, is
+written with a single quote in front (``'=HYPERLINK(...)``, ``'-5``); the
+``popularity`` column holds numbers only and is written as they are
+(``-1.5``).  ``run_predict`` returns and logs the same counts either way.
 """
 
 from __future__ import annotations
@@ -80,7 +87,8 @@ def run_predict(cfg: PredictJob = PredictJob()) -> dict[str, float]:
         out = pd.DataFrame({"Pid": posts["Pid"].to_numpy(), "popularity": pred,
                             "status": pd.Series(status, dtype=object)})  # object even with zero rows
         Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
-        out.to_csv(cfg.output, index=False)
+        out.assign(Pid=spreadsheet_safe(out["Pid"]), status=spreadsheet_safe(out["status"])).to_csv(
+            cfg.output, index=False)
         mlflow.log_artifact(cfg.output)
         kinds = out["status"].astype(str).str.split(":").str[0]
         counts = {"rows": len(out), "scored_rows": int(out["popularity"].notna().sum()),
@@ -135,6 +143,16 @@ def predict_rows(model, rows: pd.DataFrame, batch_size: int = 10000) -> tuple[np
     for i in np.flatnonzero(bad):
         status[i] = "error: the model returned no finite prediction"
     return pred, status
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet may run as a formula (OWASP: CSV injection)
+
+
+def spreadsheet_safe(values: pd.Series) -> pd.Series:
+    """Text cells with a single quote put before each one that starts like a formula (``FORMULA_STARTS``),
+    so a spreadsheet shows it as text; other values unchanged. For text columns only: ``-1.5`` in a
+    number column is a number."""
+    return values.map(lambda v: "'" + v if isinstance(v, str) and v.startswith(FORMULA_STARTS) else v).astype(object)
 
 
 def failure_reason(exc: Exception, limit: int = 300) -> str:

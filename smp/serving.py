@@ -22,16 +22,47 @@ names the problem; ``coerce_request`` raises ``RequestError``, the pyfunc
   ``image_b64`` or ``image_path``: a missing file, a directory or other
   non-regular file, zero bytes, over ``MAX_IMAGE_BYTES``, more than
   ``MAX_PIXELS`` pixels (refused from the header, never decoded), truncated,
-  not an image.  ``image_b64`` of zero bytes is ``""``, i.e. no image given.
+  not an image, an ``image_path`` holding a NUL byte (``the path holds a NUL
+  byte``: it names no file, in the image root or out of it).  ``image_b64`` of
+  zero bytes is ``""``, i.e. no image given.
   A tabular model never opens an image: its status does not mention one
   (``ok``), so the same request serves whichever model is champion.  A field
   the model does not read is dropped by MLflow's schema step unseen: not noted
   (``smp predict`` counts it when loading, and leaves it out of the status too).
 * whole request: not a table, no rows, no ``Pid`` column or an empty Pid, a
   duplicate ``Pid`` (``smp.data.load_data``'s rule and wording: each post is
-  scored once), a number column holding text or lists, an ``image_b64`` that
-  is not a string or not base64 (the request is garbled, not the image), an
-  ``image_path`` in a server without ``SMP_SERVE_IMAGE_ROOT`` or outside it.
+  scored once), a number column holding text or lists, a value of the wrong
+  JSON shape (``column 'Title': expected text, got a list (Pid '7')``: a list
+  or an object in a text field -- ``TEXT_FIELDS`` -- or in ``Pid``; an
+  ``image_path`` that is not text; a number or a bool in a text field or
+  ``Pid`` is read as its text, as a natural frame holds one), an
+  ``image_b64`` that is not a string or not base64 (the request is garbled,
+  not the image), an ``image_path`` in a server without
+  ``SMP_SERVE_IMAGE_ROOT`` or outside it, a request over the size limit.
+
+Request size, in a scoring server (``mlflow models serve``): at most
+``MAX_REQUEST_ROWS`` (10,000) posts and ``MAX_REQUEST_MB`` (100) MiB of
+values a request (``request_bytes``: the characters of its text cells,
+base64 images included, plus 8 bytes a number: about the JSON body's size;
+an image of ``MAX_IMAGE_BYTES`` fits as base64), else 400 naming the limit
+(``the request holds 200.0 MiB of values; this server takes at most 100 MiB a
+request (SMP_SERVE_MAX_MB): ...``).  ``SMP_SERVE_MAX_ROWS`` / ``SMP_SERVE_MAX_MB``
+in the server's environment change the limits; in-process calls (``smp
+predict``, a notebook) have none.  MLflow 3.17's scoring server has no body
+limit of its own (no setting in ``mlflow/pyfunc/scoring_server``; uvicorn,
+which runs it, bounds headers, not bodies) and reads and parses the whole body
+before any model code, so this limit bounds the work and memory a request
+causes after parsing, not its upload: stop large uploads in front of the
+server (a proxy's body limit, e.g. nginx ``client_max_body_size 100m``).
+``MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT`` (60 s by default) bounds each
+request's time (504).
+
+Image features at request time (``smp.image_requests``): the embed job's
+feature cache under ``SMP_CACHE_DIR`` is read (its index once per process),
+never written; a client's image never reaches the disk, so the server runs on
+a read-only filesystem; features of request images are kept in memory, an LRU
+by content hash of at most 4,096 images and 64 MiB (``SMP_REQUEST_CACHE_IMAGES``,
+``SMP_REQUEST_CACHE_MB``).
 
 What ``mlflow models serve`` does with errors (MLflow 3.17,
 ``mlflow/pyfunc/scoring_server/__init__.py``):
@@ -198,12 +229,18 @@ def coerce_request(model_input, required=("Pid",)) -> pd.DataFrame:
         raise RequestError(f"expected a table of posts, got {type(model_input).__name__}")
     if len(model_input) == 0:
         raise RequestError("the request holds no rows")
+    if os.environ.get(_SERVING_ENV, "").lower() == "true":
+        check_request_size(model_input)
     missing = [c for c in required if c not in model_input.columns]
     if missing:
         raise RequestError(f"missing required column(s): {missing}")
     frame = model_input.reset_index(drop=True)  # a copy: the caller's frame is never changed
     frame.attrs = {}
+    for col in TEXT_FIELDS:
+        if col in frame.columns:
+            _check_shape(frame, col, "text", _scalar)
     if "Pid" in frame.columns:
+        _check_shape(frame, "Pid", "a post id (text or a number)", _scalar, name_rows=False)
         blank = frame["Pid"].isna() | (frame["Pid"].astype(str).str.strip() == "")
         if blank.any():
             raise RequestError(f"column 'Pid': empty in {int(blank.sum())} row(s) (row {int(blank.idxmax())} first)")
@@ -252,6 +289,80 @@ def _row_key(frame: pd.DataFrame, i: int) -> str:
 
 def _row_name(frame: pd.DataFrame, i: int) -> str:
     return f"Pid {frame['Pid'].iloc[i]!r}" if "Pid" in frame.columns else f"row {i}"
+
+
+def _missing(value) -> bool:
+    """None, NaN or pandas' NA: a missing value in any column."""
+    return value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value))
+
+
+def _scalar(value) -> bool:
+    """Text, a number, a bool or missing: what a text field or a Pid may hold (a natural frame holds a
+    number where a column of ids, titles or tags happens to look like numbers; it is read as its text)."""
+    return _missing(value) or isinstance(value, (str, bool, int, float, np.number, np.bool_))
+
+
+def _check_shape(frame: pd.DataFrame, col: str, expected: str, ok, name_rows: bool = True) -> None:
+    """Refuse the request when a value of ``col`` fails ``ok`` (a list or an object where text belongs),
+    naming the column, the type and the post (the row, for ``Pid`` itself)."""
+    values = frame[col]
+    if values.dtype != object:  # numbers, bools, strings: a column pandas could type holds no list or object
+        if ok is _scalar or pd.api.types.is_string_dtype(values) or not values.notna().any():
+            return
+        i = int(np.flatnonzero(values.notna().to_numpy())[0])
+    else:
+        i = next((i for i, v in enumerate(values) if not ok(v)), None)
+        if i is None:
+            return
+    where = _row_name(frame, i) if name_rows else f"row {i}"
+    value = values.iloc[i]
+    got = "number" if isinstance(value, (int, float, np.number)) and not isinstance(value, bool) \
+        else type(value).__name__
+    raise RequestError(f"column {col!r}: expected {expected}, got a {got} ({where})")
+
+
+MAX_REQUEST_ROWS = 10_000  # posts in one request to a scoring server (SMP_SERVE_MAX_ROWS overrides)
+MAX_REQUEST_MB = 100  # MiB of values in one request: an image up to MAX_IMAGE_BYTES fits as base64 (SMP_SERVE_MAX_MB)
+ROWS_ENV, MB_ENV = "SMP_SERVE_MAX_ROWS", "SMP_SERVE_MAX_MB"
+
+
+def request_limits() -> tuple[int, int]:
+    """(rows, bytes) one request to a scoring server may hold: ``MAX_REQUEST_ROWS`` and ``MAX_REQUEST_MB``,
+    or the whole numbers in ``SMP_SERVE_MAX_ROWS`` / ``SMP_SERVE_MAX_MB``."""
+    out = []
+    for env, default in ((ROWS_ENV, MAX_REQUEST_ROWS), (MB_ENV, MAX_REQUEST_MB)):
+        text = os.environ.get(env, "").strip()
+        try:
+            out.append(int(text) if text else default)
+        except ValueError:
+            raise ValueError(f"{env}={text!r}: expected a whole number") from None
+    return out[0], out[1] * 2**20
+
+
+def request_bytes(frame: pd.DataFrame) -> int:
+    """The size of a request's values: the characters of its text cells (base64 images included) and 8
+    bytes for every other cell -- about its JSON body's size."""
+    total = 0
+    for col in frame.columns:
+        values = frame[col]
+        if pd.api.types.is_numeric_dtype(values):
+            total += 8 * len(values)
+        else:
+            total += sum(len(v) if isinstance(v, str) else 8 for v in values)
+    return total
+
+
+def check_request_size(frame: pd.DataFrame) -> None:
+    """Refuse a request to a scoring server over ``request_limits()`` (rows first: counting bytes reads every cell)."""
+    max_rows, max_bytes = request_limits()
+    if len(frame) > max_rows:
+        raise RequestError(f"the request holds {len(frame):,} posts; this server takes at most {max_rows:,} a "
+                           f"request ({ROWS_ENV}): send them in several requests")
+    size = request_bytes(frame)
+    if size > max_bytes:
+        raise RequestError(f"the request holds {size / 2**20:,.1f} MiB of values; this server takes at most "
+                           f"{max_bytes / 2**20:,.0f} MiB a request ({MB_ENV}): send fewer posts or smaller images "
+                           "a request")
 
 
 def _numeric_column(frame: pd.DataFrame, col: str) -> pd.Series:
@@ -307,8 +418,11 @@ def _confined_paths(frame: pd.DataFrame) -> list:
     """
     from smp.data import DataError, resolve_image_path
 
+    from smp.image_features import path_problem
+
     root = os.environ.get(IMAGE_ROOT_ENV, "")
     paths = frame["image_path"]
+    _check_shape(frame, "image_path", "a path (text)", lambda v: _missing(v) or isinstance(v, str))
     given = paths.notna() & (paths.astype(str).str.strip() != "")
     if not root:
         if given.any() and os.environ.get(_SERVING_ENV, "").lower() == "true":
@@ -317,6 +431,9 @@ def _confined_paths(frame: pd.DataFrame) -> list:
         return list(paths)
     out = []
     for i, p in enumerate(paths):
+        if isinstance(p, str) and path_problem(p) is not None:
+            out.append(p)  # names no file, in the root or out of it: that post's status says why (file_problem)
+            continue
         try:
             out.append(resolve_image_path(p, root))
         except DataError:
@@ -332,8 +449,10 @@ def file_problem(path: str) -> str | None:
     Checked before the embedding reads it: a directory, a device (``/dev/zero`` would be read forever) or
     a huge file never reaches ``read_bytes``, and the reasons name no path.
     """
-    from smp.image_features import bytes_problem, image_problem
+    from smp.image_features import bytes_problem, image_problem, path_problem
 
+    if path_problem(path) is not None:  # os.stat would raise ValueError, not OSError
+        return path_problem(path)
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -465,6 +584,10 @@ FIELD_KINDS = {"Pid": "post id (required; number or text)", "Category": "text", 
                "Title": "text", "Latitude": "number", "Longitude": "number",
                "photo_firstdate": "number (Unix seconds)", "timezone_offset": "number (hours, or text like +08:00)",
                "image_b64": "text (base64 of the image file)", "image_path": "text (a path the scorer can read)"}
+
+
+# the text fields of a post the model reads (image_b64 / image_path are checked on their own)
+TEXT_FIELDS = tuple(c for c, kind in FIELD_KINDS.items() if kind.startswith("text") and c not in IMAGE_INPUTS)
 
 
 def input_schema(columns: list[str]):

@@ -44,6 +44,7 @@ BOMB = ("partial: image unusable (image too large (its header declares more than
 MISSING = "partial: image unusable (missing file); scored without image features"
 DIRECTORY = "partial: image unusable (a directory, not an image file); scored without image features"
 ZERO = "partial: image unusable (zero-byte file); scored without image features"
+NUL = "partial: image unusable (the path holds a NUL byte); scored without image features"
 PHOTOS_NEG = "photo_count=-3 out of range [0, 100000000]; treated as missing"
 LAT_INF = "Latitude=inf out of range [-90, 90]; treated as missing"
 DATE_HUGE = "Postdate=1e+308 out of range [631152000, 2051222400]; treated as missing"
@@ -156,6 +157,21 @@ def test_smp_predict_refuses_a_duplicate_pid_naming_it(image_model, tmp_path):
     assert not (tmp_path / "out.csv").exists()
 
 
+def test_smp_predict_gives_a_nul_byte_path_its_status(image_model, tmp_path):
+    """A NUL byte in image_path (no file can be named so; os.stat raises ValueError) is one post's status,
+    as any unusable path: the other posts keep their predictions."""
+    images = image_model["images"]
+    posts = raw_rows(image_model, 3)
+    posts["image_path"] = [str(images / "good.jpg"), str(images / "good\0.jpg"), "/etc/passwd\0"]
+    posts.to_csv(tmp_path / "posts.csv", index=False)
+    metrics = run_predict(PredictJob(model=str(image_model["model"]), input=str(tmp_path / "posts.csv"),
+                                     output=str(tmp_path / "pred.csv")))
+    out = pd.read_csv(tmp_path / "pred.csv", dtype={"Pid": str})
+    assert list(out["status"]) == ["ok", NUL, NUL]
+    assert np.isfinite(out["popularity"]).all()
+    assert metrics["data/scored_rows"] == 3 and metrics["data/error_rows"] == 0
+
+
 # --------------------------------------------------------------------------- the served model
 def free_port() -> int:
     import socket
@@ -173,7 +189,8 @@ def server(image_model, tmp_path_factory):
     port = free_port()
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           serving.IMAGE_ROOT_ENV: str(image_model["images"]), "SMP_CACHE_DIR": str(log_path.parent / "cache")}
+           serving.IMAGE_ROOT_ENV: str(image_model["images"]), "SMP_CACHE_DIR": str(log_path.parent / "cache"),
+           serving.ROWS_ENV: "20", serving.MB_ENV: "2"}  # small limits, so the test sends small bodies
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(image_model["model"]), "--env-manager",
@@ -278,3 +295,73 @@ def test_served_model_refuses_malformed_requests_whole(image_model, server):
         assert str(image_model["images"]) not in json.dumps(body), (what, body)
     status, body = post(server, '{"dataframe_records": 3}')  # not a table: MLflow's own 400
     assert status == 400 and body["message"] and "stack_trace" not in body, body
+
+
+def test_served_model_gives_a_nul_byte_path_its_status(image_model, server):
+    rows = json.loads(raw_rows(image_model, 3).to_json(orient="records"))
+    status, body = post(server, [{**rows[0], "image_path": "good.jpg"}, {**rows[1], "image_path": "good\0.jpg"},
+                                 {**rows[2], "image_path": "../../etc/passwd\0"}])  # out of the root, but no file
+    assert status == 200, body
+    assert [r["status"] for r in body["predictions"]] == ["ok", NUL, NUL]
+    assert all(np.isfinite(r["popularity"]) for r in body["predictions"])
+
+
+def test_served_model_refuses_values_of_the_wrong_json_shape(image_model, server):
+    """A list or an object where text, a number or a post id belongs refuses the request (400 naming the
+    column and the post); a number in a text field or as Pid is read as its text, as pandas gives it."""
+    row = json.loads(raw_rows(image_model, 1).to_json(orient="records"))[0]
+    pid = row["Pid"]
+    refused = {
+        "Title": (["a", "b"], f"column 'Title': expected text, got a list (Pid '{pid}')"),
+        "Alltags": ({"tags": "x"}, f"column 'Alltags': expected text, got a dict (Pid '{pid}')"),
+        "Category": (["x"], f"column 'Category': expected text, got a list (Pid '{pid}')"),
+        "Concept": ({"a": 1}, f"column 'Concept': expected text, got a dict (Pid '{pid}')"),
+        "Subcategory": ([1], f"column 'Subcategory': expected text, got a list (Pid '{pid}')"),
+        "Pid": ([1, 2], "column 'Pid': expected a post id (text or a number), got a list (row 0)"),
+        "image_path": (7, f"column 'image_path': expected a path (text), got a number (Pid '{pid}')"),
+        "image_b64": (["aGk="], f"column 'image_b64': expected a base64 string, got list (Pid '{pid}')"),
+        "photo_count": ({"n": 3}, f"column 'photo_count': expected a number, got a dict (Pid '{pid}')"),
+        "Postdate": ([1], f"column 'Postdate': expected a number, got a list (Pid '{pid}')"),
+    }
+    for col, (value, message) in refused.items():
+        status, body = post(server, [{**row, col: value}])
+        assert status == 400, (col, status, body)
+        assert message in body["message"], (col, body)
+        assert "stack_trace" not in body, (col, body)
+    # numbers where text or a Pid belongs: read as their text
+    status, body = post(server, [{**row, "Pid": 12345, "Title": 2019, "Alltags": 7.5, "Category": True}])
+    assert status == 200, body
+    assert body["predictions"][0]["status"] == NO_IMAGE
+
+
+def test_served_model_refuses_requests_over_its_size_limit(image_model, server):
+    """The server of this module runs with SMP_SERVE_MAX_ROWS=20 and SMP_SERVE_MAX_MB=2: one post more, or
+    one image of 3 MiB, is a 400 naming the limit and the variable; at the limit it is scored."""
+    rows = json.loads(raw_rows(image_model, 21).to_json(orient="records"))
+    status, body = post(server, rows)
+    assert status == 400, body
+    assert "the request holds 21 posts; this server takes at most 20 a request (SMP_SERVE_MAX_ROWS)" in body["message"]
+    status, body = post(server, rows[:20])
+    assert status == 200 and len(body["predictions"]) == 20, body
+    big = b64(bytes(3 * 2**20))  # 3 MiB of zeros: 4 MiB of base64
+    status, body = post(server, [{**rows[0], "image_b64": big}])
+    assert status == 400, body
+    assert ("the request holds 4.0 MiB of values; this server takes at most 2 MiB a request (SMP_SERVE_MAX_MB)"
+            in body["message"]), body
+    assert big not in body["message"]
+
+
+def test_request_size_limit_applies_in_a_scoring_server_only(monkeypatch):
+    """The default limits (10,000 posts, 100 MiB), read from the environment at each request; an in-process
+    call (smp predict, a notebook) has none."""
+    frame = pd.DataFrame({"Pid": [str(i) for i in range(10_001)]})
+    assert len(serving.coerce_request(frame)) == 10_001
+    monkeypatch.setenv("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", "true")
+    with pytest.raises(serving.RequestError, match="10,001 posts; this server takes at most 10,000 a request"):
+        serving.coerce_request(frame)
+    assert len(serving.coerce_request(frame.head(10_000))) == 10_000
+    with pytest.raises(serving.RequestError, match="100.0 MiB of values; this server takes at most 100 MiB"):
+        serving.coerce_request(pd.DataFrame({"Pid": ["a"], "image_b64": ["A" * (100 * 2**20 + 1)]}))
+    monkeypatch.setenv(serving.ROWS_ENV, "many")
+    with pytest.raises(ValueError, match="SMP_SERVE_MAX_ROWS='many': expected a whole number"):
+        serving.coerce_request(frame.head(2))

@@ -1,0 +1,313 @@
+"""Image features at request time (issue 26, "Serving"): the embed job's feature cache is read, never written.
+
+Request images are kept in a bounded in-memory LRU (``smp.image_requests``); the cache index is read once
+per process; a client's image never reaches the disk, so a server on a read-only filesystem answers 200
+with image features. Quick tests call ``features_for_rows`` with smp's tiny CLIP; the ``slow`` ones serve an
+image model with ``mlflow models serve`` over a writable cache directory and over a read-only one.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from smp import embed, image_requests
+from smp.embed import EmbedCfg, embed_images
+from smp.image_requests import FeatureLRU, features_for_rows
+
+CLIP_COLS = [f"clip_{j}" for j in range(32)]  # smp-tiny's embed_dim
+
+
+def jpeg(seed: int) -> bytes:
+    """A small JPEG that no other seed draws."""
+    rng = np.random.default_rng(seed)
+    img = np.zeros((40, 56, 3), np.uint8)
+    img[:] = rng.integers(0, 255, 3)
+    cv2.circle(img, (int(rng.integers(8, 48)), 20), 6 + seed % 9, [int(c) for c in rng.integers(0, 255, 3)], -1)
+    ok, buf = cv2.imencode(".jpg", img)
+    assert ok
+    return buf.tobytes()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file below ``root`` -> (size, mtime_ns): any write, rename or new file changes it."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+@pytest.fixture
+def fresh_stores():
+    """Each test starts with no per-process request state (stores and their in-memory caches)."""
+    image_requests.request_features.cache_clear()
+    yield
+    image_requests.request_features.cache_clear()
+
+
+@pytest.fixture
+def cached(tmp_path, tiny_clip, fresh_stores):
+    """A feature cache filled by the embed pipeline with 3 images; their files, the cfg and the result."""
+    files = []
+    for i in range(3):
+        path = tmp_path / f"train{i}.jpg"
+        path.write_bytes(jpeg(i))
+        files.append(str(path))
+    cfg = EmbedCfg(**tiny_clip, device="cpu", num_workers=0, progress=False, cache_dir=str(tmp_path / "cache"))
+    result = embed_images(["t0", "t1", "t2"], files, cfg)
+    return {"cfg": cfg, "files": files, "result": result, "cache": tmp_path / "cache"}
+
+
+# --------------------------------------------------------------------------- the in-memory LRU
+def test_lru_is_bounded_by_entries_and_by_bytes():
+    hc, clip = np.zeros(5), np.zeros(32, np.float32)
+    size = hc.nbytes + clip.nbytes + 64  # 232 bytes an entry
+    lru = FeatureLRU(max_entries=3, max_bytes=10**9)
+    for key in "abcde":
+        lru.put(key, hc, clip)
+    assert len(lru) == 3 and lru.nbytes == 3 * size
+    assert lru.get("a") is None and lru.get("b") is None  # the least recently used went first
+    assert lru.get("c") is not None  # c is now the most recent: f pushes d out, not c
+    lru.put("f", hc, clip)
+    assert [k for k in "cdef" if lru.get(k) is not None] == ["c", "e", "f"]
+
+    by_bytes = FeatureLRU(max_entries=1000, max_bytes=2 * size + 10)
+    for key in "abcde":
+        by_bytes.put(key, hc, clip)
+    assert len(by_bytes) == 2 and by_bytes.nbytes == 2 * size
+    by_bytes.put("huge", np.zeros(10**4), clip)  # one entry over the whole bound is not kept
+    assert len(by_bytes) == 2 and by_bytes.get("huge") is None
+    assert len(FeatureLRU(max_entries=0, max_bytes=10**9)) == 0
+
+    stored = np.ones(5)
+    lru.put("g", stored, clip)
+    stored[:] = 7  # the caller's array changes later: the stored copy does not
+    assert lru.get("g")[0].tolist() == [1.0] * 5
+
+
+# --------------------------------------------------------------------------- features_for_rows
+def test_request_images_never_reach_the_cache_and_the_index_is_read_once(cached, monkeypatch):
+    cfg, cache = cached["cfg"], cached["cache"]
+    before = snapshot(cache)
+    assert any(name.endswith(".npz") for name in before)
+    reads = []
+    read_chunk = embed._read_chunk
+    monkeypatch.setattr(embed, "_read_chunk", lambda *a, **k: reads.append(a[0]) or read_chunk(*a, **k))
+    new = [jpeg(100 + i) for i in range(12)]
+    for n in range(4):  # 4 requests: 3 new images each, plus a training image (in the embed job's cache)
+        rows = pd.DataFrame({"Pid": [f"r{n}-{j}" for j in range(4)],
+                             "image_b64": [b64(d) for d in new[3 * n:3 * n + 3]] + [None],
+                             "image_path": [None, None, None, cached["files"][n % 3]]})
+        feats = features_for_rows(rows, cfg)
+        assert feats["has_image"].tolist() == [1, 1, 1, 1]
+    assert snapshot(cache) == before  # no chunk, no temp file, no rename, nothing rewritten
+    store = image_requests.request_features(image_requests.ClipCfg.of(cfg), str(cache.absolute()))
+    assert store.counts == {"index_reads": 1, "computed": 12, "disk_hits": 3, "memory_hits": 1}
+    assert len(reads) == 1 + 3  # the index: its one chunk, once; then that chunk per first use of a cached image
+
+    # the vectors are the pipeline's: the cached image's, and a new image's as embed_images computes it
+    again = features_for_rows(pd.DataFrame({"Pid": ["x", "y"], "image_path": [cached["files"][0], None],
+                                            "image_b64": [None, b64(new[0])]}), cfg)
+    np.testing.assert_allclose(again.loc[0, CLIP_COLS].to_numpy(float),
+                               cached["result"].features.loc[0, CLIP_COLS].to_numpy(float), rtol=1e-6)
+    (Path(cached["files"][0]).parent / "new0.jpg").write_bytes(new[0])
+    fresh = embed_images(["y"], [str(Path(cached["files"][0]).parent / "new0.jpg")],
+                         replace(cfg, cache_dir=str(cache.parent / "other-cache")))
+    np.testing.assert_allclose(again.loc[1, CLIP_COLS].to_numpy(float), fresh.features.loc[0, CLIP_COLS]
+                               .to_numpy(float), rtol=1e-4, atol=1e-6)
+
+
+def test_request_features_need_no_writable_disk(cached, monkeypatch):
+    """Every way of writing a file fails (a read-only filesystem): request images still get their features."""
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    for target, name in [(embed._Cache, "write"), (tempfile, "mkstemp"), (tempfile, "mkdtemp"),
+                         (tempfile, "NamedTemporaryFile"), (Path, "mkdir"), (Path, "write_bytes"),
+                         (os, "replace"), (os, "rename")]:
+        monkeypatch.setattr(target, name, read_only)
+    rows = pd.DataFrame({"Pid": ["a", "b", "c"], "image_b64": [b64(jpeg(200)), None, b64(jpeg(201))],
+                         "image_path": [None, cached["files"][1], None]})
+    feats = features_for_rows(rows, cached["cfg"])
+    assert feats["has_image"].tolist() == [1, 1, 1] and feats.attrs["bad"].empty
+
+
+def test_request_cache_bound_from_the_environment(cached, monkeypatch):
+    monkeypatch.setenv(image_requests.IMAGES_ENV, "5")
+    for n in range(4):
+        features_for_rows(pd.DataFrame({"Pid": ["a", "b", "c"], "image_b64": [b64(jpeg(300 + 3 * n + j))
+                                                                                for j in range(3)]}), cached["cfg"])
+    store = image_requests.request_features(image_requests.ClipCfg.of(cached["cfg"]),
+                                            str(cached["cache"].absolute()))
+    assert len(store.memory) == 5 and store.counts["computed"] == 12
+    assert store.memory.max_bytes == image_requests.MAX_CACHED_MB * 2**20
+
+    image_requests.request_features.cache_clear()
+    monkeypatch.setenv(image_requests.MB_ENV, "lots")
+    with pytest.raises(ValueError, match="SMP_REQUEST_CACHE_MB='lots': expected a whole number"):
+        features_for_rows(pd.DataFrame({"Pid": ["a"], "image_b64": [b64(jpeg(1))]}), cached["cfg"])
+
+
+def test_unusable_images_and_repeats_in_one_request(cached):
+    """A NUL byte in a path, a missing file, bad base64 and a broken image each get their reason; an image
+    sent twice in one request is embedded once and fills both rows."""
+    good = b64(jpeg(400))
+    rows = pd.DataFrame({"Pid": ["nul", "missing", "b64", "broken", "one", "two"],
+                         "image_b64": [None, None, "!!", b64(b"not an image"), good, good],
+                         "image_path": ["/srv/x\0y.jpg", str(cached["cache"] / "absent.jpg"), None, None, None,
+                                        None]})
+    feats = features_for_rows(rows, cached["cfg"])
+    assert feats.attrs["bad"].values.tolist() == [["nul", "the path holds a NUL byte"], ["missing", "missing file"],
+                                                  ["b64", "image_b64 is not valid base64"],
+                                                  ["broken", "not an image / cannot decode"]]
+    assert feats["has_image"].tolist() == [0, 0, 0, 0, 1, 1]
+    np.testing.assert_array_equal(feats.loc[4, CLIP_COLS].to_numpy(), feats.loc[5, CLIP_COLS].to_numpy())
+    store = image_requests.request_features(image_requests.ClipCfg.of(cached["cfg"]),
+                                            str(cached["cache"].absolute()))
+    assert store.counts["computed"] == 1
+
+
+# --------------------------------------------------------------------------- the served model
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_only_mount_works() -> bool:
+    """Whether ``unshare -rm`` can give a process a read-only bind mount here (as a container's filesystem)."""
+    probe = Path(tempfile.mkdtemp(prefix="smp-ro-probe-"))
+    try:
+        r = subprocess.run(["unshare", "-rm", "sh", "-c", 'mount --bind "$1" "$1" && mount -o remount,ro,bind '
+                            '"$1" "$1" && ! touch "$1/x" 2>/dev/null', "sh", str(probe)], capture_output=True,
+                           timeout=30)
+        return r.returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+    finally:
+        subprocess.run(["rm", "-rf", str(probe)])
+
+
+@pytest.fixture(scope="module")
+def tiny_image_model(tmp_path_factory, smpd_dir, tiny_clip):
+    """pca_boost with smp's tiny CLIP, as a local model directory, and the feature cache its embed run filled."""
+    import mlflow
+
+    from smp.data import DataCfg
+    from smp.models import PCACfg, XGBCfg
+    from smp.splits import SplitCfg
+    from smp.train import PCABoostJob, UpstreamCfg, run_pca_boost
+
+    root = tmp_path_factory.mktemp("tiny_image_model")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+    mp.setenv("SMP_CACHE_DIR", str(root / "cache"))
+    mp.chdir(root)
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+    try:
+        run_pca_boost(PCABoostJob(source=DataCfg(data=str(smpd_dir)), splitting=SplitCfg(sample_size=0),
+                                  xgb=XGBCfg(n_estimators=20, max_depth=3, early_stopping_rounds=5),
+                                  pca=PCACfg(n_components=8), upstream=UpstreamCfg(**tiny_clip),
+                                  experiment="serve_cache"))
+        run_id = mlflow.last_active_run().info.run_id
+        local = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/pca_boost", dst_path=str(root / "model")))
+    finally:
+        mp.undo()
+        mlflow.set_tracking_uri(before)
+    from smp.data import load_data
+
+    posts = load_data(str(smpd_dir))
+    row = json.loads(posts.drop(columns=["label", "image_path"]).head(1).to_json(orient="records"))[0]
+    return {"model": local, "cache": root / "cache", "row": row, "train_image": posts["image_path"].iloc[0]}
+
+
+def serve(model: Path, cache: Path, log: Path, read_only: bool):
+    """``mlflow models serve`` of ``model`` with ``SMP_CACHE_DIR=cache``; ``read_only``: that directory is
+    mounted read-only for the server (``unshare -rm``). Returns (process, port) once it answers /ping."""
+    import requests
+
+    port = free_port()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "SMP_CACHE_DIR": str(cache)}
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model), "--env-manager", "local",
+           "-h", "127.0.0.1", "-p", str(port), "--workers", "1"]
+    if read_only:
+        cmd = ["unshare", "-rm", "sh", "-c", 'd="$1"; shift; mount --bind "$d" "$d" && '
+               'mount -o remount,ro,bind "$d" "$d" && exec "$@"', "sh", str(cache), *cmd]
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited: {log.read_text()[-3000:]}")
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
+                return proc, port
+        except requests.ConnectionError:
+            pass
+        if time.monotonic() > deadline:
+            stop(proc)
+            raise AssertionError(f"no /ping answer in 180 s: {log.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+def stop(proc) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=15)
+
+
+def ask(port: int, records: list[dict]):
+    import requests
+
+    r = requests.post(f"http://127.0.0.1:{port}/invocations", json={"dataframe_records": records}, timeout=300)
+    return r.status_code, r.json()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("read_only", [False, True], ids=["writable", "read-only"])
+def test_served_image_model_leaves_the_cache_as_it_found_it(tiny_image_model, tmp_path, read_only):
+    if read_only and not read_only_mount_works():
+        pytest.skip("unshare cannot make a read-only bind mount on this machine")
+    cache, row = tiny_image_model["cache"], tiny_image_model["row"]
+    before = snapshot(cache)
+    assert any(name.endswith(".npz") for name in before)  # the training images, embedded by the embed run
+    proc, port = serve(tiny_image_model["model"], cache, tmp_path / "serve.log", read_only)
+    try:
+        answers = []
+        for i in range(25):  # 25 requests, each with an image the server never saw
+            status, body = ask(port, [{**row, "Pid": f"p{i}", "image_b64": b64(jpeg(500 + i))}])
+            assert status == 200, body
+            answers.append(body["predictions"][0])
+        status, body = ask(port, [{**row, "Pid": "trained", "image_b64": b64(Path(tiny_image_model["train_image"])
+                                                                             .read_bytes())},
+                                  {**row, "Pid": "again", "image_b64": b64(jpeg(500))}])  # cached on disk / in memory
+        assert status == 200, body
+    finally:
+        stop(proc)
+    assert [a["status"] for a in answers + body["predictions"]] == ["ok"] * 27  # every image used
+    assert body["predictions"][1]["popularity"] == pytest.approx(answers[0]["popularity"], rel=1e-6)
+    assert len({round(a["popularity"], 6) for a in answers}) > 1  # the images change the scores
+    assert snapshot(cache) == before  # no file added, removed or rewritten
+    if read_only:
+        assert "Read-only file system" not in (tmp_path / "serve.log").read_text()
