@@ -11,6 +11,7 @@ import csv
 import mlflow
 import numpy as np
 import pandas as pd
+import pytest
 
 from smp.predict import PredictJob, run_predict, spreadsheet_safe
 
@@ -31,6 +32,7 @@ def test_spreadsheet_safe_quotes_formula_starts_only():
                                                 "", None, 3.0]
 
 
+@pytest.mark.slow  # a real smp predict run: ~20 s here (a tracking store, a saved model)
 def test_smp_predict_csv_escapes_text_cells_and_keeps_numbers(tmp_path):
     mlflow.pyfunc.save_model(str(tmp_path / "model"), python_model=Echo())
     posts = pd.DataFrame({
