@@ -151,6 +151,8 @@ def resolve_image_path(path, images_root) -> str | None:
     """Join a relative image path to ``images_root``; refuse paths that escape it."""
     if path is None or (isinstance(path, float) and np.isnan(path)) or str(path) == "":
         return None
+    if "\x00" in str(path):  # no file can have it: kept as given, so that post is reported unusable, not the run
+        return str(path)
     root = Path(images_root).resolve()
     full = (root / str(path)).resolve()
     if root != full and root not in full.parents:

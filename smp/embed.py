@@ -348,6 +348,8 @@ class _Images:
         path = self.paths[i]
         if _no_path(path):
             return {"i": i, "bad": "no image path"}
+        if "\x00" in str(path):  # the OS cannot open it (Python raises ValueError, not OSError)
+            return {"i": i, "bad": "the path holds a NUL byte"}
         try:
             data = Path(path).read_bytes()
         except FileNotFoundError:

@@ -277,3 +277,15 @@ def test_rn50_shapes_and_frozen_graph(images, tmp_path):
     assert res.stats["embedding_dim"] == 1024 and res.info["model"] == "RN50" and res.info["image_size"] == 224
     assert res.info["compile"] == "freeze" and res.stats["computed"] == 2
     assert np.isfinite(res.features[rn50_cols].to_numpy()).all()
+
+
+def test_a_path_with_a_nul_byte_is_one_bad_image_not_a_crash(images, cfg_for, tmp_path):
+    from smp.data import resolve_image_path
+
+    pids, paths = images
+    nul = str(tmp_path / "a\x00b.jpg")
+    res = embed_images([*pids[:2], "nul"], [*paths[:2], nul], cfg_for(tmp_path / "cache"))
+    assert res.bad.set_index("Pid").loc["nul", "reason"] == "the path holds a NUL byte"
+    assert res.features.set_index("Pid").loc[pids[0], "has_image"] == 1
+    # joined to an images root (smp predict --images, load_data): kept as given, for the post's status
+    assert resolve_image_path("a\x00b.jpg", tmp_path) == "a\x00b.jpg"
