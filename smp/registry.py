@@ -536,6 +536,9 @@ def unreachable(exc: BaseException) -> bool:
     return False
 
 
+MISSING = ("No such artifact", "No such file", 'Could not find an "MLmodel"')  # a model whose files are gone
+
+
 def load_version(name: str, version):
     """The pyfunc of ``name`` version ``version``: ``(model, "")``, or ``(None, why)`` when it cannot be loaded
     (artifacts gone, truncated, unreadable).  A failure that looks like a store not answering is tried once more
@@ -546,6 +549,8 @@ def load_version(name: str, version):
             return mlflow.pyfunc.load_model(f"models:/{name}/{version}"), ""
         except Exception as exc:  # noqa: BLE001 - any failure to load is the reason recorded
             why = f"{type(exc).__name__}: {str(exc)[:300]}"
+            if isinstance(exc, FileNotFoundError) or any(m in str(exc) for m in MISSING):
+                why = f"its artifacts are missing from {_download_uri(name, version)}; {why}"
             log.debug("%s v%s cannot be loaded (attempt %d)", name, version, attempt, exc_info=True)
             if not unreachable(exc) or attempt == 2:
                 return None, why
@@ -555,6 +560,13 @@ def load_version(name: str, version):
                 raise DataError(f"{name} v{version} could not be loaded: the tracking server did not answer "
                                 f"({type(again).__name__}: {str(again)[:300]}); nothing was changed") from None
     return None, why
+
+
+def _download_uri(name: str, version) -> str:
+    try:
+        return MlflowClient().get_model_version_download_uri(name, str(version))
+    except Exception:  # noqa: BLE001 - only a detail of a message
+        return "their location"
 
 
 def check_candidate(cand_run, name: str, version) -> Check:

@@ -414,8 +414,8 @@ def test_a_champion_that_can_no_longer_be_loaded_loses_to_any_valid_candidate(sm
     client = mlflow.MlflowClient()
     v1, v2 = client.get_model_version(NAME, "1"), client.get_model_version(NAME, "2")
     because = v2.tags["champion_unloadable_because"]
-    assert because.startswith("champion v1 can no longer be loaded (") and v2.tags["comparison"] == \
-        "champion_unloadable"
+    assert because.startswith(f"champion v1 can no longer be loaded (its artifacts are missing from "
+                              f"{model_dir(good)}; ") and v2.tags["comparison"] == "champion_unloadable"
     assert v2.tags["compared_against_version"] == "1" and v2.tags["check"] == "passed"
     assert v1.tags["replaced_by"] == "2" and v1.tags["unloadable_because"] == because
     assert (f"**Decision**: `@champion`: {because}, so it loses to this version, which passed its own check (test "
