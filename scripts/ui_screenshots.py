@@ -1,26 +1,27 @@
-"""Helper for scripts/ui_screenshots.sh: what the demo store lacks, the pages to shoot, the browser's settings.
+"""Helper for scripts/ui_screenshots.sh: what the demo store lacks, the pages to shoot, the browser.
 
     python scripts/ui_screenshots.py missing                 # demo jobs the store still needs, in order
     python scripts/ui_screenshots.py wait URL [SECONDS]      # until URL answers (exit 1 on timeout)
-    python scripts/ui_screenshots.py seed-server PORT        # serves seed_page() at http://127.0.0.1:PORT/seed
-    python scripts/ui_screenshots.py pages MLFLOW_URL DASHBOARD_URL   # "name<TAB>url" per screenshot
-    python scripts/ui_screenshots.py click-shot PROFILE URL OUT.png WIDTH,HEIGHT TEXT_REGEX
-        # Chromium over its DevTools protocol: open URL, click the elements whose text matches, screenshot
+    python scripts/ui_screenshots.py pages MLFLOW_URL DASHBOARD_URL
+        # "name<TAB>url<TAB>width,height<TAB>actions (JSON)" per screenshot
+    python scripts/ui_screenshots.py shot PROFILE URL OUT.png WIDTH,HEIGHT ACTIONS
+        # headless Chromium over its DevTools protocol, from the empty profile directory PROFILE: open URL,
+        # do what a reader would (close MLflow's Assistant panel, unfold a folded row, type a chart filter),
+        # screenshot
 
 Runs, the model and the experiment are looked up with the MLflow client in ``MLFLOW_TRACKING_URI``
-(the script points it at ``mlflow.db`` in the repository root); the study id through optuna-dashboard's
-``/api/studies``.  Overrides: ``SMP_UI_RUN_ID`` (the training run shown; default: the champion's run if
-it logged plots, else the newest finished top-level run with plots), ``SMP_UI_MODEL`` (registered model,
-default smp-popularity), ``SMP_UI_STUDY`` (study name; default: the one with most trials),
-``SMP_UI_METRICS`` (comma-separated metric columns of the runs list), ``SMP_UI_CHART_FILTER`` (regex of the
-charts shown on the run's "Model metrics" tab; default: its learning curves).
+(the script points it at ``mlflow.db`` in the demo store's directory, its working directory; ``optuna.db``
+beside it); the study id through optuna-dashboard's ``/api/studies``.  Overrides: ``SMP_UI_RUN_ID`` (the
+training run shown; default: the champion's run if it logged plots, else the newest finished top-level run
+with plots), ``SMP_UI_MODEL`` (registered model, default smp-popularity), ``SMP_UI_STUDY`` (study name;
+default: the one with most trials).  Nothing is set in the browser beforehand: each page is shot from a
+new, empty profile, as a first visit shows it, after the few clicks listed in ``ACTIONS``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 import time
 import urllib.error
@@ -29,8 +30,6 @@ import urllib.request
 
 MODEL = os.environ.get("SMP_UI_MODEL", "smp-popularity")
 SKIP_JOBS = ("tune", "compare", "promote")  # top-level runs that are no training run
-# metric columns for the runs list, the first ones the run has (the metric keys may change: see the fallback)
-METRIC_COLUMNS = ("val_rmse", "test_rmse", "test_mae", "test_spearman")
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
 
 
@@ -49,7 +48,9 @@ def missing() -> list[str]:
     """The demo jobs to run: a training run with a model, a study with trials, a champion."""
     import optuna
 
-    if not os.path.exists("mlflow.db"):
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    store = os.path.dirname(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else "."
+    if not os.path.exists(os.path.join(store, "mlflow.db")):
         return ["ensemble_mlp", "tune", "promote"]
     client = _client()
     need = []
@@ -58,7 +59,8 @@ def missing() -> list[str]:
     if not any(r.outputs and r.outputs.model_outputs and "mlflow.parentRunId" not in r.data.tags
                and r.data.tags.get("smp.job") not in SKIP_JOBS for r in runs):
         need.append("ensemble_mlp")
-    studies = optuna.get_all_study_summaries("sqlite:///optuna.db") if os.path.exists("optuna.db") else []
+    optuna_db = os.path.join(store, "optuna.db")  # smp tune's default storage: beside mlflow.db
+    studies = optuna.get_all_study_summaries(f"sqlite:///{optuna_db}") if os.path.exists(optuna_db) else []
     if not any(s.n_trials for s in studies):
         need.append("tune")
     try:
@@ -88,7 +90,7 @@ def _plots(client, run_id: str) -> list[str]:
 
 
 def choose() -> dict:
-    """The champion version, the training run shown (and its experiment, first plot, metric columns)."""
+    """The champion version, the training run shown (and its experiment, the plot opened)."""
     client = _client()
     champion = client.get_model_version_by_alias(MODEL, "champion")
     run_id = os.environ.get("SMP_UI_RUN_ID")
@@ -108,92 +110,61 @@ def choose() -> dict:
     run = client.get_run(run_id)
     plots = _plots(client, run_id)
     plot = next((p for p in plots if "pred_vs_actual" in p), plots[0] if plots else None)
-    metrics = [m for m in os.environ.get("SMP_UI_METRICS", "").split(",") if m]
-    if not metrics:
-        metrics = [m for m in METRIC_COLUMNS if m in run.data.metrics]
-    if len(metrics) < 2:  # renamed keys: any RMSE-like metrics
-        metrics = sorted(m for m in run.data.metrics if "rmse" in m)[:4]
-    # the run's charts tab: its learning curves (metrics logged at several steps), else its RMSE metrics
-    curves = sorted(k for k in run.data.metrics if len(client.get_metric_history(run_id, k)) > 1)
-    chart_filter = os.environ.get("SMP_UI_CHART_FILTER") or (
-        "^(" + "|".join(re.escape(k) for k in curves) + ")$" if curves else "rmse")
-    in_experiment = client.search_runs([run.info.experiment_id], max_results=1000)
-    parents = sorted({r.data.tags["mlflow.parentRunId"] for r in in_experiment if "mlflow.parentRunId" in r.data.tags})
     return {"experiment_id": run.info.experiment_id, "run_id": run_id, "plot": plot,
-            "champion_version": champion.version, "metrics": metrics, "parents": parents[:20],
-            "chart_filter": chart_filter}
-
-
-def seed_items(chosen: dict) -> dict:
-    """localStorage entries for the MLflow UI 3.17 (read from its bundle: settings under key + "_v1"; the runs
-    table's state under MLflowLocalStorage-1.1-ExperimentPage-<JSON list of experiment ids>-ReactComponentState,
-    a run's charts under MLflowLocalStorage-1.1-RunPage-<run id>-model-chartUIState; values are JSON)."""
-    columns = ["attributes.`Models`"] + [f"metrics.`{m}`" for m in chosen["metrics"]]
-    table = f"MLflowLocalStorage-1.1-ExperimentPage-{json.dumps([chosen['experiment_id']])}-ReactComponentState"
-    return {
-        "mlflow.workflowType_v1": "machine_learning",        # "Model training" sidebar, not "GenAI"
-        "mlflow.assistant.panelOpen_v1": False,               # the Assistant panel would cover a third
-        "mlflow.assistant.fab.autoOpenedOnFirstLoad_v1": True,  # ... and opens itself on a first visit
-        # metric columns instead of Source/Dataset; parent runs (a study, a job's upstream runs) expanded
-        table: {"selectedColumns": columns, "runsExpanded": {p: True for p in chosen["parents"]}},
-        # the run page's "Model metrics" tab: only the charts whose metric matches (a regex, as typed in its search box)
-        f"MLflowLocalStorage-1.1-RunPage-{chosen['run_id']}-model-chartUIState": {
-            "isAccordionReordered": False, "autoRefreshEnabled": False, "chartsSearchFilter": chosen["chart_filter"],
-            "globalLineChartConfig": {"xAxisKey": "step", "lineSmoothness": 0, "selectedXAxisMetricKey": ""}},
-    }
-
-
-def seed_page(items: dict) -> str:
-    """A page that stores ``items`` in localStorage: opened once from the MLflow server's origin before the
-    server starts, it leaves the browser profile with these settings."""
-    sets = "".join(f"localStorage.setItem({json.dumps(k)}, {json.dumps(json.dumps(v))});" for k, v in items.items())
-    return ("<!doctype html><html><body><script>" + sets
-            + "document.body.textContent = 'seeded ' + localStorage.length;</script></body></html>")
-
-
-def seed_server(port: int) -> None:
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    page = seed_page(seed_items(choose())).encode()
-
-    class Seed(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's name
-            body = page if self.path == "/seed" else b""
-            self.send_response(200 if body else 404)
-            self.send_header("Content-Type", "text/html")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    ThreadingHTTPServer(("127.0.0.1", port), Seed).serve_forever()
+            "champion_version": champion.version}
 
 
 CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--hide-scrollbars", "--run-all-compositor-stages-before-draw"]
-# every innermost element whose whole text matches (e.g. the schema's collapsed "Inputs (15)" row), clicked
-_CLICK_JS = """(() => { const re = new RegExp(%s), hit = e => re.test(e.textContent.trim());
-  const els = [...document.querySelectorAll('body *')].filter(e => hit(e) && ![...e.children].some(hit));
-  els.forEach(e => e.click()); return els.length > 0; })()"""
+                "--run-all-compositor-stages-before-draw"]  # scrollbars shown: they say where a box holds more
+
+# What a reader does on a page before the picture, as (action, target[, text or "optional"]); nothing is
+# stored in the browser beforehand.  MLflow 3.17 opens its Assistant panel on a first visit, over a third of
+# the page: every MLflow picture closes it first (optional: a later MLflow may not open it).
+CLOSE_ASSISTANT = ("click", 'button[aria-label="Close"]', "optional")
+# the +/- beside a parent run's name in the runs table (a study's tune run, a job with upstream runs)
+EXPAND_RUN = 'button[data-component-id*="runnamecellrenderer"]'
+ACTIONS = {
+    "mlflow_runs": [CLOSE_ASSISTANT, ("click_each", EXPAND_RUN)],
+    "mlflow_run_overview": [CLOSE_ASSISTANT],
+    # only the learning curves and the best epoch, as typed in the "Search metric charts" box (a regex)
+    "mlflow_run_metrics": [CLOSE_ASSISTANT, ("type", 'input[placeholder^="Search metric charts"]', "epoch|loss")],
+    "mlflow_run_artifacts": [CLOSE_ASSISTANT],
+    "mlflow_model": [CLOSE_ASSISTANT],
+    # the schema opens folded: unfold "Inputs (N)" and "Outputs (N)"
+    "mlflow_model_version": [CLOSE_ASSISTANT, ("click_text", r"^(Inputs|Outputs) \([0-9]+\)$")],
+    "optuna_study": [],
+}
+# window size per picture (default 1600x1000): tall enough for the charts, every schema row, the study's plots
+SIZES = {"mlflow_run_metrics": "1600,1150", "mlflow_model_version": "1600,2500", "optuna_study": "1600,1500"}
+
+_FIND_JS = {
+    # elements matching a CSS selector
+    "css": "[...document.querySelectorAll(%s)]",
+    # every innermost element whose whole text matches a regex (e.g. the schema's folded "Inputs (15)" row)
+    "text": """(() => { const re = new RegExp(%s), hit = e => re.test(e.textContent.trim());
+      return [...document.querySelectorAll('body *')].filter(e => hit(e) && ![...e.children].some(hit)); })()""",
+}
 
 
-def click_shot(profile: str, url: str, out: str, size: str, text: str, timeout: float = 60.0) -> None:
-    """Screenshot ``url`` after clicking the elements whose text matches ``text`` (what ``--screenshot`` cannot:
-    MLflow's model version page opens its schema collapsed).  Headless Chromium driven over the DevTools
-    protocol with aiohttp (an MLflow dependency); nothing else to install."""
+def shot(profile: str, url: str, out: str, size: str, actions: str, timeout: float = 60.0) -> None:
+    """Screenshot ``url`` in headless Chromium with the (empty) profile directory ``profile``, after the
+    ``actions`` (JSON list, see ``ACTIONS``): ``click`` every element matching a CSS selector, ``click_each``
+    the matching elements one after another (the runs table redraws after each), ``click_text`` the elements
+    whose text matches a regex, ``type`` text into the element matching a CSS selector.  Each waits until its
+    target is on the page (at most ``timeout`` s, 15 s when "optional").  Driven over the DevTools protocol
+    with aiohttp (an MLflow dependency); nothing else to install."""
     import asyncio
     import base64
     import subprocess
 
     import aiohttp
 
-    width, height = size.split(",")
+    if os.listdir(profile):
+        sys.exit(f"{profile} is not empty: each picture is taken from a new, empty browser profile")
+    width, height = (int(v) for v in size.split(","))
+    steps = json.loads(actions)
     port_file = os.path.join(profile, "DevToolsActivePort")
-    if os.path.exists(port_file):
-        os.remove(port_file)
     proc = subprocess.Popen([os.environ.get("CHROMIUM", "/usr/bin/chromium"), *CHROME_FLAGS,
                              f"--user-data-dir={profile}", f"--window-size={width},{height}",
                              "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0", "about:blank"],
@@ -216,27 +187,57 @@ def click_shot(profile: str, url: str, out: str, size: str, text: str, timeout: 
                     msg_id = next(ids)
                     await ws.send_json({"id": msg_id, "method": method, "params": params})
                     while True:
-                        msg = await asyncio.wait_for(ws.receive_json(), max(1.0, deadline - time.monotonic()))
+                        msg = await asyncio.wait_for(ws.receive_json(), 30)
                         if msg.get("id") == msg_id:
                             if "error" in msg:
                                 raise RuntimeError(f"{method}: {msg['error']}")
                             return msg.get("result", {})
 
+                async def js(expression: str):
+                    res = await call("Runtime.evaluate", expression=expression, returnByValue=True)
+                    return res.get("result", {}).get("value")
+
+                async def wait_for(find: str, optional: bool) -> int:
+                    """How many elements ``find`` returns, once there are some (0 if optional and none came)."""
+                    until = time.monotonic() + (15.0 if optional else timeout)
+                    while time.monotonic() < until:
+                        n = await js(f"({find}).length")
+                        if n:
+                            return n
+                        await asyncio.sleep(0.5)
+                    if optional:
+                        return 0
+                    raise RuntimeError(f"nothing matches {find!r} on {url} within {timeout:.0f}s")
+
+                # the viewport itself is WIDTHxHEIGHT (the window's own frame would take some of it)
+                await call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1,
+                           mobile=False)
                 await call("Page.enable")
                 await call("Page.navigate", url=url)
-                clicked = False
-                while time.monotonic() < deadline:
+                await asyncio.sleep(2.0)
+                for action, target, *rest in steps:
+                    optional = rest[-1:] == ["optional"]
+                    kind = "text" if action == "click_text" else "css"
+                    find = _FIND_JS[kind] % json.dumps(target)
+                    n = await wait_for(find, optional)
+                    if not n:
+                        print(f"(nothing to {action} on this page: {target})")
+                    elif action in ("click", "click_text"):
+                        await js(f"({find}).forEach(e => e.click())")
+                    elif action == "click_each":
+                        for i in range(n):
+                            await js(f"(({find})[{i}] || {{click() {{}}}}).click()")
+                            await asyncio.sleep(1.0)
+                    elif action == "type":
+                        await js(f"({find})[0].focus()")
+                        await call("Input.insertText", text=rest[0])
+                    else:
+                        raise ValueError(f"unknown action {action!r}")
                     await asyncio.sleep(1.0)
-                    res = await call("Runtime.evaluate", expression=_CLICK_JS % json.dumps(text), returnByValue=True)
-                    if res.get("result", {}).get("value"):
-                        clicked = True
-                        break
-                if not clicked:
-                    raise RuntimeError(f"nothing matching {text!r} on {url} within {timeout:.0f}s")
-                await asyncio.sleep(2.0)  # the expanded rows render
-                shot = await call("Page.captureScreenshot", format="png")
+                await asyncio.sleep(4.0)  # data, charts and unfolded rows render
+                png = await call("Page.captureScreenshot", format="png")
                 with open(out, "wb") as f:
-                    f.write(base64.b64decode(shot["data"]))
+                    f.write(base64.b64decode(png["data"]))
 
     try:
         asyncio.run(drive())
@@ -279,13 +280,11 @@ def main(argv: list[str]) -> None:
         print(" ".join(missing()))
     elif cmd == "wait":
         wait(args[0], float(args[1]) if len(args) > 1 else 120.0)
-    elif cmd == "seed-server":
-        seed_server(int(args[0]))
-    elif cmd == "click-shot":
-        click_shot(*args[:5])
+    elif cmd == "shot":
+        shot(*args[:5])
     elif cmd == "pages":
         for name, url in pages(args[0].rstrip("/"), args[1].rstrip("/")):
-            print(f"{name}\t{url}")
+            print(f"{name}\t{url}\t{SIZES.get(name, '1600,1000')}\t{json.dumps(ACTIONS.get(name, []))}")
     else:
         sys.exit(__doc__)
 

@@ -1,29 +1,44 @@
 #!/usr/bin/env bash
-# Retake the pictures in docs/ui/ (see docs/ui.md) from the demo store: for the docs, not for CI.
+# Retake the pictures in docs/ui/ (see docs/ui.md) on the current code: for the docs, not for CI.
 #
 #   bash scripts/ui_screenshots.sh
 #
-# Uses mlflow.db / optuna.db in the repository root; if they lack a training run, a study or a
-# @champion, runs the demo jobs first (about 12 minutes on 2 CPU cores, most of it ensemble_mlp's embedding).
-# Starts `mlflow server` and optuna-dashboard on loopback, shoots each page with headless Chromium
-# (about a minute), writes docs/ui/*.png and stops both servers on exit.
-# Env: SMP_UI_MLFLOW_PORT (5055), SMP_UI_DASHBOARD_PORT (8085), CHROMIUM (/usr/bin/chromium),
-#      SMP_UI_EXPERIMENT (experiment of the demo jobs, smp),
-#      SMP_UI_BUDGET_MS (virtual time per page, 20000), SMP_UI_OUT (docs/ui), plus the page choices of
-#      scripts/ui_screenshots.py (SMP_UI_RUN_ID, SMP_UI_MODEL, SMP_UI_STUDY, SMP_UI_METRICS, SMP_UI_CHART_FILTER).
+# Builds the demo store with the current code in a new temporary directory (mlflow.db, mlruns/, optuna.db,
+# .smp_cache/; the repository root is left alone): `mlflow run` of ensemble_mlp, tune (benchmark, 10 trials)
+# and promote on the built-in demo data, about 16 minutes on 2 CPU cores, 12 of them ensemble_mlp embedding
+# the 2,000 demo images. SMP_UI_STORE=DIR uses (and completes) the store in DIR instead, e.g. the one a
+# previous call printed, to retake the pictures without rebuilding.
+# Starts `mlflow server` and optuna-dashboard on loopback, shoots each page with headless Chromium from a new,
+# empty browser profile each time (what a first visit shows: MLflow's default columns and charts; about a
+# minute), writes docs/ui/*.png and stops both servers on exit.
+# Env: SMP_UI_STORE (a new temporary directory), SMP_UI_MLFLOW_PORT (5055), SMP_UI_DASHBOARD_PORT (8085),
+#      CHROMIUM (/usr/bin/chromium), SMP_UI_EXPERIMENT (experiment of the demo jobs, smp),
+#      SMP_UI_OUT (docs/ui), plus the page choices of
+#      scripts/ui_screenshots.py (SMP_UI_RUN_ID, SMP_UI_MODEL, SMP_UI_STUDY).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+REPO=$PWD
 if [ -x .venv/bin/python ]; then export PATH="$PWD/.venv/bin:$PATH"; fi
 MLFLOW_PORT=${SMP_UI_MLFLOW_PORT:-5055}
 DASH_PORT=${SMP_UI_DASHBOARD_PORT:-8085}
 CHROMIUM=${CHROMIUM:-/usr/bin/chromium}
-BUDGET=${SMP_UI_BUDGET_MS:-20000}
 OUT=${SMP_UI_OUT:-docs/ui}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
 export SMP_UI_MODEL=${SMP_UI_MODEL:-smp-popularity}
 EXPERIMENT=${SMP_UI_EXPERIMENT:-smp}  # for the demo jobs (the launcher would otherwise pick MLflow's Default)
-HELPER=scripts/ui_screenshots.py
-# the demo store in this directory, whatever the shell was pointed at
-export MLFLOW_TRACKING_URI="sqlite:///$PWD/mlflow.db"
+HELPER=$REPO/scripts/ui_screenshots.py
+if [ -n "${SMP_UI_STORE:-}" ]; then
+  mkdir -p "$SMP_UI_STORE"
+  STORE=$(cd "$SMP_UI_STORE" && pwd)
+else
+  STORE=$(mktemp -d "${TMPDIR:-/tmp}/smp-ui-store.XXXXXX")
+fi
+echo "demo store: $STORE"
+# the store and the jobs' caches live in $STORE, whatever the shell was pointed at
+cd "$STORE"
+export MLFLOW_TRACKING_URI="sqlite:///$STORE/mlflow.db"
+export SMP_CACHE_DIR=${SMP_CACHE_DIR:-$STORE/.smp_cache}
 unset MLFLOW_EXPERIMENT_NAME MLFLOW_EXPERIMENT_ID MLFLOW_RUN_ID
 export MLFLOW_DISABLE_TELEMETRY=true
 # offline (no DNS for the weights host): no Hugging Face retries, random CLIP weights as the demo says
@@ -39,21 +54,22 @@ for port in "$MLFLOW_PORT" "$DASH_PORT"; do
   fi
 done
 
-# 1. the demo store
+# 1. the demo store (mlflow run from $STORE: the experiment's artifacts go to $STORE/mlruns)
 for job in $(python "$HELPER" missing); do
-  echo "== demo job: $job"
+  echo "== demo job: $job ($(date +%T))"
   case "$job" in
-    ensemble_mlp) mlflow run . -e ensemble_mlp --env-manager local --experiment-name "$EXPERIMENT" ;;
-    tune) mlflow run . -e tune --env-manager local --experiment-name "$EXPERIMENT" \
-            -P model=benchmark -P n_trials=3 ;;
-    promote) mlflow run . -e promote --env-manager local --experiment-name "$EXPERIMENT" \
+    ensemble_mlp) mlflow run "$REPO" -e ensemble_mlp --env-manager local --experiment-name "$EXPERIMENT" ;;
+    tune) mlflow run "$REPO" -e tune --env-manager local --experiment-name "$EXPERIMENT" \
+            -P model=benchmark -P n_trials=10 ;;
+    promote) mlflow run "$REPO" -e promote --env-manager local --experiment-name "$EXPERIMENT" \
                -P model_name="$SMP_UI_MODEL" ;;
   esac
 done
+echo "== demo store ready ($(date +%T))"
 
 # 2. the servers (each in its own process group, so the trap stops its workers too)
-LOGS=$(mktemp -d)
-PROFILE=$(mktemp -d)
+LOGS=$(mktemp -d "${TMPDIR:-/tmp}/smp-ui-logs.XXXXXX")
+PROFILES=$(mktemp -d "${TMPDIR:-/tmp}/smp-ui-profiles.XXXXXX")
 pids=()
 cleanup() {
   for pid in "${pids[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || true; done
@@ -61,58 +77,39 @@ cleanup() {
     for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
     kill -KILL -- "-$pid" 2>/dev/null || true
   done
-  rm -rf "$PROFILE"
+  rm -rf "$PROFILES"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 MLFLOW_URL=http://127.0.0.1:$MLFLOW_PORT
 DASH_URL=http://127.0.0.1:$DASH_PORT
-chrome=("$CHROMIUM" --headless --no-sandbox --disable-gpu --disable-quic --no-first-run
-  --disable-background-networking --disable-component-update --disable-sync --user-data-dir="$PROFILE"
-  --hide-scrollbars --run-all-compositor-stages-before-draw)
-# (without --run-all-compositor-stages-before-draw the metric charts, drawn once they scroll into view,
-#  stay spinners whatever the virtual time budget)
 
-# the browser profile's MLflow UI settings, stored from the server's origin before it starts (seed_items in
-# the helper): "Model training" sidebar, Assistant panel closed, metric columns in the runs list, the run's
-# learning curves on its charts tab
-setsid python "$HELPER" seed-server "$MLFLOW_PORT" >"$LOGS/seed.log" 2>&1 &
-seed_pid=$!
-pids+=("$seed_pid")
-python "$HELPER" wait "$MLFLOW_URL/seed" 60 || { cat "$LOGS/seed.log" >&2; exit 1; }
-"${chrome[@]}" --dump-dom "$MLFLOW_URL/seed" 2>"$LOGS/chromium-seed.log" </dev/null | grep -q "seeded" \
-  || { echo "could not seed the browser profile:" >&2; tail -20 "$LOGS/chromium-seed.log" >&2; exit 1; }
-kill -TERM -- "-$seed_pid"; wait "$seed_pid" 2>/dev/null || true
-pids=()
-
-MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false setsid mlflow server --backend-store-uri sqlite:///mlflow.db \
+MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false setsid mlflow server --backend-store-uri "sqlite:///$STORE/mlflow.db" \
   --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 >"$LOGS/mlflow.log" 2>&1 &
 pids+=($!)
 # wsgiref: one process (gunicorn, its default when installed, also keeps a control socket in ~/.gunicorn)
-setsid optuna-dashboard sqlite:///optuna.db --host 127.0.0.1 --port "$DASH_PORT" --server wsgiref \
+setsid optuna-dashboard "sqlite:///$STORE/optuna.db" --host 127.0.0.1 --port "$DASH_PORT" --server wsgiref \
   >"$LOGS/optuna-dashboard.log" 2>&1 &
 pids+=($!)
 python "$HELPER" wait "$MLFLOW_URL/health" 180 || { cat "$LOGS/mlflow.log" >&2; exit 1; }
 python "$HELPER" wait "$DASH_URL/api/meta" 60 || { cat "$LOGS/optuna-dashboard.log" >&2; exit 1; }
 
-# 3. the pictures
-mkdir -p "$OUT"
+# 3. the pictures, each from a new, empty browser profile (no settings, no local storage left by another page),
+#    after what a reader would do there (ACTIONS in the helper: close MLflow's Assistant panel, which opens
+#    itself on a first visit; unfold the nested runs; type a chart filter; unfold the model's schema)
 python "$HELPER" pages "$MLFLOW_URL" "$DASH_URL" >"$LOGS/pages.tsv"
-while IFS=$'\t' read -r name url; do
+n=0
+while IFS=$'\t' read -r name url size actions; do
   echo "$OUT/$name.png  <-  $url"
   rm -f "$OUT/$name.png"
-  if [ "$name" = mlflow_model_version ]; then
-    # the schema opens collapsed: click "Inputs (N)" and "Outputs (N)" first (DevTools protocol); tall enough
-    # for every input row
-    CHROMIUM="$CHROMIUM" python "$HELPER" click-shot "$PROFILE" "$url" "$OUT/$name.png" 1600,2400 \
-      '^(Inputs|Outputs) \([0-9]+\)$' >"$LOGS/chromium-$name.log" 2>&1 </dev/null \
-      || { echo "  (could not expand the schema: $(tail -1 "$LOGS/chromium-$name.log"); taking it collapsed)"
-           "${chrome[@]}" --window-size=1600,1300 --virtual-time-budget="$BUDGET" --screenshot="$OUT/$name.png" \
-             "$url" >>"$LOGS/chromium-$name.log" 2>&1 </dev/null || true; }
-  else
-    "${chrome[@]}" --window-size=1600,1000 --virtual-time-budget="$BUDGET" --screenshot="$OUT/$name.png" "$url" \
-      >"$LOGS/chromium-$name.log" 2>&1 </dev/null || true
-  fi
-  [ -s "$OUT/$name.png" ] || { echo "no screenshot for $url:" >&2; tail -20 "$LOGS/chromium-$name.log" >&2; exit 1; }
+  n=$((n + 1))
+  profile="$PROFILES/$n"
+  mkdir "$profile"
+  CHROMIUM="$CHROMIUM" python "$HELPER" shot "$profile" "$url" "$OUT/$name.png" "$size" "$actions" \
+    >"$LOGS/chromium-$name.log" 2>&1 </dev/null \
+    || { echo "could not take $url:" >&2; tail -5 "$LOGS/chromium-$name.log" >&2; exit 1; }
+  cat "$LOGS/chromium-$name.log"
+  rm -rf "$profile"
+  [ -s "$OUT/$name.png" ] || { echo "no screenshot for $url" >&2; exit 1; }
 done <"$LOGS/pages.tsv"
-echo "done: $(ls "$OUT"/*.png | wc -l) pictures in $OUT (server logs in $LOGS)"
+echo "done: $(ls "$OUT"/*.png | wc -l) pictures in $OUT (store in $STORE, server logs in $LOGS)"
