@@ -236,10 +236,10 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # noqa: BLE001 - re-raised unless the tracking store is at fault
             return store_error(exc)
     if args.job != "synth" or os.environ.get("MLFLOW_RUN_ID"):  # synth only writes files
-        from smp.tracking import configure_tracking
+        from smp.tracking import check_tracking
 
         try:  # before the job's modules and data load: an unusable tracking store fails in seconds, named
-            configure_tracking()
+            check_tracking()
         except Exception as exc:  # noqa: BLE001 - re-raised unless the tracking store is at fault
             return store_error(exc)
     run_fn, default, _ = job(args.job)

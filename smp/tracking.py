@@ -67,9 +67,26 @@ class JobResult(Mapping):
 
 
 def configure_tracking() -> str:
-    """Use ``MLFLOW_TRACKING_URI`` when set, else the sqlite default in the working directory."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    """Use ``MLFLOW_TRACKING_URI`` when set, else the sqlite default in the working directory, once checked
+    (``check_tracking``); a fresh sqlite store is set up by one smp process at a time (``init_sqlite``)."""
+    uri = check_tracking()
+    path = sqlite_path(uri) if uri.lower().startswith("sqlite:") else None
+    if path is not None:
+        init_sqlite(uri, str(path))
     mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def check_tracking() -> str:
+    """The tracking URI, checked in seconds (no MLflow store is built): a tracking server must answer, a sqlite
+    file must be whole and in a directory that exists; ``TrackingUnavailable`` naming it otherwise.
+
+    Sets smp's bounded HTTP retries (``HTTP_DEFAULTS``) where the environment has not set its own.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)  # read by MLflow at each request: the user's own values win
+    check_store(uri)
     return uri
 
 
@@ -189,7 +206,9 @@ def job_run(job: str, experiment: str, params: dict, tags: dict | None = None, p
     ``mlflow.start_run()`` joins it.  With ``parent`` the run is its child, in
     its experiment (a trial's parent is not the active run; an upstream job's
     is).  Otherwise a new run is made in ``experiment`` ("" = MLflow's default
-    resolution).  A failure marks the run FAILED (KILLED on Ctrl-C / SIGTERM).
+    resolution).  A failure marks the run FAILED (KILLED on Ctrl-C / SIGTERM) with ``smp.end_reason``, in one
+    short attempt (``close_run``); a failure of the tracking store or the disk is raised as
+    ``TrackingUnavailable`` / ``StorageError`` (``store_failure``), from the original.
     """
     configure_tracking()
     active = mlflow.active_run()
@@ -210,7 +229,7 @@ def job_run(job: str, experiment: str, params: dict, tags: dict | None = None, p
         mlflow.set_tag("mlflow.runName", name)
         describe_experiment(run.info.experiment_id)
     try:
-        all_tags = {"smp.job": job, "smp.params_hash": params_hash(params), **(tags or {}),
+        all_tags = {"smp.job": job, "smp.params_hash": params_hash(params), **process_tags(), **(tags or {}),
                     **dict(parent.tags if parent else ())}
         commit = git_commit()
         if commit:
@@ -222,13 +241,16 @@ def job_run(job: str, experiment: str, params: dict, tags: dict | None = None, p
         if type(exc).__name__ == "TrialPruned":  # optuna pruned this trial: visible as such in MLflow
             mlflow.set_tag("smp.trial_state", "PRUNED")
             mlflow.end_run(status="KILLED")
-        else:
+        else:  # one short attempt to close the run (a job whose store is gone must not retry for minutes)
             stopped = isinstance(exc, (KeyboardInterrupt, Terminated))
-            try:
-                mlflow.set_tag("smp.end_reason", "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C (SIGINT)"
-                               if stopped else f"{type(exc).__name__}: {str(exc)[:400]}")
-            finally:
-                mlflow.end_run(status="KILLED" if stopped else "FAILED")
+            failure = None if stopped else store_failure(exc, places={
+                "the run's artifacts": run.info.artifact_uri,
+                "the feature cache": os.environ.get("SMP_CACHE_DIR") or ".smp_cache"})
+            told = failure or exc
+            close_run("KILLED" if stopped else "FAILED", "SIGTERM" if isinstance(exc, Terminated) else
+                      "Ctrl-C (SIGINT)" if stopped else f"{type(told).__name__}: {str(told)[:400]}")
+            if failure is not None and failure is not exc:
+                raise failure from exc
         raise
     else:
         mlflow.end_run()
@@ -428,3 +450,414 @@ def find_finished_run(experiment_id: str, tags: dict[str, str]) -> str | None:
     runs = mlflow.search_runs([experiment_id], filter_string=filt, order_by=["attributes.start_time DESC"],
                               max_results=1, output_format="list")
     return runs[0].info.run_id if runs else None
+
+
+# --------------------------------------------------------------------------- a failing tracking store
+# MLflow's own HTTP settings (7 retries, backoff factor 2, 120 s timeout) keep a job retrying one request for
+# about four minutes once its server is down, and every later request as long again. smp's, used unless the
+# environment sets its own: an outage of about 30 s is ridden out; a longer one fails the job about 30 s in.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5",      # waits 0, 2, 4, 8, 16 s between the tries: about 30 s
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",         # s per try against a server that accepts but does not answer
+}
+HEALTH_TIMEOUT = 5.0                               # s: the check at start (``GET <uri>/health``, one try)
+FINAL_ATTEMPT = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}  # closing a failed run
+STALE_REASON = "its job's process ({pid} on {host}) ended without closing the run; closed by `smp runs --close-stale`"
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking store cannot be used: a server that does not answer, a damaged or unwritable sqlite file.
+    The message names the URI or the file and what to do; ``smp`` prints it on one line and exits 2."""
+
+
+class StorageError(RuntimeError):
+    """A directory smp or MLflow writes to (the feature cache, the run's artifacts, a temporary folder) is
+    read-only, missing or full; the message names the path and the problem. ``smp`` exits 2."""
+
+
+def check_store(uri: str) -> None:
+    """Fail fast, naming ``uri``, when the tracking store cannot be used (see ``check_tracking``)."""
+    scheme = uri.split(":", 1)[0].lower()
+    if scheme in ("http", "https"):
+        check_server(uri)
+    elif scheme == "sqlite":
+        path = sqlite_path(uri)
+        if path is None:
+            return
+        if not path.parent.is_dir():
+            raise TrackingUnavailable(f"tracking store {uri}: its directory {path.parent} does not exist; create "
+                                      "it, or point MLFLOW_TRACKING_URI elsewhere")
+        damage = sqlite_damage(path) if path.exists() else None
+        if damage:
+            raise TrackingUnavailable(f"tracking store {path} is {damage}; restore it from a backup, or point "
+                                      "MLFLOW_TRACKING_URI at another store")
+
+
+def check_server(uri: str, timeout: float = HEALTH_TIMEOUT) -> None:
+    """``GET <uri>/health`` once: no connection, no answer within ``timeout`` s, or a 5xx (a proxy whose server
+    is down) raises ``TrackingUnavailable``. Any other answer counts as up (a server without ``/health``)."""
+    import requests
+
+    insecure = os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() in ("1", "true")
+    verify = False if insecure else (os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or True)
+    try:
+        answer = requests.get(uri.rstrip("/") + "/health", timeout=timeout, verify=verify)
+    except requests.exceptions.SSLError:
+        return  # a TLS setting smp does not read (client certificates): MLflow's own requests will say
+    except requests.RequestException as exc:
+        raise TrackingUnavailable(f"tracking server {uri} is not answering ({_why(exc)}); start it, or point "
+                                  "MLFLOW_TRACKING_URI at one that runs") from None
+    if answer.status_code >= 500:
+        raise TrackingUnavailable(f"tracking server {uri} answers HTTP {answer.status_code} to /health; "
+                                  "it (or the proxy in front of it) is not serving")
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The file of a ``sqlite:///`` URI (relative to the working directory, as SQLAlchemy reads it); None for
+    an in-memory store."""
+    rest = uri.split("://", 1)[1] if "://" in uri else ""
+    path = rest[1:].split("?", 1)[0] if rest.startswith("/") else ""
+    return None if path in ("", ":memory:") else Path(path).absolute()
+
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def sqlite_damage(path: Path) -> str | None:
+    """What is wrong with the sqlite file at ``path`` judged from its 100-byte header, else None: not an SQLite
+    file, or shorter than its header says (truncated). A page damaged further in shows when it is read."""
+    with open(path, "rb") as f:
+        head = f.read(100)
+    size = path.stat().st_size
+    if size == 0:
+        return None  # a fresh file: MLflow makes its tables
+    if len(head) < 100 or not head.startswith(SQLITE_MAGIC):
+        return "not an SQLite database (the file does not start with the SQLite header)"
+    page = int.from_bytes(head[16:18], "big")
+    page = 65536 if page == 1 else page
+    pages, change, valid_for = (int.from_bytes(head[i:i + 4], "big") for i in (28, 24, 92))
+    if pages and change == valid_for and size < page * pages:
+        return f"truncated (its header counts {page * pages} bytes, the file holds {size})"
+    return None
+
+
+_CONCURRENT_SETUP = ("already exists", "duplicate column", "Online migration expected", "no such table",
+                     "no such column")  # the words of another process migrating at once
+
+
+@functools.lru_cache(maxsize=None)
+def init_sqlite(uri: str, path: str, wait: float = 20.0) -> None:
+    """Once per process and file: build MLflow's store holding a lock on the file's directory, so two smp jobs
+    starting at once on a new store do not both run MLflow's migrations (one failed with ``table
+    _alembic_tmp_... already exists``). A process that takes no lock (``mlflow ui``, a notebook) may be setting
+    up the same new store: while the file was new when this began, or the error has the words of a concurrent
+    setup, it is tried again for up to ``wait`` s."""
+    fresh = not Path(path).exists() or Path(path).stat().st_size == 0
+    deadline = time.monotonic() + wait
+    while True:
+        with directory_lock(Path(path).parent):
+            try:
+                mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)  # builds (migrates) it
+                return
+            except Exception as exc:  # noqa: BLE001 - said in a sentence when it is the store's fault
+                failure = store_failure(exc, uri)
+                concurrent = any(words in str(exc) for words in _CONCURRENT_SETUP) or (fresh and failure is None)
+                if concurrent and time.monotonic() > deadline:  # two setups at once broke it off half way
+                    raise TrackingUnavailable(
+                        f"tracking store {path} is half set up ({str(exc).splitlines()[0][:200]}): another process "
+                        "set it up at the same time without smp's lock; if it holds no runs yet, delete it and "
+                        "start again") from exc
+                if not concurrent:
+                    if failure is None:
+                        raise
+                    raise failure from exc
+                log.info("tracking store %s is being set up by another process (%s); trying again", path,
+                         str(exc).splitlines()[0][:200])
+        time.sleep(1.0)
+
+
+@contextlib.contextmanager
+def directory_lock(directory: Path):
+    """An exclusive ``flock`` on ``directory`` while inside (waits for the holder); none where the file system
+    has no flock (it then behaves as before)."""
+    try:
+        import fcntl
+
+        fd = os.open(directory, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _why(exc: BaseException) -> str:
+    """A connection failure in a few words: ``Connection refused``, ``timed out``, ``HTTP 503 responses``."""
+    import re
+
+    text = str(exc)
+    errno_text = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text)
+    if errno_text:
+        return errno_text.group(1).strip()
+    if "timed out" in text.lower() or "timeout" in text.lower():
+        return "timed out"
+    status = re.search(r"too many (\d{3}) error responses", text)
+    if status:
+        return f"HTTP {status.group(1)} responses"
+    return text[:200]
+
+
+_SQLITE_PROBLEMS = (  # SQLite's words -> what they mean, what to do
+    ("file is not a database", "not an SQLite database", "restore it from a backup"),
+    ("database disk image is malformed", "damaged (database disk image is malformed)", "restore it from a backup"),
+    ("database or disk is full", "on a full disk (database or disk is full)", "free space on its disk"),
+    ("readonly database", "read-only (attempt to write a readonly database)", "make it and its directory writable"),
+    ("unable to open database file", "not openable (unable to open database file)",
+     "check that its directory exists and is writable"),
+)
+_CONNECTION = ("Max retries exceeded", "Failed to establish a new connection", "Connection refused",
+               "Connection aborted", "Read timed out", "failed with timeout exception", "RemoteDisconnected")
+_STORAGE_ERRNOS = {"ENOSPC": "no space left on the disk", "EDQUOT": "disk quota exceeded",
+                   "EROFS": "the file system is read-only", "EACCES": "permission denied",
+                   "EPERM": "permission denied", "ENOENT": "no such file or directory",
+                   "ENOTDIR": "a part of the path is not a directory", "EFBIG": "file too large"}
+
+
+def _chain(exc: BaseException, depth: int = 8):
+    """``exc`` and the exceptions it was raised from or during, nearest first."""
+    seen = []
+    while exc is not None and len(seen) < depth and exc not in seen:
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return seen
+
+
+def store_failure(exc: BaseException, uri: str | None = None, places: dict | None = None) -> Exception | None:
+    """``exc`` told as a ``TrackingUnavailable`` or ``StorageError`` (one sentence naming the URI, file or path
+    and the problem) when the tracking store or the disk is at fault, else None.
+
+    ``places``: ``{what: directory}`` to look at when the disk is full and the error names no file (a write
+    that hit a full disk mid-file): the one with no space left is named.
+    """
+    import errno
+    import re
+
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    for e in _chain(exc):
+        if isinstance(e, (TrackingUnavailable, StorageError)):
+            return e
+    in_store = any(_in_mlflow_store(e) for e in _chain(exc))  # not another database (an Optuna storage)
+    for e in _chain(exc):
+        text = str(e)
+        for words, meaning, todo in _SQLITE_PROBLEMS if in_store else ():
+            if words in text:
+                where = sqlite_path(uri) if uri.startswith("sqlite") else uri
+                return TrackingUnavailable(f"tracking store {where} is {meaning}; {todo}, or point "
+                                           "MLFLOW_TRACKING_URI at another store")
+        if in_store and "out-of-date database schema" in text:  # MLflow's advice (`mlflow db upgrade`) is the fix
+            return TrackingUnavailable(f"tracking store {uri}: {text.strip().splitlines()[0]}")
+        if _names_server(text, uri) and any(words in text for words in _CONNECTION):
+            return TrackingUnavailable(f"tracking server {uri} stopped answering ({_why(e)})")
+    for e in _chain(exc):
+        missing = re.search(r"Failed to download artifacts from path '([^']*)'", str(e))
+        if missing:  # MLflow's words for an artifact whose files are gone (it keeps no cause)
+            return StorageError(f"artifact {missing.group(1)!r} of a run this job reads is missing: its run's "
+                                "artifact directory was moved or deleted (the run page shows where it was); "
+                                "restore it, or delete that run so that it is not reused")
+        if isinstance(e, OSError) and errno.errorcode.get(e.errno or -1) in _STORAGE_ERRNOS:
+            what = _STORAGE_ERRNOS[errno.errorcode[e.errno]]
+            full = full_disk(places or {}) if e.errno in (errno.ENOSPC, errno.EDQUOT) else None
+            if full:  # a copy that filled the disk names its source file: the full disk is the news
+                return StorageError(f"{full}: {what}" + (f" (writing {e.filename})" if e.filename else ""))
+            if e.filename is None:
+                return StorageError(f"{what} ({e.strerror or e})")
+            return StorageError(f"{e.filename}{_role(str(e.filename), places or {})}: {what}"
+                                + (f" ({e.strerror})" if e.strerror else ""))
+    return None
+
+
+def _in_mlflow_store(exc: BaseException) -> bool:
+    """Whether ``exc`` passed through MLflow's store code (``mlflow/store/``) on its way up."""
+    marker = f"{os.sep}mlflow{os.sep}store{os.sep}"
+    tb = exc.__traceback__
+    while tb is not None:
+        if marker in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _names_server(text: str, uri: str) -> bool:
+    """Whether an error's text is about the tracking server at ``uri`` (not another host smp talks to)."""
+    from urllib.parse import urlsplit
+
+    if not uri.startswith(("http:", "https:")):
+        return False
+    parts = urlsplit(uri)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return uri.rstrip("/") in text or (f"host='{parts.hostname}'" in text and f"port={port}" in text)
+
+
+def _role(path: str, places: dict) -> str:
+    """`` (the run's artifacts)`` when ``path`` is one of ``places`` or lies above or below it, else ""."""
+    here = Path(path).absolute()
+    for what, where in places.items():
+        place = Path(str(where).removeprefix("file://")).absolute()
+        if here == place or here in place.parents or place in here.parents:
+            return f" ({what})"
+    return ""
+
+
+def full_disk(places: dict) -> str | None:
+    """The first of ``places`` (``{what: directory or file:// URI}``, plus the temporary folder) whose disk
+    has no space left, as ``<path> (<what>)``; None if none."""
+    import tempfile
+
+    for what, where in {**places, "the temporary folder": tempfile.gettempdir()}.items():
+        path = Path(str(where).removeprefix("file://"))
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        try:
+            stats = os.statvfs(path)
+        except (OSError, AttributeError):
+            continue
+        if stats.f_bavail * stats.f_frsize < 1 << 20:  # under 1 MiB free
+            return f"{path} ({what})"
+    return None
+
+
+@contextlib.contextmanager
+def one_short_attempt():
+    """MLflow HTTP requests inside make one try with a short timeout (``FINAL_ATTEMPT``): closing the run of a
+    job that is failing or stopped must not retry for minutes against a server that is gone."""
+    saved = {key: os.environ.get(key) for key in FINAL_ATTEMPT}
+    os.environ.update(FINAL_ATTEMPT)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def close_run(status: str, reason: str) -> None:
+    """End the active run ``status`` with ``smp.end_reason``: one short attempt; a run that cannot be closed
+    (its store is gone) is left RUNNING, with a warning, for ``smp runs --close-stale`` to close later."""
+    run_id = mlflow.active_run().info.run_id
+    with one_short_attempt():
+        try:
+            mlflow.set_tag("smp.end_reason", reason)
+            mlflow.end_run(status=status)
+            return
+        except Exception as exc:  # noqa: BLE001 - the job's own error is the news; this is said beside it
+            log.warning("run %s could not be marked %s (%s); once the store is back, `smp runs --close-stale` "
+                        "closes it", run_id, status, _why(exc))
+        try:
+            if mlflow.active_run() is not None and mlflow.active_run().info.run_id == run_id:
+                mlflow.end_run(status=status)  # leaves the run (no retry); the store may refuse again
+        except Exception:  # noqa: BLE001
+            pass
+
+
+# --------------------------------------------------------------------------- runs left RUNNING by dead jobs
+def _proc_start(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, Linux), "" where /proc cannot say, None if no
+    such process."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+        return text.rsplit(")", 1)[1].split()[19]
+    except FileNotFoundError:
+        if Path("/proc/self/stat").exists():
+            return None
+    except (OSError, IndexError):
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except OSError:  # another user's: alive
+        pass
+    return ""
+
+
+def _machine() -> str:
+    """This boot of this machine's pid namespace: ``<boot id>/<pid namespace>`` ("" parts where unknown)."""
+    parts = []
+    for read in (lambda: Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+                 lambda: os.readlink("/proc/self/ns/pid")):
+        try:
+            parts.append(read())
+        except OSError:
+            parts.append("")
+    return "/".join(parts)
+
+
+def process_tags() -> dict[str, str]:
+    """Who runs this job: ``smp.host``, ``smp.pid`` and ``smp.process`` (boot, pid namespace, start time), so
+    ``stale_runs`` can tell later whether the job is still alive."""
+    import socket
+
+    pid = os.getpid()
+    return {"smp.host": socket.gethostname(), "smp.pid": str(pid),
+            "smp.process": f"{_machine()}/{_proc_start(pid) or ''}"}
+
+
+def run_liveness(tags: dict) -> tuple[bool, str]:
+    """``(stale, why)`` for a RUNNING run from its process tags. Stale only when it was started on this host,
+    in this boot and pid namespace, and its process is gone (or its pid now belongs to a later process). A run
+    of another host, of an earlier boot, or without the tags (not started by ``job_run``) is never stale here."""
+    import socket
+
+    host, pid, process = tags.get("smp.host"), tags.get("smp.pid", ""), tags.get("smp.process", "")
+    if not host or not pid.isdigit() or process.count("/") < 2:
+        return False, "not checked: no smp.host/smp.pid tags (not started by an smp job)"
+    if host != socket.gethostname():
+        return False, f"not checked: started on host {host}; run this command there"
+    machine, started = process.rsplit("/", 1)
+    if machine != _machine():
+        return False, f"not checked: started by pid {pid} on {host} in another boot or container"
+    now = _proc_start(int(pid))
+    if now is None:
+        return True, f"stale: its process (pid {pid} on {host}) is gone"
+    if started and now and now != started:
+        return True, f"stale: its process (pid {pid} on {host}) is gone (the pid belongs to a later process)"
+    return False, f"live: pid {pid} on {host} is running"
+
+
+def stale_runs(experiment_ids: list[str] | None = None) -> list[tuple[object, bool, str]]:
+    """Every RUNNING run of ``experiment_ids`` (None: every active experiment) as ``(run, stale, why)``."""
+    client = mlflow.MlflowClient()
+    ids = experiment_ids or [e.experiment_id for e in client.search_experiments()]
+    out, token = [], None
+    while ids:
+        page = client.search_runs(ids, "attributes.status = 'RUNNING'", max_results=1000, page_token=token)
+        out += [(run, *run_liveness(run.data.tags)) for run in page]
+        token = page.token
+        if not token:
+            break
+    return out
+
+
+def close_stale_runs(experiment_ids: list[str] | None = None) -> list[tuple[object, bool, str]]:
+    """Mark FAILED (with ``smp.end_reason``) the RUNNING runs whose job is gone (``run_liveness``); return what
+    ``stale_runs`` found, the closed ones included."""
+    client = mlflow.MlflowClient()
+    found = stale_runs(experiment_ids)
+    for run, stale, _ in found:
+        if stale:
+            tags = run.data.tags
+            client.set_tag(run.info.run_id, "smp.end_reason",
+                           STALE_REASON.format(pid=tags.get("smp.pid"), host=tags.get("smp.host")))
+            client.set_terminated(run.info.run_id, "FAILED")
+            log.info("run %s (%s) closed FAILED: its job is gone", run.info.run_id, run.info.run_name)
+    return found
