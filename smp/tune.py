@@ -574,8 +574,37 @@ def run_tune(cfg: TuneJob = TuneJob()) -> dict[str, float]:
         if created:
             discard_failed_study(study, parent if own_parent else None, exc)
         raise
+    except BaseException as exc:  # SIGTERM is no Exception to Optuna, which then leaves the trial RUNNING
+        fail_own_trials(study, exc)
+        raise
     fail_stale_trials(study)
     return summarise(study, parent, cfg)
+
+
+def fail_own_trials(study: optuna.Study, exc: BaseException) -> list[int]:
+    """Fail the trials this process leaves RUNNING as it stops (SIGTERM, an error Optuna does not catch), with
+    ``fail_reason`` saying why; their MLflow runs were ended by the job (KILLED on SIGTERM / Ctrl-C).  Returns
+    the trial numbers failed; never raises (the stop is the news)."""
+    from smp.tracking import Terminated
+
+    reason = ("stopped by SIGTERM" if isinstance(exc, Terminated) else "stopped by Ctrl-C (SIGINT)"
+              if isinstance(exc, KeyboardInterrupt) else f"its worker failed: {type(exc).__name__}: {str(exc)[:300]}")
+    me, failed = this_worker(), []
+    try:
+        for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            worker = trial.user_attrs.get(WORKER_ATTR) or {}
+            if (worker.get("machine"), worker.get("pid")) != (me["machine"], me["pid"]):
+                continue
+            try:
+                study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
+                study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue
+            end_trial_runs(study, trial, reason)
+            failed.append(trial.number)
+    except Exception as err:  # noqa: BLE001 - e.g. the storage is what failed
+        log.warning("could not fail the trials of this worker in study %s: %s", study.study_name, err)
+    return failed
 
 
 def discard_failed_study(study: optuna.Study, parent: str | None, exc: Exception) -> bool:

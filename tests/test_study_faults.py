@@ -77,30 +77,38 @@ def _wait(condition, timeout: float, what: str, proc=None, log=None):
 
 
 # --------------------------------------------------------------------------- a worker killed with kill -9
-def test_kill_9_mid_trial_then_resume_fails_the_trial_ends_its_run_and_proposes_new_parameters(smpd_dir, tmp_path):
-    storage, seed = f"sqlite:///{tmp_path}/optuna.db", _slow_seed()
-    # every boosting round reported to the study (a storage write each) keeps the first trial busy for a while
-    args = _cli(smpd_dir, storage, "--study-name", "killed", "--sampler-seed", str(seed), "--pruner", "none")
+def _signal_mid_trial(args: list[str], storage: str, study: str, signum: int, tmp_path):
+    """Start ``smp tune ARGS`` (one trial, every boosting round reported: a storage write each keeps it busy),
+    send ``signum`` once it trains (5 rounds reported, its MLflow run recorded); ``(process, trial then, output)``."""
     log = open(tmp_path / "victim.log", "w+")
     victim = subprocess.Popen(args + ["--n-trials", "1", "--report-every", "1"], stdout=log, stderr=subprocess.STDOUT,
                               text=True, cwd=tmp_path)
     try:
         def training():
             try:
-                trials = optuna.load_study(study_name="killed", storage=storage).trials
+                trials = optuna.load_study(study_name=study, storage=storage).trials
             except KeyError:
                 return None
             t = trials[0] if trials else None
             return t if t and t.state == RUNNING and "mlflow_run_id" in t.user_attrs and \
                 len(t.intermediate_values) >= 5 else None
 
-        killed = _wait(training, 180, "trial 0 training (5 rounds reported, its MLflow run recorded)", victim, log)
-        victim.send_signal(signal.SIGKILL)
-        victim.wait(30)
+        trial = _wait(training, 180, "trial 0 training (5 rounds reported, its MLflow run recorded)", victim, log)
+        victim.send_signal(signum)
+        victim.wait(60)
     finally:
         if victim.poll() is None:
             victim.kill()
+        log.seek(0)
+        out = log.read()
         log.close()
+    return victim, trial, out
+
+
+def test_kill_9_mid_trial_then_resume_fails_the_trial_ends_its_run_and_proposes_new_parameters(smpd_dir, tmp_path):
+    storage, seed = f"sqlite:///{tmp_path}/optuna.db", _slow_seed()
+    args = _cli(smpd_dir, storage, "--study-name", "killed", "--sampler-seed", str(seed), "--pruner", "none")
+    victim, killed, _ = _signal_mid_trial(args, storage, "killed", signal.SIGKILL, tmp_path)
     run_id = killed.user_attrs["mlflow_run_id"]
     assert mlflow.get_run(run_id).info.status == "RUNNING"  # what kill -9 leaves: RUNNING in both stores
     assert killed.user_attrs["worker"]["pid"] == victim.pid
@@ -123,6 +131,18 @@ def test_kill_9_mid_trial_then_resume_fails_the_trial_ends_its_run_and_proposes_
     assert t0.params == _first_proposal(seed)
     assert t1.params != t0.params and t1.params == _first_proposal(resume_seed(seed, 1))
     assert mlflow.get_run(study.user_attrs[PARENT_ATTR]).data.metrics["study/trials_fail"] == 1
+
+
+def test_sigterm_mid_trial_fails_the_trial_at_once(smpd_dir, tmp_path):
+    """SIGTERM is no Exception to Optuna, which would leave the trial RUNNING: the stopping worker fails it."""
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    args = _cli(smpd_dir, storage, "--study-name", "termed", "--sampler-seed", str(_slow_seed()), "--pruner", "none")
+    victim, trial, out = _signal_mid_trial(args, storage, "termed", signal.SIGTERM, tmp_path)
+    assert victim.returncode == 143, out[-3000:]
+    (t0,) = optuna.load_study(study_name="termed", storage=storage).trials
+    assert t0.state == FAIL and t0.user_attrs["fail_reason"] == "stopped by SIGTERM"
+    run = mlflow.get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.info.status == "KILLED" and run.data.tags["smp.end_reason"] == "SIGTERM"
 
 
 def test_a_resumed_study_continues_its_sampler_sequence_instead_of_replaying_it(smpd_dir, tmp_path):
