@@ -239,7 +239,10 @@ def job_run(job: str, experiment: str, params: dict, tags: dict | None = None, p
         yield run
     except BaseException as exc:
         if type(exc).__name__ == "TrialPruned":  # optuna pruned this trial: visible as such in MLflow
-            mlflow.set_tag("smp.trial_state", "PRUNED")
+            # MLflow draws KILLED as a failure: the description says it was the pruner, where and why
+            mlflow.set_tags({"smp.trial_state": "PRUNED", NOTE: f"{job_note(job, params, parent)} Stopped early by "
+                             f"the study's pruner ({exc}): its validation RMSE at that step was behind the study's "
+                             "other trials; not a failure."})
             mlflow.end_run(status="KILLED")
         else:  # one short attempt to close the run (a job whose store is gone must not retry for minutes)
             stopped = isinstance(exc, (KeyboardInterrupt, Terminated))

@@ -394,7 +394,7 @@ def step_reporter(trial, every: int = 1):
             return
         trial.report(val_rmse, step)
         if trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at step {step} (val RMSE {val_rmse:.4f})")
+            raise optuna.TrialPruned(f"pruned at step {step}, val RMSE {sig(val_rmse)}")
 
     return on_step
 

@@ -48,6 +48,9 @@ def test_study_parent_nested_runs_resume_and_pruning(smpd_dir, tmp_path):
     assert states[1] == optuna.trial.TrialState.PRUNED
     pruned_run = next(r for r in children if r.data.tags.get("optuna.trial_number") == "1")
     assert pruned_run.info.status == "KILLED" and pruned_run.data.tags["smp.trial_state"] == "PRUNED"
+    note = pruned_run.data.tags["mlflow.note.content"]  # MLflow draws KILLED as a failure: the description says why
+    assert note.startswith("benchmark: ") and "Stopped early by the study's pruner (pruned at step " in note
+    assert "not a failure" in note
     done = [r for r in children if r.info.status == "FINISHED"]
     assert min(r.data.metrics["val_rmse"] for r in done) == pytest.approx(study.best_value)
     # what `smp tune` returns (and prints) is what the parent logged, under the same keys
