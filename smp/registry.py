@@ -614,7 +614,9 @@ def judge(client: MlflowClient, cfg: PromoteJob, cand_run, version, check: Check
     """What the candidate's version should become against ``champ`` (the champion read now, or None): its
     ``Comparison`` and decision (``champion``, ``challenger`` or ``rejected``). Reads and scores only."""
     if check.problem:
-        return Comparison(check.rmse, math.nan, "rejected", 0, check.problem), REJECTED
+        held = (f"; it still holds `@{CHAMPION}` until a candidate that passes this check replaces it"
+                if champ is not None and str(champ.version) == str(version) else "")
+        return Comparison(check.rmse, math.nan, "rejected", 0, check.problem + held), REJECTED
     if check.unchecked:
         return refused(cand_run, check.unchecked), CHALLENGER
     if champ is None:
@@ -881,7 +883,7 @@ def version_description(cfg: PromoteJob, cand_run, champ, champ_run, comp: Compa
 def decision_text(cfg: PromoteJob, champ, champ_run, comp: Comparison, decision: str) -> str:
     """The decision in a sentence or two: the alias taken (or none) and the check or comparison behind it."""
     if comp.method == "rejected":
-        return (f"**rejected**, no alias: it fails the check every candidate passes before an alias moves: "
+        return (f"**rejected**, it takes no alias: it fails the check every candidate passes before an alias moves: "
                 f"{comp.note.rstrip('.')}.")
     if champ is None:
         decided = ("there was no champion to compare with" if comp.method != "refused" else

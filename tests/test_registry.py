@@ -319,13 +319,13 @@ def test_a_first_promotion_of_a_model_that_learnt_nothing_is_rejected(smpd_dir, 
                f"predictor's {sig(logged['test_rmse_baseline'])} (it learnt nothing usable)")
     assert v1.tags["decision"] == "rejected" and v1.tags["check"] == "failed" and v1.tags["rejected_because"] == because
     assert "compared_against_version" not in v1.tags
-    assert f"**Decision**: **rejected**, no alias: it fails the check every candidate passes before an alias " \
+    assert f"**Decision**: **rejected**, it takes no alias: it fails the check every candidate passes before an alias " \
            f"moves: {because}." in v1.description
     assert f"**Check**: failed: {because}." in v1.description
     promote = last_promote()
     assert promote.data.tags["smp.decision"] == "rejected" and promote.data.tags["smp.rejected_because"] == because
     assert promote.data.tags["smp.check"] == "failed"
-    assert f"is {NAME} v1, **rejected**, no alias" in promote.data.tags["mlflow.note.content"]
+    assert f"is {NAME} v1, **rejected**, it takes no alias" in promote.data.tags["mlflow.note.content"]
     # a model that learnt something is the first champion after it
     good = train(smpd_dir)
     out = run_promote(PromoteJob(experiment="t", run_id=good))
@@ -409,6 +409,10 @@ def test_a_champion_that_can_no_longer_be_loaded_loses_to_any_valid_candidate(sm
     import shutil
 
     shutil.rmtree(model_dir(good))  # its artifacts are gone
+    again = run_promote(PromoteJob(experiment="t", run_id=good))  # promoted again, it fails its own check ...
+    assert again["decision"] == "rejected" and alias("champion").run_id == good  # ... but no valid one replaces it
+    assert mlflow.MlflowClient().get_model_version(NAME, "1").tags["rejected_because"].endswith(
+        "; it still holds `@champion` until a candidate that passes this check replaces it")
     out = run_promote(PromoteJob(experiment="t", run_id=mid))
     assert out["decision"] == "champion" and alias("champion").run_id == mid
     client = mlflow.MlflowClient()
