@@ -86,8 +86,17 @@ def check_tracking() -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     for key, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)  # read by MLflow at each request: the user's own values win
-    check_store(uri)
+    _checked_once(uri)
     return uri
+
+
+@functools.lru_cache(maxsize=64)
+def _checked_once(uri: str) -> bool:
+    """``check_store(uri)`` the first time a process uses ``uri`` (a failure is not cached: the next job checks
+    again). Later jobs of the process (a study's trials, upstream runs) ride out a short outage on MLflow's
+    bounded retries instead of failing at once on the seconds-long check (a server restart mid-study)."""
+    check_store(uri)
+    return True
 
 
 def resolve_experiment(name: str = "") -> str:
