@@ -241,7 +241,7 @@ def test_two_workers_with_heartbeats_never_fail_each_others_live_trials(smpd_dir
     """Team mode on one sqlite study: trials longer than the grace period (1 s beats, 5 s grace) all finish."""
     storage = f"sqlite:///{tmp_path}/optuna.db"
     cfg = _cfg(smpd_dir, tmp_path, study_name="team")
-    slow = {**GOOD, "learning_rate": 0.001, "n_estimators": 600}  # 600 rounds, each reported (a storage write): > 10 s
+    slow = {**GOOD, "learning_rate": 0.0005, "n_estimators": 3000}  # 3,000 rounds, each reported (a storage write)
     study = open_study(cfg)
     for _ in range(2):
         study.enqueue_trial(slow)
