@@ -43,26 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # as docs/team.md: no GenAI job runner
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"mlflow server did not come up on {url}:\n{log.read_text()[-3000:]}")
+from team import free_port, wait_healthy  # noqa: E402 - benchmarks/team.py: the team benchmark's server helpers
 
 
 def train_runs(data: Path, k: int) -> tuple[str, list[str]]:
