@@ -173,7 +173,7 @@ def benchmark(args, dev: str, data: Path) -> dict:
 def nets(args, dev: str) -> dict:
     import numpy as np
 
-    from smp.nets import create_net
+    from smp.nets import Conv1DRegressor, MLPRegressor
     from smp.splits import SplitCfg
 
     s = SplitCfg()
@@ -185,8 +185,8 @@ def nets(args, dev: str) -> dict:
     X[:, 0] = y + rng.normal(0, 1.9, len(y))  # the stacked benchmark prediction
     out = {"device": dev, "device_name": device_name(dev), "rows_train": n_train, "rows_val": n_val,
            "columns": X.shape[1], "runs": [], "table": []}
-    for family in ("ensemble_mlp", "ensemble_conv1d"):
-        net = create_net(family, epochs=args.epochs, patience=10**6, device=dev, progress=False)
+    for family, regressor in (("ensemble_mlp", MLPRegressor), ("ensemble_conv1d", Conv1DRegressor)):
+        net = regressor.from_settings(epochs=args.epochs, patience=10**6, device=dev, progress=False)
         stamps: list[float] = []
         t0 = clock(dev)
         net.fit(X[:n_train], y[:n_train], X[n_train:], y[n_train:],

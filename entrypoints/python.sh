@@ -1,5 +1,5 @@
 #!/bin/sh
-# `python` for the MLproject commands (`sh entrypoints/python.sh entrypoints/NAME.py ARGS`): runs the entry
+# `python` for the MLproject commands (`sh entrypoints/python.sh entrypoints/run.py NAME ARGS`): runs the entry
 # point with a Python that has smp installed, whatever PATH holds.
 #
 # `mlflow run` runs each command with bash in the project directory. Under --env-manager uv, virtualenv or
@@ -38,7 +38,7 @@ if [ -z "$py" ]; then
 fi
 if [ -z "$py" ]; then
   {
-    echo "entrypoints/python.sh: no Python with smp installed to run $1"
+    echo "entrypoints/python.sh: no Python with smp installed to run $1${2:+ $2}"
     echo "  python on PATH: ${on_path:-none}${on_path:+ (no smp)}"
     echo "  Python running mlflow: ${parent:-not known}${parent:+ (no smp)}"
     echo "  $venv: $([ -e "$venv" ] && echo "no smp" || echo "absent")"

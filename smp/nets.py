@@ -27,9 +27,8 @@ its input on validation falls back to it (``best_epoch_ == 0``).
 ``input_val_rmse_`` (the stacked input's validation RMSE), ``best_val_rmse_``
 and ``beats_input_`` report the check for either head.
 
-Both regressors pickle (cloudpickle too) and also round-trip through
-``get_state()`` / ``from_state()``, a dict of tensors and plain Python values
-that ``torch.save`` / ``torch.load(weights_only=True)`` accept.
+Both regressors pickle (cloudpickle too): the logged model is the pickled ensemble.
+A regressor is made from settings with ``Regressor.from_settings(**values)``.
 """
 
 from __future__ import annotations
@@ -277,6 +276,17 @@ class _NetRegressor(RegressorMixin, BaseEstimator):
         self.progress = progress
         self.n_threads = n_threads  # intra-op threads while fitting/predicting; None = leave torch's setting
 
+    @classmethod
+    def from_settings(cls, **values) -> "_NetRegressor":
+        """An unfitted regressor: values naming a field of its config go to the config (tuple fields also
+        accept lists or "128,64" strings); ``device``, ``progress`` and ``n_threads`` go to the regressor."""
+        init_keys = {"device", "progress", "n_threads"}
+        cfg_values = {k: v for k, v in values.items() if k not in init_keys}
+        unknown = set(cfg_values) - {f.name for f in fields(cls._cfg_cls)}
+        if unknown:
+            raise TypeError(f"unknown {cls._cfg_cls.__name__} fields: {sorted(unknown)}")
+        return cls(_make_cfg(cls._cfg_cls, cfg_values), **{k: v for k, v in values.items() if k in init_keys})
+
     # subclass hooks -------------------------------------------------------
     def _fit_inputs(self, X: np.ndarray, has_image: np.ndarray) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
@@ -508,25 +518,3 @@ class Conv1DRegressor(_NetRegressor):
     def _build_net(self):
         c = self.cfg
         return EnsembleConv1D(c.n_pca, 2, c.channels, c.kernel_sizes, c.dropout, c.head_hidden, c.head == "residual")
-
-
-
-
-def create_net(name: str, **kwargs) -> _NetRegressor:
-    """An unfitted regressor of net family ``name`` (its class is named in ``smp.jobs.JOBS``).
-
-    Keyword arguments naming a field of the model's config go to the config
-    (tuple fields also accept lists or "128,64" strings); ``device``,
-    ``progress`` and ``n_threads`` go to the regressor.
-    """
-    from smp.jobs import JOBS, NET_FAMILIES
-
-    if name not in NET_FAMILIES:
-        raise ValueError(f"unknown net {name!r}; choose from {sorted(NET_FAMILIES)}")
-    cls = globals()[JOBS[name].net]
-    init_keys = {"device", "progress", "n_threads"}
-    cfg_kwargs = {k: v for k, v in kwargs.items() if k not in init_keys}
-    unknown = set(cfg_kwargs) - {f.name for f in fields(cls._cfg_cls)}
-    if unknown:
-        raise TypeError(f"unknown {cls._cfg_cls.__name__} fields: {sorted(unknown)}")
-    return cls(_make_cfg(cls._cfg_cls, cfg_kwargs), **{k: v for k, v in kwargs.items() if k in init_keys})

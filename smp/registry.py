@@ -107,8 +107,9 @@ from smp.evaluate import baseline_metrics, regression_metrics
 from smp.serving import model_input, predict_frame
 from smp.splits import MIN_SPLIT_ROWS, Prepared, SplitCfg, prepare
 from smp.config import ConfigError, flatten
-from smp.jobs import FAMILIES
-from smp.tracking import describe_run, job_run, logged_model_uri, sig, upsert
+from smp.families import FAMILIES
+from smp.jobs import Job
+from smp.tracking import JobResult, describe_run, job_run, logged_model_uri, sig, upsert
 
 log = logging.getLogger("smp.registry")
 
@@ -128,7 +129,7 @@ LEASE_SOURCE = "smp-promote-lease:/ticket"  # a ticket's source: no artifacts be
 @dataclass(frozen=True)
 class PromoteJob:
     model_name: str = "smp-popularity"  # registered model name
-    family: str = ""       # only runs of this model family ("" = any of smp.jobs.FAMILIES)
+    family: str = ""       # only runs of this model family ("" = any of smp.families.FAMILIES)
     split: str = ""        # only runs with this split protocol ("" = any)
     margin: float = 0.0    # the candidate takes @champion only if its test RMSE < champion's - margin
     run_id: str = ""       # promote this run instead of searching for the best
@@ -184,13 +185,14 @@ class Comparison:
     note: str     # one sentence for the description
 
 
-def run_promote(cfg: PromoteJob = PromoteJob()) -> dict[str, float]:
+def run_promote(cfg: PromoteJob = PromoteJob()) -> JobResult:
     """Register the best (or given) model run, check it, and move ``@champion`` if it beats the champion (under
     the model's promote lease, compared again if another promote changed the champion meanwhile); return the
     outcome."""
     if cfg.family and cfg.family not in FAMILIES:
-        raise ConfigError(f"family={cfg.family!r}: expected one of {FAMILIES} or ''")
-    with job_run("promote", cfg.experiment, flatten(cfg), {"smp.registered_model": cfg.model_name}) as run:
+        raise ConfigError(f"family={cfg.family!r}: expected one of {tuple(FAMILIES)} or ''")
+    with job_run("promote", cfg.experiment, flatten(cfg), {"smp.registered_model": cfg.model_name},
+                 what=PROMOTE.help) as run:
         client = MlflowClient()  # job_run configured the tracking URI
         if cfg.run_id:
             cand_run = given_run(client, cfg.run_id)
@@ -223,7 +225,7 @@ def run_promote(cfg: PromoteJob = PromoteJob()) -> dict[str, float]:
     level = logging.WARNING if decision == REJECTED or comp.method == "champion_unloadable" else logging.INFO
     log.log(level, "%s v%s (run %s) -> %s: %s", cfg.model_name, version.version, cand_id,
             "no alias (rejected)" if decision == REJECTED else f"@{decision}", comp.note)
-    return outcome
+    return JobResult(run.info.run_id, outcome)
 
 
 def decide(client: MlflowClient, cfg: PromoteJob, cand_run, version, check: Check, ranking: Ranking):
@@ -915,3 +917,7 @@ def promote_note(cfg: PromoteJob, cand_run, version, champ, champ_run, comp: Com
     return (f"promote: run {_run_label(cand_run)} (val RMSE {_num(cand_run.data.metrics.get('val_rmse'))}) is "
             f"{cfg.model_name} v{version}, {decided}{again} The version's description lists the runs it was "
             f"ranked against and the rule.")
+
+
+PROMOTE = Job("promote", "register the best run; alias champion only if it beats the current champion", run_promote,
+              PromoteJob)

@@ -1,4 +1,4 @@
-"""Stage 7: the paper's results table rebuilt from the MLflow runs of one experiment and split."""
+"""Stage 10: the paper's results table rebuilt from the MLflow runs of one experiment and split."""
 
 from __future__ import annotations
 
@@ -12,13 +12,12 @@ import pandas as pd
 
 from smp import plots
 from smp.config import flatten
-from smp.jobs import FAMILIES, JOBS, NET_FAMILIES
-from smp.tracking import describe_run, job_run, log_figure, sig
+from smp.families import FAMILIES
+from smp.jobs import Family, Job
+from smp.tracking import JobResult, describe_run, job_run, log_figure, sig
 
 log = logging.getLogger("smp.report")
 
-# The paper's test figures (SMPD 2019, 80k random subsample): RMSE, mean error, error variance (smp.jobs).
-PAPER = {name: job.paper for name, job in JOBS.items() if job.paper}
 COLUMNS = ("test_rmse", "test_bias", "test_error_var", "test_mae", "test_spearman", "test_rmse_baseline")
 
 
@@ -29,32 +28,33 @@ class CompareJob:
     experiment: str = ""    # "" = MLFLOW_EXPERIMENT_NAME, else "smp" (under `mlflow run`: its --experiment-name)
 
 
-def compare_table(experiment_id: str, split: str, data_hash: str = "") -> pd.DataFrame:
-    """One row per model family (per head for the nets): its newest finished run's test metrics beside the
-    paper's figures. The nets' paper head (runs without a head tag predate the residual head) is the row
-    ``<family> (paper head)``."""
+def compare_table(experiment_id: str, split: str, families: dict[str, Family], data_hash: str = "") -> pd.DataFrame:
+    """One row per model family of ``families`` (per head for the nets), in their order: its newest finished
+    run's test metrics beside the paper's figures (``Family.paper``). The nets' paper head (runs without a head
+    tag predate the residual head) is the row ``<family> (paper head)``."""
     runs = mlflow.search_runs(
         [experiment_id], filter_string=f"attributes.status = 'FINISHED' and tags.`smp.split` = '{split}'",
         order_by=["attributes.start_time DESC"], output_format="list")
-    runs = [r for r in runs if r.data.tags.get("smp.model") in FAMILIES and "test_rmse" in r.data.metrics]
+    runs = [r for r in runs if r.data.tags.get("smp.model") in families and "test_rmse" in r.data.metrics]
     if not runs:
         return pd.DataFrame(columns=["model", "run_id", *COLUMNS, "paper_rmse", "paper_bias", "paper_error_var"])
     data_hash = data_hash or runs[0].data.tags.get("smp.data_hash", "")
     rows, seen = [], set()
     for r in runs:
         family = r.data.tags["smp.model"]
-        head = r.data.tags.get("smp.head", "paper") if family in NET_FAMILIES else ""
+        head = r.data.tags.get("smp.head", "paper") if families[family].net else ""
         label = f"{family} (paper head)" if head == "paper" else family
         if label in seen or r.data.tags.get("smp.data_hash", "") != data_hash:
             continue
         seen.add(label)
-        paper = PAPER[family]
+        paper = families[family].paper or (float("nan"),) * 3
         rows.append({"model": label, "family": family, "head": head, "run_id": r.info.run_id,
                      **{c: r.data.metrics.get(c, float("nan")) for c in COLUMNS},
                      "stacking": r.data.tags.get("smp.stacking", ""),
                      "paper_rmse": paper[0], "paper_bias": paper[1], "paper_error_var": paper[2]})
     table = pd.DataFrame(rows)
-    table["_order"] = [FAMILIES.index(f) * 2 + (h == "paper") for f, h in zip(table["family"], table["head"])]
+    order = list(families)
+    table["_order"] = [order.index(f) * 2 + (h == "paper") for f, h in zip(table["family"], table["head"])]
     table = table.sort_values("_order").drop(columns="_order").reset_index(drop=True)
     table.attrs["data_hash"] = data_hash
     return table
@@ -71,10 +71,10 @@ def to_markdown(table: pd.DataFrame) -> str:
     return head + body
 
 
-def run_compare(cfg: CompareJob = CompareJob()) -> dict[str, float]:
+def run_compare(cfg: CompareJob = CompareJob()) -> JobResult:
     """Build, print and log (Markdown, CSV, bar chart) the comparison table."""
-    with job_run("compare", cfg.experiment, flatten(cfg), {"smp.job": "compare", "smp.split": cfg.split}) as run:
-        table = compare_table(run.info.experiment_id, cfg.split, cfg.data_hash)
+    with job_run("compare", cfg.experiment, flatten(cfg), {"smp.split": cfg.split}, what=COMPARE.help) as run:
+        table = compare_table(run.info.experiment_id, cfg.split, FAMILIES, cfg.data_hash)
         if table.empty:
             log.warning("no finished model runs with split=%s in this experiment", cfg.split)
         text = to_markdown(table)
@@ -95,4 +95,7 @@ def run_compare(cfg: CompareJob = CompareJob()) -> dict[str, float]:
                      "of each model family on the same data (compare.md, compare.csv, plots/compare.png). "
                      + ("Test RMSE: " + ", ".join(f"{m} {sig(v)}" for m, v in ranked) + "."
                         if ranked else "No finished model run matched."))
-    return {f"{model} test_rmse": v for model, v in result.items()}
+    return JobResult(run.info.run_id, {f"{model} test_rmse": v for model, v in result.items()})
+
+
+COMPARE = Job("compare", "the paper's results table from this experiment's runs", run_compare, CompareJob)

@@ -63,6 +63,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from smp.jobs import Job
+
 GENERATOR_VERSION = 1
 
 JPEG_QUALITY = 90  # fixed, so the bytes are reproducible
@@ -604,9 +606,11 @@ class SynthJob:
     synth: SynthCfg = SynthCfg()
 
 
-def run_synth(cfg: SynthJob = SynthJob()) -> dict[str, float]:
+def run_synth(cfg: SynthJob = SynthJob()) -> JobResult:
     """The `synth` job: write a synthetic SMPD dataset of any size in the official layout."""
     import logging
+
+    from smp.tracking import JobResult
 
     out = generate(cfg.out, cfg.synth)
     logging.getLogger("smp.synth").info("wrote %d synthetic posts to %s", cfg.synth.n, out)
@@ -617,4 +621,7 @@ def run_synth(cfg: SynthJob = SynthJob()) -> dict[str, float]:
                 f"seed {cfg.synth.seed}; train on them with `data={out}`.")
         name_launched_run(f"synth · n{cfg.synth.n} · s{cfg.synth.seed}",
                           {"smp.job": "synth", "smp.synth_out": str(out), "mlflow.note.content": note})
-    return {"posts": cfg.synth.n}
+    return JobResult(os.environ.get("MLFLOW_RUN_ID", ""), {"posts": cfg.synth.n})
+
+
+SYNTH = Job("synth", "write a synthetic SMPD dataset (official layout, JPEGs)", run_synth, SynthJob)

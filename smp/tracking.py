@@ -207,8 +207,10 @@ def raise_on_sigterm() -> None:
 
 
 @contextlib.contextmanager
-def job_run(job: str, experiment: str, params: dict, tags: dict | None = None, parent: Parent | None = None):
-    """Start (or join, under ``mlflow run``) a run for ``job``, log params and tags, yield it.
+def job_run(job: str, experiment: str, params: dict, tags: dict | None = None, parent: Parent | None = None,
+            what: str = ""):
+    """Start (or join, under ``mlflow run``) a run for ``job``, log params and tags, yield it; ``what``: what the
+    job does (its ``smp.jobs.Job.help``), for the run's first description.
 
     Under ``mlflow run`` the launcher has already created the run (in the
     experiment given by ``--experiment-name``) and exported ``MLFLOW_RUN_ID``;
@@ -243,13 +245,13 @@ def job_run(job: str, experiment: str, params: dict, tags: dict | None = None, p
         commit = git_commit()
         if commit:
             all_tags.setdefault("mlflow.source.git.commit", commit)
-        all_tags.setdefault(NOTE, job_note(job, params, parent))  # replaced by the job's own once it has results
+        all_tags.setdefault(NOTE, job_note(job, params, parent, what))  # replaced by the job's own once it has results
         log_params(params, tags=all_tags, skip_logged=launched)
         yield run
     except BaseException as exc:
         if type(exc).__name__ == "TrialPruned":  # optuna pruned this trial: visible as such in MLflow
             # MLflow draws KILLED as a failure: the description says it was the pruner, where and why
-            mlflow.set_tags({"smp.trial_state": "PRUNED", NOTE: f"{job_note(job, params, parent)} Stopped early by "
+            mlflow.set_tags({"smp.trial_state": "PRUNED", NOTE: f"{job_note(job, params, parent, what)} Stopped early by "
                              f"the study's pruner ({exc}): its validation RMSE at that step was behind the study's "
                              "other trials; not a failure."})
             mlflow.end_run(status="KILLED")
@@ -279,12 +281,10 @@ def sig(value, digits: int = 4) -> str:
         return str(value)
 
 
-def job_note(job: str, params: dict, parent: "Parent | None" = None) -> str:
-    """A run's first description, set when it starts: what the job is and on what (the job replaces it with
-    its results when it has them, so a run that failed or was killed still says what it was)."""
-    from smp.jobs import JOBS
-
-    what = JOBS[job].help if job in JOBS else job
+def job_note(job: str, params: dict, parent: "Parent | None" = None, what: str = "") -> str:
+    """A run's first description, set when it starts: what the job is (``what``) and on what (the job replaces
+    it with its results when it has them, so a run that failed or was killed still says what it was)."""
+    what = what or job
     on = []
     if "data" in params:
         on.append(f"data {data_label(params.get('data'))}")

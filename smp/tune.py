@@ -77,9 +77,10 @@ import optuna
 
 from smp.config import ConfigError, apply, at_least, check, flatten, leaves, one_of
 from smp.data import DataCfg, DataError
-from smp.jobs import FAMILIES, JOBS, family
+from smp.families import FAMILIES, family
+from smp.jobs import Job
 from smp.splits import Prepared, SplitCfg, prepare
-from smp.tracking import (NOTE, Parent, configure_tracking, data_label, describe_experiment, job_note, log_figure,
+from smp.tracking import (NOTE, JobResult, Parent, configure_tracking, data_label, describe_experiment, job_note, log_figure,
                           log_params, logged_model_uri, resolve_experiment, sig)
 
 log = logging.getLogger("smp.tune")
@@ -125,52 +126,9 @@ class TuneJob:
     experiment: str = ""  # "" = MLFLOW_EXPERIMENT_NAME, else "smp" (under `mlflow run`: its --experiment-name)
 
 
-def xgb_space(trial) -> dict:
-    return {
-        "max_depth": trial.suggest_int("max_depth", 3, 18),
-        "learning_rate": trial.suggest_float("learning_rate", 0.005, 0.3, log=True),
-        "n_estimators": trial.suggest_int("n_estimators", 200, 3000, step=100),
-        "min_child_weight": trial.suggest_float("min_child_weight", 1.0, 50.0, log=True),
-        "subsample": trial.suggest_float("subsample", 0.5, 1.0),
-        "colsample_bytree": trial.suggest_float("colsample_bytree", 0.3, 1.0),
-        "reg_lambda": trial.suggest_float("reg_lambda", 1e-3, 10.0, log=True),
-        "reg_alpha": trial.suggest_float("reg_alpha", 1e-3, 10.0, log=True),
-    }
-
-
-def pca_boost_space(trial) -> dict:
-    return {**xgb_space(trial), "n_components": trial.suggest_int("n_components", 20, 400, log=True)}
-
-
-def mlp_space(trial) -> dict:
-    return {
-        "hidden": (trial.suggest_categorical("hidden_1", [64, 128, 256, 512]),
-                   trial.suggest_categorical("hidden_2", [16, 32, 64, 128])),
-        "dropout": trial.suggest_float("dropout", 0.0, 0.7),
-        "lr": trial.suggest_float("lr", 1e-4, 1e-2, log=True),
-        "weight_decay": trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True),
-        "batch_size": trial.suggest_categorical("batch_size", [32, 64, 128, 256]),
-        "epochs": trial.suggest_int("epochs", 10, 50),
-    }
-
-
-def conv1d_space(trial) -> dict:
-    return {
-        "n_pca": trial.suggest_int("n_pca", 8, 40),
-        "channels": (trial.suggest_categorical("channels_1", [8, 16, 32]),
-                     trial.suggest_categorical("channels_2", [16, 32, 64])),
-        "kernel_sizes": (trial.suggest_categorical("kernel_1", [3, 5]),) * 2,
-        "dropout": trial.suggest_float("dropout", 0.3, 0.85),
-        "lr": trial.suggest_float("lr", 1e-4, 3e-3, log=True),
-        "weight_decay": trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True),
-        "batch_size": trial.suggest_categorical("batch_size", [32, 64, 128, 256]),
-        "epochs": trial.suggest_int("epochs", 10, 40),
-    }
-
-
 def space_for(model: str):
-    """The search space of model family ``model`` (named in its ``smp.jobs`` entry)."""
-    return globals()[family(model).space]
+    """The search space of model family ``model`` (its ``Family.space``)."""
+    return family(model).space
 
 
 def default_storage() -> str:
@@ -356,10 +314,9 @@ def make_pruner(cfg: StudyCfg):
 
 
 def job_for(model: str, source: DataCfg, splitting: SplitCfg, experiment: str):
-    """The family's run function and its default config with this data and split (``smp.jobs`` entry)."""
+    """The family's run function and its default config with this data and split."""
     entry = family(model)
-    return entry.run_function(), replace(entry.default_config(), source=source, splitting=splitting,
-                                         experiment=experiment)
+    return entry.run, replace(entry.default_config(), source=source, splitting=splitting, experiment=experiment)
 
 
 def objective_for(cfg: TuneJob, parent_run_id: str):
@@ -367,7 +324,7 @@ def objective_for(cfg: TuneJob, parent_run_id: str):
     run_fn, base = job_for(cfg.study.model, cfg.source, cfg.splitting, cfg.experiment)
     space = space_for(cfg.study.model)
     experiment_id = mlflow.MlflowClient().get_run(parent_run_id).info.experiment_id  # once, not per trial
-    every = max(1, cfg.study.report_every) if JOBS[cfg.study.model].net == "" else 1  # boosters: rounds are cheap
+    every = max(1, cfg.study.report_every) if family(cfg.study.model).net is None else 1  # boosters: rounds are cheap
 
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr(WORKER_ATTR, this_worker())  # a resumed study fails this trial if its process dies
@@ -516,7 +473,7 @@ def parent_tags(cfg: TuneJob, study: optuna.Study) -> dict[str, str]:
     """The parent run's tags; its first description says what the study is (the summary replaces it)."""
     return {"smp.job": "tune", "smp.model": f"tune:{cfg.study.model}", "optuna.study": study.study_name,
             "smp.split": cfg.splitting.split,
-            NOTE: job_note("tune", flatten(cfg)) + f" Optuna study {study.study_name}; no finished trial yet."}
+            NOTE: job_note("tune", flatten(cfg), what=TUNE.help) + f" Optuna study {study.study_name}; no finished trial yet."}
 
 
 def parent_run(study: optuna.Study, cfg: TuneJob) -> str:
@@ -539,7 +496,7 @@ def parent_run(study: optuna.Study, cfg: TuneJob) -> str:
     return run.info.run_id
 
 
-def run_tune(cfg: TuneJob = TuneJob()) -> dict[str, float]:
+def run_tune(cfg: TuneJob = TuneJob()) -> JobResult:
     """Run (or continue) the study for ``cfg.study.model``; log the summary on the parent run.
 
     The data and split are prepared once first, so bad data or settings fail before any study or run exists;
@@ -565,7 +522,7 @@ def run_tune(cfg: TuneJob = TuneJob()) -> dict[str, float]:
     log.info("study %s: parent run %s, %d trials so far", study.study_name, parent, len(study.trials))
     print(f"study {study.study_name}: parent run {parent}")
     if cfg.study.n_trials == 0:
-        return trial_counts(study)
+        return JobResult(parent, trial_counts(study))
     try:
         study.optimize(objective_for(cfg, parent), n_trials=cfg.study.n_trials if cfg.study.n_trials > 0 else None,
                        timeout=cfg.study.timeout or None, callbacks=callbacks,
@@ -578,7 +535,7 @@ def run_tune(cfg: TuneJob = TuneJob()) -> dict[str, float]:
         fail_own_trials(study, exc)
         raise
     fail_stale_trials(study)
-    return summarise(study, parent, cfg)
+    return JobResult(parent, summarise(study, parent, cfg))
 
 
 def fail_own_trials(study: optuna.Study, exc: BaseException) -> list[int]:
@@ -803,3 +760,6 @@ def _log_study_figures(study: optuna.Study) -> None:
                 log_figure(lambda: study_figure(plot, study), name)
             except Exception as exc:  # noqa: BLE001 - a figure must not fail the study
                 log.warning("could not plot %s: %s", name, exc)
+
+
+TUNE = Job("tune", "an Optuna study (nested MLflow runs) for one model family", run_tune, TuneJob)

@@ -50,10 +50,10 @@ def test_launcher_without_a_python_that_has_smp_says_what_it_tried(tmp_path):
     checkout = _copy_launcher(tmp_path)
     env = _plain_env(PATH=f"{_no_smp_python(tmp_path)}:/usr/bin:/bin")
     # run under a shell that forks it, so its parent is no Python (as under `--env-manager uv`)
-    out = subprocess.run(["sh", "-c", "sh entrypoints/python.sh entrypoints/benchmark.py --data demo; exit $?"],
+    out = subprocess.run(["sh", "-c", "sh entrypoints/python.sh entrypoints/run.py benchmark --data demo; exit $?"],
                          cwd=checkout, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 127, out.stderr
-    assert "no Python with smp installed to run entrypoints/benchmark.py" in out.stderr
+    assert "no Python with smp installed to run entrypoints/run.py benchmark" in out.stderr
     assert f"python on PATH: {tmp_path}/bin/python (no smp)" in out.stderr
     assert f"{checkout}/.venv/bin/python: absent" in out.stderr
     assert "scripts/setup.sh" in out.stderr and "SMP_PYTHON" in out.stderr and "--env-manager uv" in out.stderr

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from smp.jobs import NET_FAMILIES
-from smp.nets import Conv1DCfg, Conv1DRegressor, EnsembleConv1D, EnsembleMLP, MLPCfg, MLPRegressor, create_net
+from smp.nets import Conv1DCfg, Conv1DRegressor, EnsembleConv1D, EnsembleMLP, MLPCfg, MLPRegressor
 
 MODELS = {"ensemble_mlp": MLPRegressor, "ensemble_conv1d": Conv1DRegressor}  # what smp.jobs names per net family
 
@@ -185,24 +185,22 @@ def test_pickle_round_trip(fitted, data):
     np.testing.assert_array_equal(clone.predict(data["X_test"]), model.predict(data["X_test"]))
 
 
-def test_the_job_table_names_these_net_families():
-    assert set(NET_FAMILIES) == set(MODELS)
-    assert all(type(create_net(name, progress=False)) is cls for name, cls in MODELS.items())
+def test_the_family_table_names_these_net_families():
+    from smp.families import FAMILIES
+
+    assert {name: f.net for name, f in FAMILIES.items() if f.net} == MODELS
 
 
 # ---------------------------------------------------------------- factory
 
 
-def test_create_net():
-    net = create_net("ensemble_conv1d", channels=[8], kernel_sizes="5", progress=False)
+def test_from_settings_splits_config_fields_from_regressor_options():
+    net = Conv1DRegressor.from_settings(channels=[8], kernel_sizes="5", progress=False)
     assert isinstance(net, Conv1DRegressor)
     assert net.cfg.channels == (8,) and net.cfg.kernel_sizes == (5,) and net.progress is False
-    assert isinstance(create_net("ensemble_mlp", hidden="64,32"), MLPRegressor)
-    assert create_net("ensemble_mlp", hidden="64,32").cfg.hidden == (64, 32)
-    with pytest.raises(ValueError, match="unknown net"):
-        create_net("nope")
-    with pytest.raises(TypeError, match="unknown"):
-        create_net("ensemble_mlp", n_pca=3)
+    assert MLPRegressor.from_settings(hidden="64,32").cfg.hidden == (64, 32)
+    with pytest.raises(TypeError, match="unknown MLPCfg fields: \\['n_pca'\\]"):
+        MLPRegressor.from_settings(n_pca=3)
 
 
 # ---------------------------------------------------------------- residual head vs the paper's
