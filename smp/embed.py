@@ -8,8 +8,8 @@
 
 Decoding and preprocessing run in DataLoader workers (``_Images``, ``_loader``), the model in the main
 process (``smp.clip``: loading, the encoder and its graph; CUDA + fp16 autocast when a GPU is there,
-fp32 on CPU). Results are cached by image content in chunk files written atomically (``_Cache``,
-``_ChunkWriter``), so a rerun over the same images computes nothing and an interrupted run resumes
+fp32 on CPU). Results are cached by image content (``smp.feature_cache``: chunk files written
+atomically), so a rerun over the same images computes nothing and an interrupted run resumes
 where it stopped: a chunk is written every ``chunk_size`` images and at least every ``flush_seconds``,
 so a kill loses at most that much work. A damaged chunk (unreadable, wrong shapes, non-finite values)
 is renamed ``*.npz.damaged`` and its images are recomputed.
@@ -26,10 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
-import os
-import re
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -44,15 +41,15 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from smp.clip import Encoder, graph_mode, load_clip, model_spec, preprocess_for, resolve_device
+from smp.clip import Encoder, graph_mode, load_clip, preprocess_for, resolve_device
 from smp.config import at_least, check, device, one_of
 from smp.data import DataCfg
+from smp.feature_cache import ChunkWriter, FeatureCache, feature_spec, spec_directory
 from smp.image_features import (HANDCRAFTED, PAPER_CLIP_MODEL, PAPER_CLIP_PRETRAINED, BadImage, decode_image,
                                 handcrafted_features)
+from smp.jobs import Job
 
 log = logging.getLogger("smp.embed")
-
-PREPROCESS_VERSION = "1"  # bump when decoding, preprocessing or handcrafted definitions change
 
 
 @dataclass(frozen=True)
@@ -86,240 +83,6 @@ class EmbedResult:
     bad: pd.DataFrame  # Pid, path, reason for every post without a usable image
     stats: dict[str, float] = field(default_factory=dict)
     info: dict = field(default_factory=dict)  # model/weights/device/cache description
-
-
-def _spec(cfg: EmbedCfg) -> dict:
-    """Everything that determines a cached row, without building the model: the CLIP model's
-    :func:`~smp.clip.model_spec` and the version of decoding, preprocessing and handcrafted features."""
-    return {**model_spec(cfg), "preprocess_version": PREPROCESS_VERSION}
-
-
-# ----------------------------------------------------------------------------- content cache
-
-
-def _cache_root(cfg: EmbedCfg) -> Path:
-    root = cfg.cache_dir or os.environ.get("SMP_CACHE_DIR") or ".smp_cache"
-    return Path(root) / "features"
-
-
-def _cache_dir(cfg: EmbedCfg, spec: dict) -> Path:
-    """Directory specific to (model, weights, precision, preprocess version, quick_gelu)."""
-    name = "__".join(
-        [spec["model"], spec["weights_id"], spec["precision"], f"p{spec['preprocess_version']}"]
-        + (["quickgelu"] if spec["force_quick_gelu"] else [])
-    )
-    return _cache_root(cfg) / re.sub(r"[^A-Za-z0-9._-]+", "_", name)
-
-
-_CHUNK_ARRAYS = ("keys", "hc", "clip")  # what every chunk file holds, one row per image
-_KEY_LENGTH = 64  # a key is the image's sha256 in hex
-
-
-class _DamagedChunk(Exception):
-    """A cache chunk that cannot be used; the message says what is wrong with it."""
-
-
-def _chunk_problem(arrays: dict[str, np.ndarray], widths: dict[str, int]) -> str | None:
-    """What is wrong with a chunk's arrays, or None: names, dtypes, row counts, ``widths`` (array name ->
-    columns, where known) and finiteness (every row written was a finite, computed vector)."""
-    missing = [name for name in _CHUNK_ARRAYS if name not in arrays]
-    if missing:
-        return f"missing arrays {missing}"
-    for name in _CHUNK_ARRAYS:
-        if not isinstance(arrays[name], np.ndarray):  # np.load returns a member that is not .npy as bytes
-            return f"{name} is not an .npy array"
-    keys = arrays["keys"]
-    if keys.dtype.kind != "U" or keys.ndim != 1:
-        return f"keys are {keys.dtype} of shape {keys.shape}, not a 1-D string array"
-    if not np.all(np.char.str_len(keys) == _KEY_LENGTH):
-        return "keys are not sha256 hex digests"
-    for name in ("hc", "clip"):
-        a = arrays[name]
-        if a.dtype.kind != "f" or a.ndim != 2:
-            return f"{name} is {a.dtype} of shape {a.shape}, not a 2-D float array"
-        if a.shape[0] != len(keys):
-            return f"{name} has {a.shape[0]} rows for {len(keys)} keys"
-        if name in widths and a.shape[1] != widths[name]:
-            return f"{name} has {a.shape[1]} columns, expected {widths[name]}"
-        if not np.isfinite(a).all():
-            return f"{name} has non-finite values"
-    return None
-
-
-def _read_chunk(path: Path, widths: dict[str, int]) -> dict[str, np.ndarray]:
-    """Every array of a chunk file, read in full and checked; raises :class:`_DamagedChunk`.
-
-    In full: ``np.load`` opens a zip whose members are damaged, the error (BadZipFile on a bad CRC,
-    ValueError on a bad array header, ...) only comes when a member is read.
-    """
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {name: z[name] for name in z.files}
-    except Exception as e:  # noqa: BLE001 - zip, zlib, npy-header and OS errors all mean "cannot use it"
-        raise _DamagedChunk(f"{type(e).__name__}: {e}") from e
-    problem = _chunk_problem(arrays, widths)
-    if problem is not None:
-        raise _DamagedChunk(problem)
-    return arrays
-
-
-def _file_id(path: Path) -> tuple[int, int, int] | None:
-    """Inode, size and mtime of ``path`` (None if it is gone): tells a rewritten file from the one read."""
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_ino, st.st_size, st.st_mtime_ns
-
-
-class _Cache:
-    """Chunk files ``chunk-*.npz`` (keys, handcrafted, clip) in one spec directory.
-
-    Every chunk is read and checked when the index is built; a damaged one is left out of the index (its
-    images are recomputed and written to a new chunk), renamed ``*.npz.damaged`` so later runs do not
-    read it again, and listed in ``damaged`` as (file name, problem).
-    """
-
-    def __init__(self, directory: Path, widths: dict[str, int] | None = None):
-        self.dir = directory
-        self.widths = dict(widths or {})  # array name -> expected columns (hc, clip)
-        self.index: dict[str, tuple[str, int]] = {}  # image sha256 -> (chunk file, row)
-        self.damaged: list[tuple[str, str]] = []  # (chunk file, problem), in the order found
-        if not directory.is_dir():
-            return
-        for path in sorted(directory.glob("chunk-*.npz")):
-            seen = _file_id(path)
-            try:
-                keys = _read_chunk(path, self.widths)["keys"]
-            except _DamagedChunk as e:
-                self._set_aside(path, seen, str(e))
-                continue
-            for row, key in enumerate(keys):
-                self.index.setdefault(str(key), (path.name, row))
-
-    def _set_aside(self, path: Path, seen: tuple | None, problem: str) -> None:
-        """Record a damaged chunk, drop it from the index and rename it ``*.npz.damaged``."""
-        self.damaged.append((path.name, problem))
-        self.index = {k: v for k, v in self.index.items() if v[0] != path.name}
-        aside = path.with_name(path.name + ".damaged")
-        # another run sharing the cache may have set it aside and written a good chunk of the same name
-        # since we read it: rename only the file we read
-        if seen is None or _file_id(path) != seen:
-            log.warning("damaged cache chunk %s (%s); its images are recomputed", path, problem)
-            return
-        try:
-            os.replace(path, aside)
-        except OSError as e:
-            log.warning("damaged cache chunk %s (%s); its images are recomputed (could not rename it: %s)",
-                        path, problem, e)
-            return
-        log.warning("damaged cache chunk %s (%s): renamed %s, its images are recomputed", path, problem,
-                    aside.name)
-
-    def write(self, keys: list[str], hc: np.ndarray, clip: np.ndarray, spec: dict) -> Path:
-        """Write one chunk atomically (temp file + os.replace); return its path."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        meta = self.dir / "spec.json"
-        if not meta.exists():
-            _atomic_write_bytes(meta, json.dumps(spec, indent=1, sort_keys=True).encode())
-        digest = hashlib.sha256("".join(keys).encode()).hexdigest()[:20]
-        path = self.dir / f"chunk-{digest}.npz"
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-", suffix=".npz")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, keys=np.array(keys, dtype="U64"), hc=hc, clip=clip)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        for row, key in enumerate(keys):
-            self.index.setdefault(key, (path.name, row))
-        return path
-
-    def read(self, wanted: dict[str, list[int]], hc_out: np.ndarray, clip_out: np.ndarray) -> set[str]:
-        """Fill output rows from the cache: ``wanted`` maps key -> output row indices.
-
-        Returns the keys that could not be served because their chunk became unreadable (or changed)
-        since the index was built; that chunk is set aside like a damaged one and the caller recomputes.
-        """
-        by_chunk: dict[str, list[tuple[str, int, list[int]]]] = {}
-        for key, rows in wanted.items():
-            name, row = self.index[key]
-            by_chunk.setdefault(name, []).append((key, row, rows))
-        lost: set[str] = set()
-        for name, items in by_chunk.items():
-            path = self.dir / name
-            seen = _file_id(path)
-            try:
-                arrays = _read_chunk(path, self.widths)
-                keys = arrays["keys"]
-                if any(row >= len(keys) or str(keys[row]) != key for key, row, _ in items):
-                    raise _DamagedChunk("its keys differ from the ones indexed (rewritten meanwhile?)")
-            except _DamagedChunk as e:
-                self._set_aside(path, seen, f"{e}, when reading")
-                lost.update(key for key, _, _ in items)
-                continue
-            hc, clip = arrays["hc"], arrays["clip"]
-            for _, row, out_rows in items:
-                hc_out[out_rows] = hc[row]
-                clip_out[out_rows] = clip[row]
-        return lost
-
-
-class _ChunkWriter:
-    """Computed rows waiting to be written to the cache, and when to write them.
-
-    A chunk is written when ``chunk_size`` rows are pending, when ``flush_seconds`` (0 = never) have
-    passed on ``clock`` since the last write -- on a slow machine 256 images can be many minutes of
-    work, and a kill loses what is pending -- and at the end (``flush(final=True)``).
-    ``on_chunk(info)`` is called after each write (info: path, rows, chunks_written, computed).
-    """
-
-    def __init__(self, cache: _Cache, spec: dict, chunk_size: int, flush_seconds: float,
-                 on_chunk: Callable[[dict], None] | None = None, clock: Callable[[], float] = time.monotonic):
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be at least 1, not {chunk_size}")
-        if not flush_seconds >= 0:
-            raise ValueError(f"flush_seconds must be >= 0 (0 = by count only), not {flush_seconds}")
-        self.cache, self.spec, self.on_chunk, self.clock = cache, spec, on_chunk, clock
-        self.chunk_size, self.flush_seconds = chunk_size, flush_seconds
-        self.keys: list[str] = []
-        self.hc: list[np.ndarray] = []
-        self.clip: list[np.ndarray] = []
-        self.added = self.chunks = 0
-        self.last_write = clock()
-
-    def add(self, keys: list[str], hc: np.ndarray, clip: np.ndarray) -> None:
-        """Queue computed rows (one key per row) and write what is due."""
-        self.keys += keys
-        self.hc += list(hc)
-        self.clip += list(clip)
-        self.added += len(keys)
-        self.flush(final=False)
-
-    def flush(self, final: bool) -> None:
-        """Write every full chunk; the rest too when ``final`` or when the time since the last write is up."""
-        while self.keys and (len(self.keys) >= self.chunk_size or final or self._due()):
-            m = min(self.chunk_size, len(self.keys))
-            path = self.cache.write(self.keys[:m], np.stack(self.hc[:m]), np.stack(self.clip[:m]), self.spec)
-            del self.keys[:m], self.hc[:m], self.clip[:m]
-            self.chunks += 1
-            self.last_write = self.clock()
-            if self.on_chunk is not None:
-                self.on_chunk({"path": str(path), "rows": m, "chunks_written": self.chunks, "computed": self.added})
-
-    def _due(self) -> bool:
-        return self.flush_seconds > 0 and self.clock() - self.last_write >= self.flush_seconds
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- dataset
@@ -428,7 +191,7 @@ class _Run:
     served from the cache never builds it; ``info`` then gets the model's own description.
     """
 
-    def __init__(self, n: int, d: int, cfg: EmbedCfg, info: dict, mode: str, writer: _ChunkWriter,
+    def __init__(self, n: int, d: int, cfg: EmbedCfg, info: dict, mode: str, writer: ChunkWriter,
                  loaded: tuple | None):
         self.hc = np.full((n, len(HANDCRAFTED)), np.nan, dtype=np.float64)
         self.clip = np.full((n, d), np.nan, dtype=np.float32)
@@ -473,7 +236,7 @@ class _Run:
             self.computed_after_first += len(rows)
         self.writer.add([k for _, k in batch["todo"]], batch["hc"], emb)
 
-    def read_cached(self, cache: _Cache, hits: dict[str, list[int]]) -> list[int]:
+    def read_cached(self, cache: FeatureCache, hits: dict[str, list[int]]) -> list[int]:
         """Fill the rows of cached images; return the rows whose chunk could not be read back (to compute)."""
         t_read = time.perf_counter()
         lost = cache.read(hits, self.hc, self.clip) if hits else set()
@@ -525,7 +288,7 @@ def _bad_table(pids: Sequence[str], paths: Sequence[str | None], bad: list[tuple
     )
 
 
-def _log_summary(run: _Run, n: int, cache: _Cache) -> None:
+def _log_summary(run: _Run, n: int, cache: FeatureCache) -> None:
     if run.computed == 0 and run.hits:
         log.info("all %d images served from cache (%s)", run.hits, cache.dir)
     elif run.hits:
@@ -562,16 +325,16 @@ def embed_images(
     if len(pids) != len(paths):
         raise ValueError(f"{len(pids)} pids but {len(paths)} paths")
     n = len(pids)
-    spec = _spec(cfg)
+    spec = feature_spec(cfg)
     d = spec["embedding_dim"]
     if loaded is not None:
         _check_loaded(loaded[2], spec)
-    cache = _Cache(_cache_dir(cfg, spec), widths={"hc": len(HANDCRAFTED), "clip": d})
+    cache = FeatureCache(spec_directory(cfg.cache_dir, spec), widths={"hc": len(HANDCRAFTED), "clip": d})
     log.info("feature cache %s: %d images indexed%s", cache.dir, len(cache.index),
              f", {len(cache.damaged)} damaged chunks set aside" if cache.damaged else "")
     info = dict(spec, cache_dir=str(cache.dir), device=resolve_device(cfg))
     mode = graph_mode(cfg.compile, info["device"], sum(not _no_path(p) for p in paths))
-    writer = _ChunkWriter(cache, spec, cfg.chunk_size, cfg.flush_seconds, on_chunk, clock)
+    writer = ChunkWriter(cache, spec, cfg.chunk_size, cfg.flush_seconds, on_chunk, clock)
     run = _Run(n, d, cfg, info, mode, writer, loaded)
     preprocess = preprocess_for(cfg)
     bar = tqdm(total=n, unit="img", desc="embed", disable=not cfg.progress, smoothing=0.1)
@@ -623,7 +386,7 @@ def embedding_key(cfg: EmbedCfg) -> str:
     """Hash of the settings that change the vectors (model, weights, preprocessing)."""
     from smp.tracking import params_hash
 
-    spec = _spec(cfg)  # weights by content (a checkpoint's sha256), precision by device (fp32 / CUDA amp)
+    spec = feature_spec(cfg)  # weights by content (a checkpoint's sha256), precision by device (fp32 / CUDA amp)
     return params_hash({k: spec[k] for k in ("model", "weights_id", "precision", "force_quick_gelu",
                                              "preprocess_version")})
 
@@ -643,7 +406,7 @@ def run_embed(cfg: EmbedJob = EmbedJob(), parent=None) -> "JobResult":
     digest = data_hash(posts)
     embed_cfg = cfg.embed
     tags = {"smp.data_hash": digest, "smp.reuse_key": embedding_key(cfg.embed), "smp.model": "embed"}
-    with job_run("embed", cfg.experiment, flatten(cfg), tags, parent) as run:
+    with job_run("embed", cfg.experiment, flatten(cfg), tags, parent, what=EMBED.help) as run:
         try:
             loaded = load_clip(embed_cfg)  # loaded once, here: fails early (offline) and is reused below
         except RuntimeError as exc:
@@ -700,3 +463,7 @@ def run_embed(cfg: EmbedJob = EmbedJob(), parent=None) -> "JobResult":
     log.info("embed: %d images (%d bad, %d from cache)", metrics.get("images", 0), metrics.get("bad_images", 0),
              metrics.get("cache_hits", 0))
     return JobResult(run.info.run_id, metrics)
+
+
+# the `embed` job as the job tables (``smp.catalog``) list it; run_embed's run description is its help
+EMBED = Job("embed", "CLIP + handcrafted image features, cached by content", run_embed, EmbedJob)

@@ -34,7 +34,8 @@ import numpy as np
 import pandas as pd
 
 from smp.clip import ClipCfg, Encoder, graph_mode, load_clip
-from smp.embed import EmbedCfg, _cache_dir, _cache_root, _Cache, _spec
+from smp.embed import EmbedCfg
+from smp.feature_cache import FeatureCache, feature_spec, features_root, spec_directory
 from smp.image_features import HANDCRAFTED, BadImage, decode_image, handcrafted_features, path_problem
 
 log = logging.getLogger("smp.image_requests")
@@ -56,7 +57,7 @@ def features_for_rows(posts: pd.DataFrame, cfg: EmbedCfg) -> pd.DataFrame:
     pids = posts["Pid"].astype(str).tolist()
     b64 = posts["image_b64"].tolist() if "image_b64" in posts.columns else [None] * len(posts)
     paths = posts["image_path"].tolist() if "image_path" in posts.columns else [None] * len(posts)
-    store = request_features(ClipCfg.of(cfg), str(_cache_root(cfg).absolute().parent))
+    store = request_features(ClipCfg.of(cfg), str(features_root(cfg.cache_dir).absolute().parent))
     hc, clip, bad = store.features(lambda i: _image_bytes(b64[i], paths[i]), len(pids), cfg)
     features = pd.concat([
         pd.DataFrame({"Pid": pd.Series(pids, dtype=object),
@@ -131,7 +132,7 @@ class FeatureLRU:
                 self.nbytes -= self._size(*dropped)
 
 
-class _ReadOnlyCache(_Cache):
+class _ReadOnlyCache(FeatureCache):
     """The embed job's chunk cache, read only: a damaged chunk is left out of the index (its images are
     computed), never renamed -- serving changes nothing on disk."""
 
@@ -147,8 +148,8 @@ class RequestFeatures:
 
     def __init__(self, clip: ClipCfg, cache_root: str, max_entries: int = MAX_CACHED_IMAGES,
                  max_bytes: int = MAX_CACHED_MB * 2**20):
-        self.clip, self.spec = clip, _spec(clip)
-        self.directory = _cache_dir(EmbedCfg(cache_dir=cache_root), self.spec)
+        self.clip, self.spec = clip, feature_spec(clip)
+        self.directory = spec_directory(cache_root, self.spec)
         self.memory = FeatureLRU(max_entries, max_bytes)
         self._disk: _ReadOnlyCache | None = None
         self._lock = threading.Lock()

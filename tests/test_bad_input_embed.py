@@ -14,9 +14,10 @@ import mlflow
 import numpy as np
 import pytest
 
-from smp import clip, embed
+from smp import clip
 from smp.data import DataCfg, load_data
 from smp.embed import EmbedCfg, EmbedJob, embed_images, load_clip, run_embed
+from smp.feature_cache import ChunkWriter, FeatureCache, feature_spec, spec_directory
 from smp.image_features import HANDCRAFTED
 
 N = 6
@@ -148,14 +149,14 @@ def test_chunk_damaged_after_indexing_is_recomputed_not_fatal(images, loaded, re
     cfg = cfg_for(tmp_path / "cache")
     first = embed_images(*images, cfg, loaded=loaded)
     victim = _chunks(first.info["cache_dir"])[0]
-    read = embed._Cache.read
+    read = FeatureCache.read
 
     def damage_then_read(self, *args):
         if victim.exists():
             _damage(victim, "clip_bytes")
         return read(self, *args)
 
-    monkeypatch.setattr(embed._Cache, "read", damage_then_read)
+    monkeypatch.setattr(FeatureCache, "read", damage_then_read)
     second = embed_images(*images, cfg, loaded=loaded)
     assert second.stats["computed"] == 2 and second.stats["cache_hits"] == N - 2
     assert second.stats["damaged_chunks"] == 1
@@ -163,7 +164,7 @@ def test_chunk_damaged_after_indexing_is_recomputed_not_fatal(images, loaded, re
     assert name == victim.name and "Bad CRC-32" in found and "when reading" in found
     _same_features(second.features, reference)
 
-    monkeypatch.setattr(embed._Cache, "read", read)
+    monkeypatch.setattr(FeatureCache, "read", read)
     third = embed_images(*images, cfg, loaded=loaded)
     assert third.stats["computed"] == 0 and third.stats["damaged_chunks"] == 0
     _same_features(third.features, reference)
@@ -175,7 +176,7 @@ def test_embed_job_logs_the_damaged_chunk_count(cfg_for, tmp_path):
     data = generate(tmp_path / "smpd", SynthCfg(n=4, seed=1, img_min=32, img_max=48))
     job = EmbedJob(source=DataCfg(data=str(data)), embed=cfg_for(tmp_path / "cache"), experiment="bad-input")
     assert run_embed(job)["damaged_chunks"] == 0
-    cache_dir = embed._cache_dir(job.embed, embed._spec(job.embed))
+    cache_dir = spec_directory(job.embed.cache_dir, feature_spec(job.embed))
     _damage(_chunks(str(cache_dir))[0], "truncated")
     metrics = run_embed(job)
     assert metrics["damaged_chunks"] == 1 and metrics["computed"] == 2 and metrics["cache_hits"] == 2
@@ -212,7 +213,7 @@ def test_time_flush_bounds_what_a_kill_loses(images, loaded, reference, cfg_for,
         embed_images(*images, cfg, loaded=loaded, clock=clock,
                      on_chunk=lambda info: written.append((info["rows"], info["chunks_written"], info["computed"])))
     assert written == [(3, 1, 3)]  # at t=30 s, 30 s after the start; t=40, 50: 20 s since, not yet due
-    [chunk] = _chunks(str(embed._cache_dir(cfg, embed._spec(cfg))))
+    [chunk] = _chunks(str(spec_directory(cfg.cache_dir, feature_spec(cfg))))
     with np.load(chunk) as z:
         assert len(z["keys"]) == 3
 
@@ -240,7 +241,7 @@ def _add(writer, keys: str) -> None:
 
 def test_chunk_writer_writes_by_count_by_time_and_at_the_end():
     clock, cache, infos = _Clock(), _Recorder(), []
-    writer = embed._ChunkWriter(cache, {}, chunk_size=4, flush_seconds=10.0, on_chunk=infos.append, clock=clock)
+    writer = ChunkWriter(cache, {}, chunk_size=4, flush_seconds=10.0, on_chunk=infos.append, clock=clock)
     _add(writer, "abc")
     assert cache.rows == []
     clock.now = 5.0
@@ -254,7 +255,7 @@ def test_chunk_writer_writes_by_count_by_time_and_at_the_end():
     assert cache.rows[2:] == [["i"]] and writer.keys == []
     assert infos[-1] == {"path": "chunk-3", "rows": 1, "chunks_written": 3, "computed": 9}
 
-    count_only = embed._ChunkWriter(cache, {}, chunk_size=4, flush_seconds=0.0, clock=clock)
+    count_only = ChunkWriter(cache, {}, chunk_size=4, flush_seconds=0.0, clock=clock)
     _add(count_only, "xy")
     clock.now = 1e9
     count_only.flush(final=False)
@@ -262,6 +263,6 @@ def test_chunk_writer_writes_by_count_by_time_and_at_the_end():
     count_only.flush(final=True)
     assert cache.rows[3:] == [["x", "y"]]
     with pytest.raises(ValueError, match="chunk_size"):
-        embed._ChunkWriter(cache, {}, chunk_size=0, flush_seconds=0.0)
+        ChunkWriter(cache, {}, chunk_size=0, flush_seconds=0.0)
     with pytest.raises(ValueError, match="flush_seconds"):
-        embed._ChunkWriter(cache, {}, chunk_size=1, flush_seconds=-1.0)
+        ChunkWriter(cache, {}, chunk_size=1, flush_seconds=-1.0)

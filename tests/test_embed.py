@@ -5,6 +5,7 @@ the cache under tmp_path: nothing is downloaded. One slow test runs the paper's 
 """
 
 import base64
+import hashlib
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -16,7 +17,7 @@ import pandas as pd
 import pytest
 import torch
 
-from smp import clip, embed
+from smp import clip, embed, feature_cache
 from smp.embed import EmbedCfg, embed_images, load_clip
 from smp.image_features import HANDCRAFTED
 
@@ -92,7 +93,7 @@ def test_rows_shape_and_bad_images(images, baseline):
     assert res.info["compile"] == "eager"
     chunk_files = list(Path(res.info["cache_dir"]).glob("chunk-*.npz"))
     assert len(chunk_files) == N_GOOD // 4
-    assert not list(Path(res.info["cache_dir"]).glob(".tmp-*"))
+    assert list(Path(res.info["cache_dir"]).glob(".tmp-*")) == []  # every chunk renamed into place
 
 
 def test_second_run_is_served_from_cache(images, baseline, monkeypatch, caplog):
@@ -122,7 +123,7 @@ def test_workers_and_a_fresh_model_reproduce_the_vectors(images, baseline, cfg_f
 def test_changed_model_or_preprocess_never_reuses_vectors(images, baseline, monkeypatch, tmp_path):
     cfg, first = baseline
     pids, paths = images
-    dirs = {embed._cache_dir(c, embed._spec(c)) for c in [
+    dirs = {feature_cache.spec_directory(c.cache_dir, feature_cache.feature_spec(c)) for c in [
         cfg,
         replace(cfg, clip_model="RN101"),
         replace(cfg, clip_pretrained="openai"),
@@ -130,7 +131,7 @@ def test_changed_model_or_preprocess_never_reuses_vectors(images, baseline, monk
         replace(cfg, checkpoint=str(paths[0])),  # any file: keyed by its sha256
     ]}
     assert len(dirs) == 5
-    monkeypatch.setattr(embed, "PREPROCESS_VERSION", "test-bumped")
+    monkeypatch.setattr(feature_cache, "PREPROCESS_VERSION", "test-bumped")
     res = embed_images(pids[:2], paths[:2], cfg)
     assert res.stats["computed"] == 2 and res.stats["cache_hits"] == 0
     assert res.info["preprocess_version"] == "test-bumped"
@@ -178,7 +179,8 @@ def test_local_checkpoints_state_dict_and_torchscript(tiny_clip, tmp_path):
     plain = tmp_path / "plain.pt"
     torch.save(half.state_dict(), plain)
     model, _, info = load_clip(EmbedCfg(clip_model=tiny, checkpoint=str(plain), device="cpu"))
-    assert info["checkpoint_sha256"] and not info["random_weights"]
+    assert info["checkpoint_sha256"] == hashlib.sha256(plain.read_bytes()).hexdigest()
+    assert info["random_weights"] is False
     assert torch.equal(model.visual.conv1.weight, half.visual.conv1.weight.float())
 
     with torch.no_grad():
@@ -233,12 +235,12 @@ def test_tiny_clip_is_an_open_clip_model(tiny_clip):
     """smp-tiny is registered with open_clip when a config first names it: spec, transform and model come
     from open_clip as RN50's do."""
     cfg = EmbedCfg(**tiny_clip, device="cpu")
-    assert embed._spec(cfg)["embedding_dim"] == 32 and clip.preprocess_for(cfg).transforms[1].size == (64, 64)
+    assert feature_cache.feature_spec(cfg)["embedding_dim"] == 32 and clip.preprocess_for(cfg).transforms[1].size == (64, 64)
     model, _, info = load_clip(cfg)
     assert info["image_size"] == 64 and tiny_clip["clip_model"] in open_clip.list_models()
     assert model.encode_image(torch.zeros(2, 3, 64, 64)).shape == (2, 32)
     with pytest.raises(ValueError, match="unknown open_clip model"):
-        embed._spec(replace(cfg, clip_model="smp-huge"))
+        feature_cache.feature_spec(replace(cfg, clip_model="smp-huge"))
 
 
 def test_request_rows_share_one_model(images, baseline, monkeypatch, tmp_path):

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from smp import embed, image_requests
+from smp import feature_cache, image_requests
 from smp.embed import EmbedCfg, embed_images
 from smp.image_requests import FeatureLRU, features_for_rows
 
@@ -105,8 +105,8 @@ def test_request_images_never_reach_the_cache_and_the_index_is_read_once(cached,
     before = snapshot(cache)
     assert any(name.endswith(".npz") for name in before)
     reads = []
-    read_chunk = embed._read_chunk
-    monkeypatch.setattr(embed, "_read_chunk", lambda *a, **k: reads.append(a[0]) or read_chunk(*a, **k))
+    read_chunk = feature_cache.read_chunk
+    monkeypatch.setattr(feature_cache, "read_chunk", lambda *a, **k: reads.append(a[0]) or read_chunk(*a, **k))
     new = [jpeg(100 + i) for i in range(12)]
     for n in range(4):  # 4 requests: 3 new images each, plus a training image (in the embed job's cache)
         rows = pd.DataFrame({"Pid": [f"r{n}-{j}" for j in range(4)],
@@ -136,7 +136,7 @@ def test_request_features_need_no_writable_disk(cached, monkeypatch):
     def read_only(*args, **kwargs):
         raise OSError(30, "Read-only file system")
 
-    for target, name in [(embed._Cache, "write"), (tempfile, "mkstemp"), (tempfile, "mkdtemp"),
+    for target, name in [(feature_cache.FeatureCache, "write"), (tempfile, "mkstemp"), (tempfile, "mkdtemp"),
                          (tempfile, "NamedTemporaryFile"), (Path, "mkdir"), (Path, "write_bytes"),
                          (os, "replace"), (os, "rename")]:
         monkeypatch.setattr(target, name, read_only)
