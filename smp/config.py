@@ -176,3 +176,11 @@ def check(cfg, **rules) -> None:
             good = False
         if not good or (isinstance(value, float) and value != value):  # NaN passes no rule
             raise ConfigError(f"{name}={value!r}: expected {what}")
+
+
+def sig(value, digits: int = 4) -> str:
+    """A figure as descriptions show it: 4 significant digits (``1.904``, ``0.5763``, ``2.333e+04``)."""
+    try:
+        return f"{float(value):.{digits}g}"
+    except (TypeError, ValueError):
+        return str(value)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from smp.tracking import sig
+from smp.config import sig
 
 
 def _plt():

@@ -17,7 +17,8 @@ from smp.fit import Fitted
 from smp.jobs import Family
 from smp.packaging import example_input, log_model
 from smp.splits import Prepared, SplitCfg
-from smp.tracking import describe_run, log_data_inputs, log_figure, log_params, sig
+from smp.config import sig
+from smp.tracking import describe_run, log_data_inputs, log_figure, log_params
 from smp.upstream import Upstream
 
 log = logging.getLogger("smp.record")

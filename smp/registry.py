@@ -106,10 +106,10 @@ from smp.data import DataCfg, DataError
 from smp.evaluate import baseline_metrics, regression_metrics
 from smp.serving import model_input, predict_frame
 from smp.splits import MIN_SPLIT_ROWS, Prepared, SplitCfg, prepare
-from smp.config import ConfigError, flatten
+from smp.config import ConfigError, flatten, sig
 from smp.families import FAMILIES
 from smp.jobs import Job
-from smp.tracking import JobResult, describe_run, job_run, logged_model_uri, sig, upsert
+from smp.tracking import JobResult, describe_run, job_run, logged_model_uri, upsert
 
 log = logging.getLogger("smp.registry")
 

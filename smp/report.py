@@ -14,7 +14,8 @@ from smp import plots
 from smp.config import flatten
 from smp.families import FAMILIES
 from smp.jobs import Family, Job
-from smp.tracking import JobResult, describe_run, job_run, log_figure, sig
+from smp.config import sig
+from smp.tracking import JobResult, describe_run, job_run, log_figure
 
 log = logging.getLogger("smp.report")
 

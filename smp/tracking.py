@@ -273,14 +273,6 @@ def job_run(job: str, experiment: str, params: dict, tags: dict | None = None, p
 NOTE = "mlflow.note.content"  # the run page's Description (and the runs table's Description column)
 
 
-def sig(value, digits: int = 4) -> str:
-    """A figure as descriptions show it: 4 significant digits (``1.904``, ``0.5763``, ``2.333e+04``)."""
-    try:
-        return f"{float(value):.{digits}g}"
-    except (TypeError, ValueError):
-        return str(value)
-
-
 def job_note(job: str, params: dict, parent: "Parent | None" = None, what: str = "") -> str:
     """A run's first description, set when it starts: what the job is (``what``) and on what (the job replaces
     it with its results when it has them, so a run that failed or was killed still says what it was)."""

@@ -75,13 +75,13 @@ from pathlib import Path
 import mlflow
 import optuna
 
-from smp.config import ConfigError, apply, at_least, check, flatten, leaves, one_of
+from smp.config import ConfigError, apply, at_least, check, flatten, leaves, one_of, sig
 from smp.data import DataCfg, DataError
 from smp.families import FAMILIES, family
 from smp.jobs import Job
 from smp.splits import Prepared, SplitCfg, prepare
-from smp.tracking import (NOTE, JobResult, Parent, configure_tracking, data_label, describe_experiment, job_note, log_figure,
-                          log_params, logged_model_uri, resolve_experiment, sig)
+from smp.tracking import (NOTE, JobResult, Parent, configure_tracking, data_label, describe_experiment, job_note,
+                          log_figure, log_params, logged_model_uri, resolve_experiment)
 
 log = logging.getLogger("smp.tune")
 

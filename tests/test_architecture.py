@@ -1,29 +1,36 @@
-"""The package's shape: data flows one way through the stage modules, and the model families live in one table."""
+"""The package's shape: data flows one way through the stage modules; a model job reads resolve -> fit ->
+record; the model families are objects listed in one table."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from smp.jobs import FAMILIES, JOBS
-
 SMP = Path(__file__).resolve().parents[1] / "smp"
 # A module may import from its own stage or a lower one, never a higher one. Stage 0 is plumbing any stage
-# uses (the config walker, the job table of names, MLflow runs).
+# uses (the config walker, the Job/Family types, MLflow runs).
 STAGES = {
     "__init__": 0, "config": 0, "jobs": 0, "tracking": 0,
     "synth": 1, "data": 1,
     "splits": 2,
-    "features": 3, "image_features": 3, "clip": 3, "embed": 3, "image_requests": 3,
-    "models": 4, "nets": 4,
+    "features": 3, "image_features": 3, "clip": 3, "feature_cache": 3, "embed": 3, "image_requests": 3,
+    "boosters": 4, "models": 4, "nets": 4, "spaces": 4,
     "serving": 5, "evaluate": 5, "plots": 5,
-    "train": 6,
-    "report": 7, "tune": 7, "registry": 7,
-    "predict": 8,
-    "cli": 9,
+    "packaging": 6, "fit": 6,
+    "upstream": 7, "record": 7,
+    "train": 8,
+    "families": 9,
+    "report": 10, "tune": 10, "registry": 10,
+    "predict": 11,
+    "catalog": 12,
+    "cli": 13,
 }
+# The fit phase and everything it runs: no MLflow (fitting is pure; the record phase logs).
+FIT_PHASE = ("fit", "boosters", "models", "nets", "spaces", "evaluate", "plots", "features", "jobs")
 
 
 def smp_imports(path: Path) -> list[tuple[str, bool]]:
@@ -72,12 +79,79 @@ def test_the_import_graph_has_no_cycle():
             visit(node, [])
 
 
-def test_model_families_are_listed_in_one_table():
-    """Outside smp/jobs.py no collection literal names two model families: every list of them is derived from
-    ``smp.jobs.JOBS`` (a family's own job code naming itself is fine)."""
+def test_no_module_imports_another_by_a_string_name():
+    """Every dependency is an import statement the graph above sees: no importlib, __import__ or globals()[...]."""
     found = []
     for path in modules():
-        if path.stem == "jobs":
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                fn = node.func
+                name = fn.attr if isinstance(fn, ast.Attribute) else getattr(fn, "id", "")
+                if name in ("import_module", "__import__"):
+                    found.append(f"{path.name}:{node.lineno} {name}")
+            if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Call) \
+                    and getattr(node.value.func, "id", "") == "globals":
+                found.append(f"{path.name}:{node.lineno} globals()[...]")
+    assert found == []
+
+
+@pytest.mark.parametrize("name", FIT_PHASE)
+def test_the_fit_phase_imports_no_mlflow(name):
+    source = (SMP / f"{name}.py").read_text()
+    imported = [n for node in ast.walk(ast.parse(source)) if isinstance(node, (ast.Import, ast.ImportFrom))
+                for n in ([a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""])]
+    assert [n for n in imported if n.split(".")[0] == "mlflow"] == []
+
+
+def test_fitting_loads_no_mlflow_at_all():
+    """Importing the fit phase (and what it imports, transitively) leaves MLflow unloaded."""
+    code = "import sys, smp.fit; print(sorted(m for m in sys.modules if m.split('.')[0] == 'mlflow'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def _calls(fn: ast.FunctionDef) -> list[str]:
+    """``module.name`` or ``name`` of every call in a function body, in source order."""
+    out = []
+    for node in ast.walk(fn):
+        if isinstance(node, ast.Call):
+            f = node.func
+            if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name):
+                out.append((node.lineno, node.col_offset, f"{f.value.id}.{f.attr}"))
+            elif isinstance(f, ast.Name):
+                out.append((node.lineno, node.col_offset, f.id))
+    return [name for *_, name in sorted(out)]
+
+
+def test_each_model_job_reads_resolve_fit_record():
+    """A model job's run function opens its run (``job_run``), resolves upstream (``upstream.*``), fits
+    (``fit.*``) and records (``record.*``), in that order, and touches MLflow through nothing else."""
+    tree = ast.parse((SMP / "train.py").read_text())
+    tracking = {a.name for node in tree.body if isinstance(node, ast.ImportFrom) and node.module == "smp.tracking"
+                for a in node.names}
+    assert tracking <= {"JobResult", "Parent", "job_run", "params_hash"}
+    assert not any(isinstance(node, (ast.Import, ast.ImportFrom)) and "mlflow" in ast.dump(node)
+                   for node in ast.walk(tree))
+    runs = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)
+            and node.name in ("run_benchmark", "run_pca_boost", "run_ensemble")}
+    assert len(runs) == 3
+    for name, fn in runs.items():
+        phases = [c.split(".")[0] for c in _calls(fn) if c.split(".")[0] in ("job_run", "upstream", "fit", "record")]
+        order = [p for i, p in enumerate(phases) if i == 0 or phases[i - 1] != p]  # runs of one phase collapsed
+        expected = ["job_run", "fit", "record"] if name == "run_benchmark" else ["job_run", "upstream", "fit", "record"]
+        assert order == expected, (name, phases)
+
+
+def test_model_families_are_listed_in_one_table():
+    """Outside smp/families.py no collection literal names two model families: every list of them is derived
+    from ``smp.families.FAMILIES`` (a family's own job code naming itself is fine)."""
+    from smp.families import FAMILIES
+    from smp.jobs import Family
+
+    found = []
+    for path in modules():
+        if path.stem == "families":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.Tuple, ast.List, ast.Set, ast.Dict)):
@@ -86,26 +160,36 @@ def test_model_families_are_listed_in_one_table():
                 if len(named) >= 2:
                     found.append(f"{path.name}:{node.lineno} {sorted(named)}")
     assert found == []
-    assert FAMILIES == ("benchmark", "pca_boost", "ensemble_mlp", "ensemble_conv1d")
-    assert all(JOBS[f].model and JOBS[f].space and JOBS[f].description and JOBS[f].paper for f in FAMILIES)
+    assert tuple(FAMILIES) == ("benchmark", "pca_boost", "ensemble_mlp", "ensemble_conv1d")
+    assert all(isinstance(f, Family) and f.space and f.description and f.paper for f in FAMILIES.values())
 
 
 def test_every_family_builds_its_model_and_has_a_search_space():
     import optuna
 
-    from smp import train, tune
     from smp.config import leaves
-    from smp.models import ImageFeatureSource, create_model
+    from smp.families import FAMILIES
+    from smp.models import ImageFeatureSource
 
     trial = optuna.trial.FixedTrial({
         "max_depth": 4, "learning_rate": 0.1, "n_estimators": 200, "min_child_weight": 1.0, "subsample": 1.0,
         "colsample_bytree": 1.0, "reg_lambda": 1.0, "reg_alpha": 0.001, "n_components": 20, "hidden_1": 64,
-        "hidden_2": 16, "dropout": 0.1, "lr": 1e-3, "weight_decay": 1e-5, "batch_size": 32, "epochs": 10,
+        "hidden_2": 16, "dropout": 0.4, "lr": 1e-3, "weight_decay": 1e-5, "batch_size": 32, "epochs": 10,
         "n_pca": 8, "channels_1": 8, "channels_2": 16, "kernel_1": 3})
-    for name in FAMILIES:
-        cfg = JOBS[name].default_config()
-        model = create_model(name, cfg, images=ImageFeatureSource(["clip_0"]), benchmark=None)
-        assert model.family == name and hasattr(model, "fit") and hasattr(model, "predict")
-        values = tune.space_for(name)(trial)
-        assert set(values) <= {path[-1] for path, _ in leaves(cfg)}
-        assert JOBS[name].run_function() is getattr(train, f"run_{name}")
+    for name, family in FAMILIES.items():
+        cfg = family.default_config()
+        model = family.build(cfg, images=ImageFeatureSource(["clip_0"]), benchmark=None)
+        assert (type(model), model.family) == (family.model, name)
+        if family.net is not None:
+            assert type(model.net) is family.net and model.net.cfg == cfg.net
+        values = family.space(trial)
+        assert values and set(values) <= {path[-1] for path, _ in leaves(cfg)}
+
+
+def test_the_catalog_lists_every_entry_point_once_with_its_run_function():
+    from smp.catalog import JOBS
+    from smp.families import FAMILIES
+
+    assert list(JOBS) == ["synth", "embed", *FAMILIES, "compare", "tune", "promote", "predict"]
+    for name, job in JOBS.items():
+        assert job.name == name and job.run.__name__ == f"run_{name}" and job.help

@@ -15,7 +15,7 @@ from smp.data import DataCfg, DataError
 from smp.models import XGBCfg
 from smp.registry import PromoteJob, run_promote
 from smp.splits import SplitCfg
-from smp.tracking import sig
+from smp.config import sig
 from smp.train import BenchmarkJob, run_benchmark
 
 pytestmark = pytest.mark.slow

@@ -11,7 +11,7 @@ import pytest
 
 from smp.data import DataCfg
 from smp.splits import SplitCfg
-from smp.tracking import sig
+from smp.config import sig
 from smp.tune import StudyCfg, TuneJob, open_study, run_tune, study_figure, study_note, xgb_space
 
 pytestmark = pytest.mark.slow
