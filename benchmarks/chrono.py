@@ -1,11 +1,11 @@
-"""Why the benchmark generalises poorly to later posts, measured on the real posts (issue: models that hold up).
+"""Why the benchmark generalises poorly to later posts, measured on the real posts.
 
 A chronological holdout of its own: every real post (``posts.csv``) dated after the cut (the 90% quantile of
 ``Postdate``: the latest 10% of posts) is test; the posts before the cut are the training pool. Each variant
 trains on the pool (or an 80k subsample of it, as the entry points' default ``sample_size``) and predicts
 the same test posts; RMSE, MAE and Spearman are printed next to the mean predictor's (the training mean).
 
-Factors varied one at a time from the paper pipeline (what ``split=chrono`` did before this issue): early
+Factors varied one at a time from the paper pipeline (the paper's booster, ``Postdate`` as a feature): early
 stopping on a validation window (the latest 10% of the training posts, right before the test window),
 ``Postdate`` itself as a feature, the 80k subsample, the tree depth, and a linear time trend of the label
 fitted on the training posts (the model then learns the residual; the trend is extrapolated to test).

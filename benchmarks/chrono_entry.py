@@ -1,4 +1,5 @@
-"""`split=chrono` through the real launcher, scored on later real posts (issue 25, item 3).
+"""`split=chrono` through the real launcher, scored on later real posts (figures: docs/benchmarks.md,
+"The chronological protocol on the real posts").
 
 The posts of ``posts.csv`` dated before the cut (the 90% quantile of ``Postdate``, 2016-02-12 07:12 UTC) are
 written to ``pre_cut.csv`` with the file's own columns and dtypes; ``mlflow run <tree> -e benchmark

@@ -1,8 +1,8 @@
 """Wall time and peak memory of each model entry point on an 80k-post synthetic set with cached image features
-(issue: image models).
+(figures: docs/benchmarks.md, "Entry points at 80,000 posts").
 
-The image features are *cached*, as the issue asks: a features table (Pid, has_image, five handcrafted
-features, 1024 CLIP columns) is logged once as an `embed` run and every entry point is pointed at it with
+The image features are *cached*, so that the model code is what is timed: a features table (Pid, has_image,
+five handcrafted features, 1024 CLIP columns) is logged once as an `embed` run and every entry point is pointed at it with
 ``--embed-run``.  Its CLIP columns are random float32 vectors standing in for RN50 embeddings (embedding
 80k images on this CPU takes hours; the model code's speed does not depend on the values).  The synthetic
 posts themselves are the project's generator's (official SMPD layout, small JPEGs).
@@ -12,7 +12,7 @@ around it and peak RSS is the process's own maximum resident set (``os.wait4``).
 
   benchmark                       XGBoost on tabular features (``--n-estimators`` trees, see below)
   ensemble_mlp (first)            + out-of-fold benchmark predictions (K fits, cached on the benchmark run)
-  ensemble_mlp (upstream cached)  the MLP alone: 30 epochs over 64.8k train rows -> the issue's 3-minute target
+  ensemble_mlp (upstream cached)  the MLP alone: 30 epochs over 64.8k train rows (target: 3 minutes)
   ensemble_conv1d                 upstream cached
   pca_boost                       PCA 300 + XGBoost
 

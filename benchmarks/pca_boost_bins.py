@@ -1,4 +1,5 @@
-"""pca_boost's booster under several tree methods / bin counts, fitted as the job fits it (issue 14).
+"""pca_boost's booster under several tree methods / bin counts, fitted as the job fits it (figures: docs/benchmarks.md,
+"pca_boost on the demo" and "Tree method, bins and threads from the data").
 
 Builds the job's matrix (300 PCA components over [CLIP, handcrafted, tabular]) for one data set and split
 seed, then fits the paper's booster (depth 12, lr 0.01, up to 2000 rounds, early stopping 100 on val) once

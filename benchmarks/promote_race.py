@@ -1,4 +1,4 @@
-"""The promote race (issue 26): K `smp promote --run-id` started at once, every candidate better than the
+"""The promote race: K `smp promote --run-id` started at once, every candidate better than the
 champion. How many tries end with the wrong champion, and how many leave two versions claiming to have
 replaced the same champion?
 
@@ -17,7 +17,7 @@ Counted per try:
 The promoters run the smp code under ``--code`` (default: this checkout), so the code before a change can be
 measured from an export of an older commit:
 
-    git archive e2d6f94 smp | tar -x -C /tmp/before     # the registry before issue 26
+    git archive e2d6f94 smp | tar -x -C /tmp/before     # the registry without the promote lease
     .venv/bin/python benchmarks/promote_race.py --tries 10 --code /tmp/before
     .venv/bin/python benchmarks/promote_race.py --tries 10
     .venv/bin/python benchmarks/promote_race.py --tries 10 --team   # PostgreSQL + mlflow server (scripts/pg.sh)

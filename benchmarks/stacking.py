@@ -1,4 +1,4 @@
-"""Do the stacked nets hold up against their own benchmark? Synthetic sizes x seeds (issue: models that hold up).
+"""Do the stacked nets hold up against their own benchmark? Synthetic sizes x seeds.
 
 For each synthetic data set (one per size, generated once: ``smp synth --n N --seed S``; the image features are
 embedded once per set with RN50 on random weights, as everywhere on this offline machine) and each ``--seed``
@@ -13,7 +13,7 @@ and appends one JSON line per cell with the test RMSEs, the stacked benchmark in
 and whether the net beat its input on validation. ``--summary`` prints the Markdown table from the lines.
 
 ``--param KEY=VALUE`` sets a job setting for every run, in its own experiment (e.g. ``fold_rounds=early_stop``: each
-fold model early-stops on val, as before that setting existed; ``stacking_folds=2``). The lines also record the
+fold model early-stops on val; ``stacking_folds=2``). The lines also record the
 benchmark's fit time and trees and the fold fits' time (``oof_s``).
 
 Run:  .venv/bin/python benchmarks/stacking.py --sets 800:4,2000:0,8000:0 --seeds 0,1,2 --out stacking.jsonl

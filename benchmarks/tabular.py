@@ -1,4 +1,4 @@
-"""Speed of the tabular path on the real SMPD posts (issue: foundation).
+"""Speed of the tabular path on the real SMPD posts.
 
 Measures, each in a fresh subprocess so peak memory is the job's own:
   (1) load + featurise all 243k real posts: wall time and peak RSS;

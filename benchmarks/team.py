@@ -1,4 +1,4 @@
-"""Team mode: tuning throughput and logging overhead (issue: Team mode).
+"""Team mode: tuning throughput and logging overhead.
 
 Starts a throwaway PostgreSQL (``scripts/pg.sh``) and ``mlflow server`` on 127.0.0.1, then runs the same
 study budget with ``scripts/tune_workers.sh N`` for each N in ``--workers`` (PostgreSQL for Optuna, the
@@ -15,7 +15,7 @@ Measured (each worker process is the real ``smp tune`` with timers wrapped aroun
   * per trial: wall time of the objective; time inside MLflow calls (outermost ``mlflow.*`` /
     ``MlflowClient`` calls: runs, params, metrics, dataset inputs, figures, the logged model);
     time in Optuna's per-round ``report``/``should_prune`` (XGBoost pruning callback, one storage
-    round trip per boosting round, counted inside ``fit_seconds``); data preparation (``prepare``);
+    round trip per report, counted inside ``fit_seconds``); data preparation (``prepare``);
     the job's logged ``fit_seconds``.  Medians over trials.
 
 Run:  .venv/bin/python benchmarks/team.py [--posts ../shared/data/smpd2019/posts.csv] [--sample-size 20000]

@@ -1,4 +1,4 @@
-"""XGBoost per-round cost under the data-chosen tree settings vs the fixed ones (issue: models that hold up).
+"""XGBoost per-round cost under the data-chosen tree settings vs the fixed ones.
 
 Builds the exact matrices the jobs fit on (the tabular benchmark's features, and pca_boost's 300 PCA
 components over [CLIP, handcrafted, tabular]) for one data set and split, then times ``--rounds`` boosting
@@ -6,7 +6,7 @@ rounds (no early stopping) under each setting, interleaved, ``--reps`` times: wa
 process's CPU seconds per round (CPU time is the fairer figure on a loaded shared machine; a spinning
 OpenMP thread counts in it too).
 
-  fixed:  tree_method=hist, max_bin=256, all cores (what every fit used before this issue)
+  fixed:  tree_method=hist, max_bin=256, all cores (XGBoost's own defaults)
   auto:   ``models.tree_settings`` (exact / 64 bins / one thread on small data)
 
 Run:  .venv/bin/python benchmarks/tree_settings.py --data DIR --features features.parquet [--rounds 20 --reps 3]

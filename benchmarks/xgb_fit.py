@@ -1,4 +1,5 @@
-"""Fit pca_boost's booster on a dumped matrix under whichever XGBoost this interpreter has (issue 14).
+"""Fit pca_boost's booster on a dumped matrix under whichever XGBoost this interpreter has (figures:
+docs/benchmarks.md, "Tree method, bins and threads from the data").
 
 The matrix comes from ``SMP_DUMP=m.npz benchmarks/pca_boost_bins.py ...``. Needs numpy, xgboost and
 scikit-learn (XGBRegressor), so it runs in a throwaway venv with an old release

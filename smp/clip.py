@@ -277,7 +277,8 @@ def graph_mode(compile: str, device: str, n_images: int) -> str:
     """The :class:`Encoder` mode for ``compile`` (auto, none, freeze, inductor) on a run of ``n_images``."""
     modes = {"none": "eager", "eager": "eager", "freeze": "freeze", "inductor": "inductor"}
     if compile == "auto":
-        # CPU: freezing's few seconds of tracing pay off from about 100 images (docs/benchmarks_embed.md);
+        # CPU: freezing's few seconds of tracing pay off from about 100 images (docs/benchmarks_embed.md,
+        # "What was tried toward the compute bound");
         # CUDA stays eager (not measured)
         if device.startswith("cuda") or n_images < FREEZE_MIN_IMAGES:
             return "eager"

@@ -585,7 +585,7 @@ def init_sqlite(uri: str, path: str, wait: float = 20.0) -> None:
 @contextlib.contextmanager
 def directory_lock(directory: Path):
     """An exclusive ``flock`` on ``directory`` while inside (waits for the holder); none where the file system
-    has no flock (it then behaves as before)."""
+    has no flock (the block then runs unlocked)."""
     try:
         import fcntl
 
