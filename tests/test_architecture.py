@@ -25,7 +25,7 @@ STAGES = {
     "train": 8,
     "families": 9,
     "report": 10, "tune": 10, "registry": 10,
-    "predict": 11,
+    "predict": 11, "spark": 11,
     "catalog": 12,
     "cli": 13,
 }
