@@ -404,7 +404,10 @@ def ship_code(spark) -> None:
     context = spark.sparkContext
     if getattr(context, "_smp_code_shipped", False):
         return
-    from smp.serving import bundle_code
+    try:
+        from smp.packaging import bundle_code
+    except ImportError:  # before the packaging module
+        from smp.serving import bundle_code
 
     archive = next(p for p in bundle_code(Path(tempfile.mkdtemp(prefix="smp-code-"))) if p.suffix == ".zip")
     context.addPyFile(str(archive))
@@ -769,7 +772,8 @@ def embed_batches(batches, cfg, env: dict):
     todo = [i for i, key in enumerate(keys) if key is None or key not in known]
     hits, computed, loads, load_s, bad = len(pids) - len(todo), 0, 0, 0.0, []
     if todo:
-        loaded, load_s = executor_clip(cfg)
+        # CLIP only where an image may need it: a file that cannot be read is refused without the model
+        loaded, load_s = executor_clip(cfg) if any(keys[i] is not None for i in todo) else (None, 0.0)
         loads = int(load_s > 0)
         result = embed_images([pids[i] for i in todo], [paths[i] for i in todo], cfg, loaded=loaded)
         hits += int(result.stats["cache_hits"])
