@@ -41,11 +41,12 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from smp import serving
-from smp.data import DataError, load_data
-from smp.serving import model_input, predict_table, status_text
+from smp import image_requests
 from smp.config import flatten
-from smp.tracking import describe_run, job_run, log_params
+from smp.data import DataError, load_data
+from smp.jobs import Job
+from smp.serving import model_input, predict_table, status_text
+from smp.tracking import JobResult, describe_run, job_run, log_params
 
 log = logging.getLogger("smp.predict")
 
@@ -62,11 +63,12 @@ class PredictJob:
     experiment: str = ""   # "" = MLFLOW_EXPERIMENT_NAME, else "smp" (under `mlflow run`: its --experiment-name)
 
 
-def run_predict(cfg: PredictJob = PredictJob()) -> dict[str, float]:
-    """Score every post of ``cfg.input`` with ``cfg.model``, write ``cfg.output``; return row counts and timing."""
+def run_predict(cfg: PredictJob = PredictJob()) -> JobResult:
+    """Score every post of ``cfg.input`` with ``cfg.model``, write ``cfg.output``; return the run, its row
+    counts and timing (under the keys the run logged them) and the loaded model."""
     posts = load_data(cfg.input, images_root=cfg.images or None)
     load_notes = posts.attrs.get("row_notes") or {}  # values load_data treated as missing, per Pid
-    with job_run("predict", cfg.experiment, flatten(cfg), {"smp.model_uri": cfg.model}):
+    with job_run("predict", cfg.experiment, flatten(cfg), {"smp.model_uri": cfg.model}, what=PREDICT.help) as run:
         t0 = time.perf_counter()
         try:
             model = mlflow.pyfunc.load_model(cfg.model)
@@ -100,13 +102,12 @@ def run_predict(cfg: PredictJob = PredictJob()) -> dict[str, float]:
         describe_run(f"predict: {counts['rows']} posts of {Path(str(cfg.input)).name} scored with {cfg.model} "
                      f"({counts['scored_rows']} scored, {counts['partial_rows']} partly, {counts['error_rows']} "
                      f"not); predictions in {Path(cfg.output).name} (Pid, popularity, status).")
-    # what the run logged, under its keys (``smp predict`` prints them)
     metrics = {**{f"data/{k}": v for k, v in counts.items()}, **{f"time/{k}": v for k, v in timings.items()}}
     if counts["error_rows"]:
         first = out.loc[kinds == "error", ["Pid", "status"]].head(3).to_dict("records")
         log.warning("%d of %d posts not scored, e.g. %s", counts["error_rows"], len(out), first)
     log.info("predicted %d posts with %s in %.2fs -> %s", len(out), cfg.model, seconds, cfg.output)
-    return metrics
+    return JobResult(run.info.run_id, metrics, model)
 
 
 def predict_rows(model, rows: pd.DataFrame, batch_size: int = 10000) -> tuple[np.ndarray, list[str]]:
@@ -191,13 +192,14 @@ def note_field(note: str) -> str:
 
 
 def with_image_features(model, rows: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, list[str]]]:
-    """For an image model: ``rows`` plus their image features, computed once for all batches, and the notes
-    (Pid -> notes) of each post without a usable image (it is scored without image features, as in
-    training).  Other models: ``rows`` as given.  The features and notes are the served model's own
-    (``smp.serving.with_image_features``: the model's embedding settings, the same checks and reasons).
-    """
+    """``smp.image_requests.with_image_features`` for a loaded pyfunc: for an smp image model, ``rows`` plus
+    their image features, computed once for all batches, and the notes of each post without a usable image;
+    any other model: ``rows`` as given."""
     try:
         inner = model.unwrap_python_model().model
     except (AttributeError, mlflow.exceptions.MlflowException):  # not an smp model
         return rows, {}
-    return serving.with_image_features(inner, rows)
+    return image_requests.with_image_features(inner, rows)
+
+
+PREDICT = Job("predict", "predict popularity for raw posts with a model URI", run_predict, PredictJob)
