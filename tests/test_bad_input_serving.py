@@ -13,12 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import math
-import os
-import signal
 import struct
-import subprocess
-import sys
-import time
 import zlib
 from pathlib import Path
 
@@ -27,7 +22,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from smp import serving
+from smp import image_requests, serving
 from smp.data import DataCfg, DataError, load_data
 from smp.models import PCACfg, XGBCfg
 from smp.predict import PredictJob, run_predict
@@ -173,56 +168,18 @@ def test_smp_predict_gives_a_nul_byte_path_its_status(image_model, tmp_path):
 
 
 # --------------------------------------------------------------------------- the served model
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(image_model, tmp_path_factory):
+def server(image_model, tmp_path_factory, serve_model):
     """`mlflow models serve` of the image model on loopback, reading image_path below the image root."""
-    import requests
-
-    port = free_port()
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           serving.IMAGE_ROOT_ENV: str(image_model["images"]), "SMP_CACHE_DIR": str(log_path.parent / "cache"),
+    env = {image_requests.IMAGE_ROOT_ENV: image_model["images"], "SMP_CACHE_DIR": log_path.parent / "cache",
            serving.ROWS_ENV: "20", serving.MB_ENV: "2"}  # small limits, so the test sends small bodies
-    with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(image_model["model"]), "--env-manager",
-             "local", "-h", "127.0.0.1", "-p", str(port), "--workers", "1"],
-            env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, f"server exited: {log_path.read_text()[-3000:]}"
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, f"no /ping answer in 120 s: {log_path.read_text()[-3000:]}"
-            time.sleep(0.5)
-        yield {"port": port, "log": log_path}
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=15)
+    with serve_model(image_model["model"], log_path, env=env, workers=1) as running:
+        yield running
 
 
 def post(server, records) -> tuple[int, dict]:
-    import requests
-
-    body = records if isinstance(records, str) else json.dumps({"dataframe_records": records})
-    r = requests.post(f"http://127.0.0.1:{server['port']}/invocations", data=body,
-                      headers={"Content-Type": "application/json"}, timeout=300)
+    r = server.post(records if isinstance(records, str) else {"dataframe_records": records})
     return r.status_code, r.json()
 
 
@@ -266,7 +223,7 @@ def test_served_image_model_answers_each_post_with_its_status(image_model, serve
                                                           f"partial: {DATE_HUGE}; {NO_IMAGE[9:]}"]
 
     # the pyfunc in-process (a notebook) answers the same, post for post
-    monkeypatch.setenv(serving.IMAGE_ROOT_ENV, str(image_model["images"]))
+    monkeypatch.setenv(image_requests.IMAGE_ROOT_ENV, str(image_model["images"]))
     frame = pd.DataFrame(records)  # as pandas builds it: ints stay int64, no cast
     in_process = mlflow.pyfunc.load_model(str(image_model["model"])).predict(frame)
     assert list(in_process.columns) == ["popularity", "status"]

@@ -124,4 +124,4 @@ def test_logged_model_page_describes_what_to_send(real_sample):
     note = mlflow.get_logged_model(info.model_id).tags["mlflow.note.content"]  # the model page's description
     assert note.startswith("benchmark: ") and "Postdate: number (Unix seconds)" in note
     assert "numbers may be int or float" in note and "Test RMSE" in note
-    assert version.run_id
+    assert version.run_id == info.run_id  # the registered version is the run that logged this model

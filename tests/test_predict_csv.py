@@ -32,7 +32,7 @@ def test_spreadsheet_safe_quotes_formula_starts_only():
                                                 "", None, 3.0]
 
 
-@pytest.mark.slow  # a real smp predict run: ~20 s here (a tracking store, a saved model)
+@pytest.mark.slow  # a real smp predict run: a tracking store, a saved model
 def test_smp_predict_csv_escapes_text_cells_and_keeps_numbers(tmp_path):
     mlflow.pyfunc.save_model(str(tmp_path / "model"), python_model=Echo())
     posts = pd.DataFrame({
@@ -52,4 +52,8 @@ def test_smp_predict_csv_escapes_text_cells_and_keeps_numbers(tmp_path):
     assert rows[1][1] == "-1.5"  # a number, not text: no quote
     back = pd.read_csv(out_path)
     assert back["popularity"].dtype == np.float64
-    assert metrics["data/rows"] == 6 and metrics["data/scored_rows"] == 6
+    counts = {"data/rows": 6, "data/scored_rows": 6, "data/error_rows": 0, "data/partial_rows": 0}
+    assert {k: v for k, v in metrics.items() if k.startswith("data/")} == counts
+    logged = mlflow.get_run(metrics.run_id).data  # the result holds what its run logged
+    assert {k: int(v) for k, v in logged.params.items() if k.startswith("data/")} == counts
+    assert logged.metrics["time/predict_s"] == pytest.approx(metrics["time/predict_s"])

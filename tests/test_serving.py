@@ -6,11 +6,8 @@ import base64
 import io
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -19,7 +16,7 @@ import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException
 
-from smp import serving
+from smp import image_requests, serving
 from smp.data import DataCfg, DataError, load_data
 from smp.models import XGBCfg
 from smp.predict import PredictJob, predict_rows, run_predict
@@ -83,7 +80,7 @@ def test_image_paths_confined_to_the_serving_root(tmp_path, monkeypatch):
     with pytest.raises(RequestError, match="reads no server-side files"):
         coerce_request(rows)
     # with a root: relative paths resolve below it, escapes are refused
-    monkeypatch.setenv(serving.IMAGE_ROOT_ENV, str(root))
+    monkeypatch.setenv(image_requests.IMAGE_ROOT_ENV, str(root))
     assert coerce_request(rows).loc[0, "image_path"] == str((root / "a/x.jpg").resolve())
     for bad in (escape, absolute):
         with pytest.raises(RequestError, match="outside the image root"):
@@ -115,7 +112,7 @@ def test_errors_keep_their_message_and_status():
     with pytest.raises(MlflowException) as err:
         model.predict(None, pd.DataFrame([{"Pid": "1"}]))
     assert "/srv" not in err.value.message and "'<path>'" in err.value.message, err.value.message
-    assert serving.scrub_paths('File "/usr/lib/python3/x.py", not an image / cannot decode, image/png') == \
+    assert image_requests.scrub_paths('File "/usr/lib/python3/x.py", not an image / cannot decode, image/png') == \
         'File "<path>", not an image / cannot decode, image/png'
     with pytest.raises(RequestRejected, match="no rows"):
         model.predict(None, pd.DataFrame())
@@ -144,7 +141,7 @@ def test_predict_rows_isolates_the_rows_a_model_refuses():
 def test_image_features_computed_once_with_reasons(monkeypatch, tmp_path):
     """Image models (`smp predict` and the served model alike) embed the usable images of a request once and
     say, per post, which could not be used; images refused from their size or header never reach the embedding."""
-    from types import ModuleType, SimpleNamespace
+    from types import SimpleNamespace
 
     from smp.models import ImageFeatureSource
     from smp.predict import with_image_features
@@ -152,40 +149,65 @@ def test_image_features_computed_once_with_reasons(monkeypatch, tmp_path):
     cols = ["hue_count", "clip_0"]
     seen = {}
 
-    def fake_features(rows, cfg):
-        seen["pids"], seen["cfg"] = list(rows["Pid"]), cfg
-        feats = pd.DataFrame({"Pid": rows["Pid"].to_numpy(), "hue_count": np.arange(len(rows), dtype=float) + 5,
+    def fake_features(pids, images, cfg):  # stands in for CLIP (and spares this test importing torch)
+        seen["pids"], seen["cfg"] = list(pids), cfg
+        seen["images"] = [type(i).__name__ for i in images]
+        feats = pd.DataFrame({"Pid": pids, "hue_count": np.arange(len(pids), dtype=float) + 5,
                               "clip_0": 0.5, "has_image": 1.0})
         feats.loc[1, ["hue_count", "clip_0", "has_image"]] = [np.nan, np.nan, 0.0]
         feats.attrs["bad"] = pd.DataFrame({"Pid": ["b"], "reason": ["truncated JPEG"]})
         return feats
 
-    fake_requests = ModuleType("smp.image_requests")  # stands in for CLIP (and spares this test importing torch)
-    fake_requests.features_for_rows = fake_features
-    monkeypatch.setitem(sys.modules, "smp.image_requests", fake_requests)
-    model = SimpleNamespace(unwrap_python_model=lambda: SimpleNamespace(
-        model=SimpleNamespace(images=ImageFeatureSource(cols, embed_cfg="the training settings"))))
+    monkeypatch.setattr(image_requests, "features_for_images", fake_features)
+    inner = SimpleNamespace(images=ImageFeatureSource(cols, embed_cfg="the training settings"))
+    model = SimpleNamespace(unwrap_python_model=lambda: SimpleNamespace(model=inner))  # a loaded pyfunc
     truncated = base64.b64decode(jpeg_b64())[:-40]
     bomb = base64.b64encode(_png_header(30000, 30000)).decode()
     (tmp_path / "a_dir").mkdir()
-    rows = pd.DataFrame({"Pid": ["a", "b", "c", "d", "e"],
-                         "image_b64": [jpeg_b64(), base64.b64encode(truncated).decode(), None, bomb, None],
-                         "image_path": [None, None, None, None, str(tmp_path / "a_dir")]}, index=[7, 8, 9, 10, 11])
+    (tmp_path / "x.jpg").write_bytes(base64.b64decode(jpeg_b64()))
+    rows = pd.DataFrame({"Pid": ["a", "b", "c", "d", "e", "f"],
+                         "image_b64": [jpeg_b64(), base64.b64encode(truncated).decode(), None, bomb, None,
+                                       "not base64!"],
+                         "image_path": [str(tmp_path / "x.jpg"), None, None, None, str(tmp_path / "a_dir"),
+                                        str(tmp_path / "x.jpg")]}, index=[7, 8, 9, 10, 11, 12])
     out, notes = with_image_features(model, rows)
-    assert seen == {"pids": ["a", "b"], "cfg": "the training settings"}  # only the images that may be usable
-    assert list(out["Pid"]) == ["a", "b", "c", "d", "e"]
-    assert list(out["hue_count"].fillna(-1)) == [5.0, -1.0, -1.0, -1.0, -1.0]
+    # only the images that may be usable, as bytes: image_b64 wins over image_path (post a has both)
+    assert seen == {"pids": ["a", "b"], "cfg": "the training settings", "images": ["DecodedImage"] * 2}
+    assert list(out["Pid"]) == ["a", "b", "c", "d", "e", "f"]
+    assert list(out["hue_count"].fillna(-1)) == [5.0, -1.0, -1.0, -1.0, -1.0, -1.0]
     assert notes == {"b": ["image unusable (truncated JPEG); scored without image features"],
                      "c": ["no image given; scored without image features"],
                      "d": ["image unusable (image too large (its header declares more than 178,956,970 pixels; "
                            "the limit is 40,000,000)); scored without image features"],
-                     "e": ["image unusable (a directory, not an image file); scored without image features"]}
+                     "e": ["image unusable (a directory, not an image file); scored without image features"],
+                     "f": ["image unusable (image_b64 is not valid base64); scored without image features"]}
     assert str(tmp_path) not in str(notes)
+    # the image columns stay: image_b64 decoded (no later step decodes it again), the garbled one as sent
+    assert out.loc[0, "image_b64"] == base64.b64decode(rows.loc[7, "image_b64"])
+    assert out.loc[5, "image_b64"] == "not base64!" and out.loc[4, "image_path"] == str(tmp_path / "a_dir")
     # features sent with the posts are used as they are; a tabular model gets the rows untouched
     given = pd.DataFrame({"Pid": ["a"], "hue_count": [1.0], "clip_0": [0.0]})
     assert with_image_features(model, given)[0] is given
     tabular = SimpleNamespace(unwrap_python_model=lambda: SimpleNamespace(model=SimpleNamespace()))
     assert with_image_features(tabular, rows) == (rows, {})
+
+
+def test_a_tabular_model_checks_request_images_without_torch():
+    """A tabular model's environment has no torch (``smp.packaging.IMAGE_ONLY``): reading a request with
+    images, and answering it, must not import it."""
+    code = ("import sys, pandas as pd\n"
+            "from smp.serving import PopularityModel\n"
+            "class Tabular:\n"
+            "    def predict(self, frame):\n"
+            "        return [1.5] * len(frame)\n"
+            "model = PopularityModel()\n"
+            "model.model = Tabular()\n"
+            f"out = model.predict(None, pd.DataFrame({{'Pid': ['1', '2'], 'image_b64': [{jpeg_b64()!r}, None], "
+            "'image_path': [None, '/no/such.jpg']}))\n"
+            "print(list(out['status']), sorted(m for m in ('torch', 'open_clip', 'smp.clip') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "['ok', 'ok'] []"
 
 
 # --------------------------------------------------------------------------- end to end
@@ -210,6 +232,8 @@ def test_smp_predict_reports_every_post(smpd_dir, tmp_path):
 
     out_path = tmp_path / "out" / "pred.csv"
     metrics = run_predict(PredictJob(input=str(tmp_path / "raw.csv"), output=str(out_path), batch_size=5))
+    run = mlflow.get_run(metrics.run_id)  # the result names the predict run and the model it loaded
+    assert run.data.tags["smp.job"] == "predict" and run.data.tags["smp.model_run"] == metrics.model.metadata.run_id
     out = pd.read_csv(out_path, dtype={"Pid": str})
     assert list(out.columns) == ["Pid", "popularity", "status"]
     assert list(out["Pid"]) == list(posts["Pid"].astype(str))  # every post, in input order
@@ -241,18 +265,8 @@ def test_smp_predict_reports_every_post(smpd_dir, tmp_path):
     assert run.data.tags["smp.job"] == "predict" and run.data.tags["smp.model_version"] == "1"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def post(port: int, payload, content_type="application/json") -> tuple[int, str]:
-    import requests
-
-    data = payload if isinstance(payload, str) else json.dumps(payload)
-    r = requests.post(f"http://127.0.0.1:{port}/invocations", data=data, headers={"Content-Type": content_type},
-                      timeout=60)
+def post(server, payload, content_type="application/json") -> tuple[int, str]:
+    r = server.post(payload, content_type, timeout=60)
     return r.status_code, r.text
 
 
@@ -269,9 +283,7 @@ def _png_header(width: int, height: int) -> bytes:
 
 
 @pytest.mark.slow
-def test_mlflow_models_serve_champion(smpd_dir, tmp_path):
-    import requests
-
+def test_mlflow_models_serve_champion(smpd_dir, tmp_path, serve_model):
     train_and_promote(smpd_dir)
     raw = load_data(str(smpd_dir)).drop(columns=["label", "image_path"]).head(4)
     records = json.loads(raw.to_json(orient="records"))
@@ -289,28 +301,8 @@ def test_mlflow_models_serve_champion(smpd_dir, tmp_path):
     expected = mlflow.pyfunc.load_model(CHAMPION).predict(raw)["popularity"]
     assert np.allclose(json.loads(plain.stdout.strip().splitlines()[-1]), expected, rtol=1e-6)
 
-    port = free_port()
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.pop(serving.IMAGE_ROOT_ENV, None)
-    log_path = tmp_path / "serve.log"
-    with open(log_path, "w") as log_file:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "models", "serve", "-m", CHAMPION, "--env-manager", "local",
-             "-h", "127.0.0.1", "-p", str(port)],
-            env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert server.poll() is None, f"server exited: {log_path.read_text()[-3000:]}"
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, f"no /ping answer in 90 s: {log_path.read_text()[-3000:]}"
-            time.sleep(0.5)
-
-        status, body = post(port, {"dataframe_records": records})
+    with serve_model(CHAMPION, tmp_path / "serve.log", env={image_requests.IMAGE_ROOT_ENV: None}) as server:
+        status, body = post(server, {"dataframe_records": records})
         assert status == 200, body
         answer = json.loads(body)["predictions"]  # one record per post: popularity and status
         served = np.array([r["popularity"] for r in answer], dtype=float)
@@ -319,7 +311,7 @@ def test_mlflow_models_serve_champion(smpd_dir, tmp_path):
 
         # a tabular model never opens an image: a broken one changes nothing (image models: test_bad_input_serving)
         for junk in (base64.b64encode(b"hi").decode(), base64.b64encode(_png_header(30000, 30000)).decode()):
-            status, body = post(port, {"dataframe_records": [{**records[0], "image_b64": junk}]})
+            status, body = post(server, {"dataframe_records": [{**records[0], "image_b64": junk}]})
             assert status == 200 and json.loads(body)["predictions"][0]["status"] == "ok", body
 
         malformed = {
@@ -336,27 +328,20 @@ def test_mlflow_models_serve_champion(smpd_dir, tmp_path):
             "not JSON": ("{oops", "JSON"),
         }
         for what, (payload, problem) in malformed.items():
-            status, body = post(port, payload)
+            status, body = post(server, payload)
             assert 400 <= status < 500, (what, status, body)
             assert problem in body and "Traceback" not in body and "stack_trace" not in body, (what, body)
-        assert "Failed to predict data" not in post(port, malformed["not a number"][0])[1]  # no echo of the request
+        assert "Failed to predict data" not in post(server, malformed["not a number"][0])[1]  # no echo of the request
 
         # integers as JSON integers (as pandas writes an int64 column), Pid as a number: accepted as they are
         natural = json.loads(raw.assign(Pid=raw["Pid"].astype(int)).to_json(orient="records"))
-        status, body = post(port, {"dataframe_records": natural})
+        status, body = post(server, {"dataframe_records": natural})
         assert status == 200, body
         assert np.allclose([r["popularity"] for r in json.loads(body)["predictions"]], expected, rtol=1e-5)
         # a CSV body: MLflow 3.17's server parses CSV with the schema's pandas dtypes, which the AnyType schema
-        # has none of, so it is refused (400) before any model code (documented in smp/serving.py)
-        status, body = post(port, raw.to_csv(index=False), "text/csv")
+        # has none of, so it is refused (400) before any model code (documented in smp/packaging.py)
+        status, body = post(server, raw.to_csv(index=False), "text/csv")
         assert status == 400 and "Failed to parse input" in body, body
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=15)
 
 
 HIDE_INSTALLED_SMP = """

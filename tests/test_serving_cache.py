@@ -11,11 +11,8 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import subprocess
-import sys
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,6 +22,7 @@ import pandas as pd
 import pytest
 
 from smp import feature_cache, image_requests
+from smp.clip import ClipCfg
 from smp.embed import EmbedCfg, embed_images
 from smp.image_requests import FeatureLRU, features_for_rows
 
@@ -115,7 +113,7 @@ def test_request_images_never_reach_the_cache_and_the_index_is_read_once(cached,
         feats = features_for_rows(rows, cfg)
         assert feats["has_image"].tolist() == [1, 1, 1, 1]
     assert snapshot(cache) == before  # no chunk, no temp file, no rename, nothing rewritten
-    store = image_requests.request_features(image_requests.ClipCfg.of(cfg), str(cache.absolute()))
+    store = image_requests.request_features(ClipCfg.of(cfg), str(cache.absolute()))
     assert store.counts == {"index_reads": 1, "computed": 12, "disk_hits": 3, "memory_hits": 1}
     assert len(reads) == 1 + 3  # the index: its one chunk, once; then that chunk per first use of a cached image
 
@@ -151,7 +149,7 @@ def test_request_cache_bound_from_the_environment(cached, monkeypatch):
     for n in range(4):
         features_for_rows(pd.DataFrame({"Pid": ["a", "b", "c"], "image_b64": [b64(jpeg(300 + 3 * n + j))
                                                                                 for j in range(3)]}), cached["cfg"])
-    store = image_requests.request_features(image_requests.ClipCfg.of(cached["cfg"]),
+    store = image_requests.request_features(ClipCfg.of(cached["cfg"]),
                                             str(cached["cache"].absolute()))
     assert len(store.memory) == 5 and store.counts["computed"] == 12
     assert store.memory.max_bytes == image_requests.MAX_CACHED_MB * 2**20
@@ -176,20 +174,56 @@ def test_unusable_images_and_repeats_in_one_request(cached):
                                                   ["broken", "not an image / cannot decode"]]
     assert feats["has_image"].tolist() == [0, 0, 0, 0, 1, 1]
     np.testing.assert_array_equal(feats.loc[4, CLIP_COLS].to_numpy(), feats.loc[5, CLIP_COLS].to_numpy())
-    store = image_requests.request_features(image_requests.ClipCfg.of(cached["cfg"]),
+    store = image_requests.request_features(ClipCfg.of(cached["cfg"]),
                                             str(cached["cache"].absolute()))
     assert store.counts["computed"] == 1
 
 
+def test_each_image_b64_is_decoded_once(cached, monkeypatch):
+    """A post's image_b64 is base64-decoded once: served (the request check, the per-post image checks and
+    the embedding share the bytes) and in smp predict (the features first, then the pyfunc's request check
+    on each batch)."""
+    from types import SimpleNamespace
+
+    from smp.models import ImageFeatureSource
+    from smp.predict import predict_rows, with_image_features
+    from smp.serving import PopularityModel
+
+    sent = [b64(jpeg(600 + i)) for i in range(4)]
+    decoded = []
+    real = base64.b64decode
+
+    def counting(data, *args, **kwargs):
+        if isinstance(data, str) and data in sent:
+            decoded.append(sent.index(data))
+        return real(data, *args, **kwargs)
+
+    monkeypatch.setattr(base64, "b64decode", counting)
+
+    class ImageModel:
+        images = ImageFeatureSource(["clip_0", "clip_1"], embed_cfg=cached["cfg"])
+
+        def predict(self, frame):
+            return frame["clip_0"].to_numpy(dtype=float)
+
+    pyfunc = PopularityModel()
+    pyfunc.model = ImageModel()
+    rows = pd.DataFrame({"Pid": ["a", "b", "c", "d"], "image_b64": sent,
+                         "image_path": [cached["files"][0], None, None, None]})  # image_b64 wins for a
+    served = pyfunc.predict(None, rows)
+    assert list(served["status"]) == ["ok"] * 4 and np.isfinite(served["popularity"]).all()
+    assert sorted(decoded) == [0, 1, 2, 3]
+
+    decoded.clear()
+    loaded = SimpleNamespace(unwrap_python_model=lambda: pyfunc)  # as mlflow.pyfunc.load_model gives it
+    with_features, notes = with_image_features(loaded, rows)
+    pred, status = predict_rows(loaded, with_features, batch_size=2)
+    assert notes == {} and status == ["ok"] * 4
+    assert sorted(decoded) == [0, 1, 2, 3]
+    np.testing.assert_allclose(pred, served["popularity"].to_numpy())
+
+
 # --------------------------------------------------------------------------- the served model
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def read_only_mount_works() -> bool:
     """Whether ``unshare -rm`` can give a process a read-only bind mount here (as a container's filesystem)."""
     probe = Path(tempfile.mkdtemp(prefix="smp-ro-probe-"))
@@ -238,73 +272,30 @@ def tiny_image_model(tmp_path_factory, smpd_dir, tiny_clip):
     return {"model": local, "cache": root / "cache", "row": row, "train_image": posts["image_path"].iloc[0]}
 
 
-def serve(model: Path, cache: Path, log: Path, read_only: bool):
-    """``mlflow models serve`` of ``model`` with ``SMP_CACHE_DIR=cache``; ``read_only``: that directory is
-    mounted read-only for the server (``unshare -rm``). Returns (process, port) once it answers /ping."""
-    import requests
-
-    port = free_port()
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "SMP_CACHE_DIR": str(cache)}
-    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model), "--env-manager", "local",
-           "-h", "127.0.0.1", "-p", str(port), "--workers", "1"]
-    if read_only:
-        cmd = ["unshare", "-rm", "sh", "-c", 'd="$1"; shift; mount --bind "$d" "$d" && '
-               'mount -o remount,ro,bind "$d" "$d" && exec "$@"', "sh", str(cache), *cmd]
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 180
-    while True:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited: {log.read_text()[-3000:]}")
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
-                return proc, port
-        except requests.ConnectionError:
-            pass
-        if time.monotonic() > deadline:
-            stop(proc)
-            raise AssertionError(f"no /ping answer in 180 s: {log.read_text()[-3000:]}")
-        time.sleep(0.5)
-
-
-def stop(proc) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=15)
-
-
-def ask(port: int, records: list[dict]):
-    import requests
-
-    r = requests.post(f"http://127.0.0.1:{port}/invocations", json={"dataframe_records": records}, timeout=300)
+def ask(server, records: list[dict]):
+    r = server.post({"dataframe_records": records})
     return r.status_code, r.json()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("read_only", [False, True], ids=["writable", "read-only"])
-def test_served_image_model_leaves_the_cache_as_it_found_it(tiny_image_model, tmp_path, read_only):
+def test_served_image_model_leaves_the_cache_as_it_found_it(tiny_image_model, tmp_path, read_only, serve_model):
     if read_only and not read_only_mount_works():
         pytest.skip("unshare cannot make a read-only bind mount on this machine")
     cache, row = tiny_image_model["cache"], tiny_image_model["row"]
     before = snapshot(cache)
     assert any(name.endswith(".npz") for name in before)  # the training images, embedded by the embed run
-    proc, port = serve(tiny_image_model["model"], cache, tmp_path / "serve.log", read_only)
-    try:
+    with serve_model(tiny_image_model["model"], tmp_path / "serve.log", env={"SMP_CACHE_DIR": cache}, workers=1,
+                     read_only=cache if read_only else None) as server:
         answers = []
         for i in range(25):  # 25 requests, each with an image the server never saw
-            status, body = ask(port, [{**row, "Pid": f"p{i}", "image_b64": b64(jpeg(500 + i))}])
+            status, body = ask(server, [{**row, "Pid": f"p{i}", "image_b64": b64(jpeg(500 + i))}])
             assert status == 200, body
             answers.append(body["predictions"][0])
-        status, body = ask(port, [{**row, "Pid": "trained", "image_b64": b64(Path(tiny_image_model["train_image"])
-                                                                             .read_bytes())},
-                                  {**row, "Pid": "again", "image_b64": b64(jpeg(500))}])  # cached on disk / in memory
+        status, body = ask(server, [{**row, "Pid": "trained", "image_b64": b64(Path(tiny_image_model["train_image"])
+                                                                               .read_bytes())},
+                                    {**row, "Pid": "again", "image_b64": b64(jpeg(500))}])  # on disk / in memory
         assert status == 200, body
-    finally:
-        stop(proc)
     assert [a["status"] for a in answers + body["predictions"]] == ["ok"] * 27  # every image used
     assert body["predictions"][1]["popularity"] == pytest.approx(answers[0]["popularity"], rel=1e-6)
     assert len({round(a["popularity"], 6) for a in answers}) > 1  # the images change the scores
