@@ -27,7 +27,6 @@ import math
 import os
 import resource
 import shutil
-import signal
 import struct
 import subprocess
 import sys
@@ -35,6 +34,9 @@ import tempfile
 import time
 import zlib
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_cache import free_port, proc_kb, serve, stop, train, wait_up, worker_pid  # noqa: E402 - the serving helpers
 
 
 def bomb_png(width: int = 30_000, height: int = 30_000) -> bytes:
@@ -47,50 +49,6 @@ def bomb_png(width: int = 30_000, height: int = 30_000) -> bytes:
     body = b"".join(z.compress(row) for _ in range(height)) + z.flush()
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
             + chunk(b"IDAT", body) + chunk(b"IEND", b""))
-
-
-def proc_kb(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (from /proc/*/stat parent ids)."""
-    parent = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-                parent[int(d.name)] = int(fields[1])
-            except (OSError, IndexError, ValueError):
-                pass
-    out, frontier = [], [pid]
-    while frontier:
-        kids = [p for p, pp in parent.items() if pp in frontier]
-        out += kids
-        frontier = kids
-    return out
-
-
-def train(work: Path) -> Path:
-    """pca_boost on 160 synthetic posts (random CLIP weights); the logged model as a local directory."""
-    import mlflow
-
-    from smp.data import DataCfg
-    from smp.models import PCACfg, XGBCfg
-    from smp.splits import SplitCfg
-    from smp.synth import SynthCfg, generate
-    from smp.train import PCABoostJob, UpstreamCfg, run_pca_boost
-
-    data = generate(work / "smpd", SynthCfg(n=160, seed=3))
-    run_pca_boost(PCABoostJob(source=DataCfg(data=str(data)), splitting=SplitCfg(sample_size=0),
-                              xgb=XGBCfg(n_estimators=30, max_depth=3, early_stopping_rounds=5),
-                              pca=PCACfg(n_components=8), upstream=UpstreamCfg(clip_pretrained="none"),
-                              experiment="image_memory"))
-    run_id = mlflow.last_active_run().info.run_id
-    return Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/pca_boost", dst_path=str(work / "model")))
 
 
 def unguarded_decode(png: Path) -> dict:
@@ -119,7 +77,7 @@ def main(argv=None) -> list[dict]:
     os.environ.update(MLFLOW_TRACKING_URI=f"sqlite:///{work}/mlflow.db", SMP_CACHE_DIR=str(work / "cache"))
     server = None
     try:
-        model = train(work)
+        model = train(work, experiment="image_memory")
         from smp.data import load_data
 
         posts = load_data(str(work / "smpd"))
@@ -138,26 +96,12 @@ def main(argv=None) -> list[dict]:
             "truncated JPEG (first half), image_b64": {"image_b64": base64.b64encode(good[: len(good) // 2]).decode()},
         }
 
-        port = _free_port()
+        port = free_port()
         env = {**os.environ, "SMP_SERVE_IMAGE_ROOT": str(images), "SMP_CACHE_DIR": str(work / "serve-cache"),
                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-        log = open(work / "serve.log", "wb")
-        server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model), "--env-manager",
-                                   "local", "-h", "127.0.0.1", "-p", str(port), "--workers", "1"],
-                                  env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        server = serve(model, port, env, work / "serve.log")
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError(f"server exited: {(work / 'serve.log').read_text()[-2000:]}")
-            try:
-                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("no /ping answer in 180 s")
-            time.sleep(0.5)
+        wait_up(url, server, work / "serve.log", timeout=180)
 
         def ask(record) -> tuple[int, str, float]:
             t0 = time.perf_counter()
@@ -169,7 +113,7 @@ def main(argv=None) -> list[dict]:
 
         code, status, wall = ask(warm)
         assert code == 200, status
-        worker = max(descendants(server.pid) + [server.pid], key=lambda p: proc_kb(p, "VmRSS"))
+        worker = worker_pid(server.pid)
         rows = [{"case": "warm-up (CLIP loaded, one image embedded)", "http": code, "status": status,
                  "wall_s": wall, "rss_before_mb": None, "peak_mb": proc_kb(worker, "VmHWM") / 1024}]
         for name, extra in cases.items():
@@ -182,11 +126,7 @@ def main(argv=None) -> list[dict]:
             rows.append(unguarded_decode(images / "bomb.png"))
     finally:
         if server is not None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
+            stop(server)
         shutil.rmtree(work, ignore_errors=True)
 
     print("| case | HTTP | status returned | wall s | RSS before MB | peak RSS MB |")
@@ -197,14 +137,6 @@ def main(argv=None) -> list[dict]:
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return rows
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

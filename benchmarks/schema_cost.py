@@ -30,7 +30,7 @@ def main() -> None:
 
     from smp.data import load_data
     from smp.features import RAW_FIELDS
-    from smp.serving import input_schema
+    from smp.packaging import input_schema
     from smp.synth import SynthCfg, generate
 
     raw = load_data(str(generate(tempfile.mkdtemp() + "/smpd", SynthCfg(n=2000, seed=0))))

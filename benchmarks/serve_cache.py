@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 
-def train(work: Path, clip_model: str) -> Path:
+def train(work: Path, clip_model: str = "RN50", experiment: str = "serve_cache") -> Path:
     """pca_boost on 160 synthetic posts (random CLIP weights); the logged model as a local directory."""
     import mlflow
 
@@ -57,7 +57,7 @@ def train(work: Path, clip_model: str) -> Path:
                               xgb=XGBCfg(n_estimators=30, max_depth=3, early_stopping_rounds=5),
                               pca=PCACfg(n_components=8),
                               upstream=UpstreamCfg(clip_model=clip_model, clip_pretrained="none"),
-                              experiment="serve_cache"))
+                              experiment=experiment))
     run_id = mlflow.last_active_run().info.run_id
     return Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/pca_boost", dst_path=str(work / "model")))
 
@@ -132,6 +132,32 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=20)
 
 
+def proc_kb(pid: int, field: str) -> int:
+    """A ``/proc/<pid>/status`` field in kB (``VmRSS``; ``VmHWM``: the peak since start or the last reset), 0 if absent."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def worker_pid(server_pid: int) -> int:
+    """The serving worker: the server's descendant (or the server) with the largest RSS, the one that loaded
+    the model (from the parent ids in /proc/*/stat)."""
+    kids, frontier = [], [server_pid]
+    while frontier:
+        nxt = []
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                try:
+                    if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) in frontier:
+                        nxt.append(int(d.name))
+                except (OSError, IndexError, ValueError):
+                    pass
+        kids += nxt
+        frontier = nxt
+    return max(kids + [server_pid], key=lambda p: proc_kb(p, "VmRSS"))
+
+
 def send(url: str, row: dict, images: list[bytes]) -> tuple[list[float], Counter, Counter]:
     """One request per image (one post each): latencies (s), HTTP codes, post statuses (first 60 chars)."""
     import requests
@@ -154,29 +180,8 @@ def big_body(url: str, row: dict, mb: int, server_pid: int) -> dict:
     seconds, and the serving worker's peak RSS before and after (VmHWM, Linux)."""
     import requests
 
-    def worker() -> int:  # the descendant of the server with the largest RSS: the one that loaded the model
-        kids, frontier = [], [server_pid]
-        while frontier:
-            nxt = []
-            for d in Path("/proc").iterdir():
-                if d.name.isdigit():
-                    try:
-                        if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) in frontier:
-                            nxt.append(int(d.name))
-                    except (OSError, IndexError, ValueError):
-                        pass
-            kids += nxt
-            frontier = nxt
-        return max(kids + [server_pid], key=lambda p: kb(p, "VmRSS"))
-
-    def kb(pid: int, field: str) -> int:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-        return 0
-
-    pid = worker()
-    peak_before = kb(pid, "VmHWM")
+    pid = worker_pid(server_pid)
+    peak_before = proc_kb(pid, "VmHWM")
     body = json.dumps({"dataframe_records": [{**row, "Pid": "big",
                                               "image_b64": base64.b64encode(bytes(mb * 10**6 * 3 // 4)).decode()}]})
     t0 = time.perf_counter()
@@ -185,7 +190,7 @@ def big_body(url: str, row: dict, mb: int, server_pid: int) -> dict:
     answer = r.json()
     return {"body_mb": len(body) / 1e6, "http": r.status_code, "seconds": seconds,
             "answer": (answer["predictions"][0]["status"] if r.ok else answer.get("message", ""))[:200],
-            "worker_peak_rss_mb_before": peak_before / 1024, "worker_peak_rss_mb_after": kb(pid, "VmHWM") / 1024}
+            "worker_peak_rss_mb_before": peak_before / 1024, "worker_peak_rss_mb_after": proc_kb(pid, "VmHWM") / 1024}
 
 
 def summary(times: list[float]) -> dict:
@@ -223,7 +228,7 @@ def main(argv=None) -> dict:
 
         import requests
 
-        port = _free_port()
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
         procs.append(serve(model, port, env, work / "serve.log"))
         wait_up(url, procs[-1], work / "serve.log")
@@ -243,7 +248,7 @@ def main(argv=None) -> dict:
         stop(procs.pop())
 
         if args.n_read_only and unshare_works():
-            port = _free_port()
+            port = free_port()
             url = f"http://127.0.0.1:{port}"
             procs.append(serve(model, port, env, work / "serve-ro.log", read_only=cache))
             wait_up(url, procs[-1], work / "serve-ro.log")
@@ -264,7 +269,7 @@ def main(argv=None) -> dict:
     return out
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
