@@ -67,6 +67,7 @@ import time
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -175,7 +176,7 @@ def spark_session(master: str = DEFAULT_MASTER, conf: dict | None = None):
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # pyspark reads it, not spark.pyspark.python
     settings = {"spark.ui.showConsoleProgress": "false", "spark.sql.session.timeZone": "UTC",
                 "spark.sql.execution.arrow.pyspark.enabled": "true"}
-    if is_local(master):  # a one-machine job: no web UI, and the JVM's log from ERROR (its start-up notes are noise)
+    if is_local(master):  # a one-machine job: no web UI, and the JVM's log only for FATAL (start-up notes, task traces)
         settings["spark.ui.enabled"] = "false"
         if "SPARK_CONF_DIR" not in os.environ:
             settings["spark.driver.extraJavaOptions"] = f"-Dlog4j2.configurationFile=file:{_quiet_log4j()}"
@@ -189,13 +190,13 @@ def spark_session(master: str = DEFAULT_MASTER, conf: dict | None = None):
         spark = builder.getOrCreate()
     except Exception as exc:  # noqa: BLE001 - the JVM's own failure, in one line
         raise SparkUnavailable(f"Spark could not start on master {master!r}: {last_line(str(exc))}") from None
-    if is_local(master):
-        spark.sparkContext.setLogLevel("ERROR")
+    if is_local(master):  # a failed task is reported once, in one line, by spark_errors (its trace at DEBUG)
+        spark.sparkContext.setLogLevel("FATAL")
     return spark, True
 
 
 _LOG4J = """\
-rootLogger.level = error
+rootLogger.level = fatal
 rootLogger.appenderRef.stderr.ref = console
 appender.console.type = Console
 appender.console.name = console
@@ -206,7 +207,7 @@ appender.console.layout.pattern = %d{yy/MM/dd HH:mm:ss} %p %c{1}: %m%n%ex
 
 
 def _quiet_log4j() -> str:
-    """A log4j2 configuration file (in the temp directory) that logs Spark's JVM from ERROR."""
+    """A log4j2 configuration file (in the temp directory) that logs only FATAL from Spark's JVM."""
     path = Path(tempfile.gettempdir()) / "smp-spark-log4j2.properties"
     if not path.exists() or path.read_text() != _LOG4J:
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
@@ -382,7 +383,12 @@ def executor_model(ref: ModelRef):
 
         path = tempfile.mkdtemp(prefix="smp-model-")
         shutil.unpack_archive(SparkFiles.get(ref.archive), path, format="zip")
-    model = mlflow.pyfunc.load_model(path)
+    try:
+        model = mlflow.pyfunc.load_model(path)
+    except Exception as exc:  # noqa: BLE001 - said in one line on the driver (spark_errors)
+        cause = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        raise DataError(f"the model cannot be loaded on a Spark executor ({cause}); the executors need smp's "
+                        f"dependencies (pip install smp[spark]) and the model's files intact") from None
     _LOADED[key] = model
     return model, time.perf_counter() - t0
 
@@ -552,20 +558,25 @@ def output_counts(spark, output: str) -> tuple[dict[str, int], list[dict]]:
     return counts, first
 
 
-def load_model_on_driver(model_uri: str, dest: str):
-    """``(local_path, model)``: the model's files downloaded once into ``dest`` and loaded (the pandas path's
-    error when it cannot be)."""
+def fetch_model(model_uri: str, dest: str):
+    """``(local_path, mlmodel)``: the model's files downloaded once into ``dest`` and its MLmodel read (the
+    pandas path's error when it cannot be). The driver does not load the model itself: the Python workers do
+    (a paper-sized benchmark -- 900 trees of depth 18 -- takes 600 MB in a process)."""
     import mlflow
+    from mlflow.models import Model
 
     try:
         local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=dest)
-        model = mlflow.pyfunc.load_model(local)
+        mlmodel = Model.load(local)
     except mlflow.exceptions.MlflowException as exc:
         raise DataError(f"model {model_uri!r} cannot be loaded ({exc.message}); register one with `smp promote` or "
                         "pass a runs:/<run_id>/<family> URI (e.g. runs:/<id>/benchmark)") from None
     except OSError as exc:
         raise DataError(f"model {model_uri!r} cannot be loaded ({type(exc).__name__}: {exc})") from None
-    return local, model
+    if "python_function" not in mlmodel.flavors:
+        raise DataError(f"model {model_uri!r} is not a Python function (pyfunc) model; its flavors are "
+                        f"{sorted(mlmodel.flavors)}")
+    return local, mlmodel
 
 
 def predict_spark(model_uri: str, input_path: str, output_path: str, master: str = DEFAULT_MASTER,
@@ -574,8 +585,8 @@ def predict_spark(model_uri: str, input_path: str, output_path: str, master: str
     """Score every post of ``input_path`` with ``model_uri`` on Spark; write ``output_path`` (Parquet:
     ``Pid``, ``popularity``, ``status``, in input order); return the pandas path's counts and timings under
     its keys (``data/rows``, ``data/scored_rows``, ``data/error_rows``, ``data/partial_rows``,
-    ``time/load_s``, ``time/predict_s``, ``time/rows_per_s``) plus ``spark/*`` (startup, partitions, model
-    loads on the executors and their mean seconds).
+    ``time/load_s`` (here: fetching the model for the executors), ``time/predict_s``, ``time/rows_per_s``) plus
+    ``spark/*`` (startup, partitions, model loads on the executors and their mean seconds).
 
     ``partitions``: how many tasks score (0 = the session's default parallelism; an input with fewer
     partitions is repartitioned by range of its row order, so the output keeps the input order).
@@ -588,7 +599,7 @@ def predict_spark(model_uri: str, input_path: str, output_path: str, master: str
 
 def _predict_spark(model_uri, input_path, output_path, master, images, batch_size, partitions, spark,
                    keep_order):
-    """``predict_spark`` returning ``(metrics, model loaded on the driver)`` (the run's lineage tags need it)."""
+    """``predict_spark`` returning ``(metrics, the model's MLmodel)`` (the run's lineage tags need it)."""
     if batch_size < 1:
         raise DataError(f"batch_size must be at least 1, not {batch_size}")
     if partitions < 0:
@@ -603,7 +614,7 @@ def _predict_spark(model_uri, input_path, output_path, master, images, batch_siz
         env["SMP_CACHE_DIR"] = str(Path(env["SMP_CACHE_DIR"]).resolve())
     with tempfile.TemporaryDirectory(prefix="smp-predict-") as tmp, session(master, spark) as (spark, startup):
         t0 = time.perf_counter()
-        local, model = load_model_on_driver(model_uri, tmp)
+        local, mlmodel = fetch_model(model_uri, tmp)
         ref = ship_model(spark, local)
         load_s = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -641,7 +652,7 @@ def _predict_spark(model_uri, input_path, output_path, master, images, batch_siz
         log.info("%d posts scored with some input treated as missing (status partial: ...)", counts["partial_rows"])
     log.info("predicted %d posts with %s on Spark %s in %.2fs (%d tasks) -> %s", counts["rows"], model_uri, master,
              seconds, n_parts, output_path)
-    return metrics, model
+    return metrics, mlmodel
 
 
 def spark_output_path(output: str) -> str:
@@ -653,17 +664,17 @@ def spark_output_path(output: str) -> str:
     return output
 
 
-def run_predict_spark(cfg):
+def run_predict_spark(cfg, master: str = ""):
     """``run_predict`` on Spark (``cfg.engine == "spark"``): the same MLflow run -- params, the ``data/*`` counts,
     ``time/*`` metrics, lineage tags, a description -- with the Parquet predictions logged as an artifact
-    directory; ``spark_master`` from ``cfg`` (``local[*]`` when it has none)."""
+    directory; on ``master``, else ``cfg.spark_master``, else ``local[*]``."""
     import mlflow
 
     from smp.config import flatten
     from smp.predict import model_lineage
     from smp.tracking import JobResult, describe_run, job_run, log_params
 
-    master = getattr(cfg, "spark_master", "") or DEFAULT_MASTER
+    master = master or getattr(cfg, "spark_master", "") or DEFAULT_MASTER
     output = spark_output_path(cfg.output)
     input_kind(str(cfg.input or ""))  # a missing input or a bad output is named before a run opens
     check_output(output, str(cfg.input or ""))
@@ -671,9 +682,9 @@ def run_predict_spark(cfg):
     tags = {"smp.model_uri": cfg.model, "smp.engine": "spark", "smp.spark_master": master}
     with job_run("predict", cfg.experiment, flatten(cfg), tags,
                  what="predict popularity for raw posts with a model URI, on Spark") as run:
-        metrics, model = _predict_spark(cfg.model, cfg.input, output, master, cfg.images, cfg.batch_size, 0, None,
-                                        True)
-        mlflow.set_tags(model_lineage(cfg.model, model))
+        metrics, mlmodel = _predict_spark(cfg.model, cfg.input, output, master, cfg.images, cfg.batch_size, 0, None,
+                                          True)
+        mlflow.set_tags(model_lineage(cfg.model, SimpleNamespace(metadata=mlmodel)))
         log_params({k: v for k, v in metrics.items() if k.startswith("data/")}
                    | {"spark/partitions": metrics["spark/partitions"], "effective/output": output})
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()
@@ -684,7 +695,7 @@ def run_predict_spark(cfg):
                      f"{Path(str(cfg.input or 'demo')).name} scored with {cfg.model} ({metrics['data/scored_rows']} "
                      f"scored, {metrics['data/partial_rows']} partly, {metrics['data/error_rows']} not); "
                      f"predictions in {Path(output).name} (Parquet: Pid, popularity, status).")
-    return JobResult(run.info.run_id, metrics, model)
+    return JobResult(run.info.run_id, metrics, None)  # the model was loaded by the executors only
 
 
 # --------------------------------------------------------------------------- embedding

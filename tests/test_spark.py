@@ -276,6 +276,18 @@ def test_whole_input_problems_refuse_as_the_pandas_path_does(spark, model_dir, t
     with pytest.raises(DataError, match="cannot be loaded"):
         smp_spark.predict_spark(str(tmp_path / "no_model"), str(tmp_path / "dup.csv"), str(tmp_path / "out"),
                                 spark=spark)
+    # a model whose files are damaged fails where it is loaded, on the executors: one line, no trace
+    import shutil
+
+    shutil.copytree(model_dir, tmp_path / "broken")
+    (tmp_path / "broken" / "python_model.pkl").write_bytes(b"not a pickle")
+    table.drop_duplicates("Pid").to_csv(tmp_path / "ok.csv", index=False)
+    with pytest.raises(DataError) as broken:
+        smp_spark.predict_spark(str(tmp_path / "broken"), str(tmp_path / "ok.csv"), str(tmp_path / "out"),
+                                spark=spark)
+    message = str(broken.value)
+    assert message.startswith("the model cannot be loaded on a Spark executor (")
+    assert "\n" not in message and "Traceback" not in message and len(message) < 700
 
 
 @needs_spark
