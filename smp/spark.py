@@ -317,9 +317,10 @@ def read_posts(spark, path: str, images_root: str | None = None):
         frame.attrs = {}
         frame[NOTES] = [json.dumps(list(notes.get(pid, ()))) for pid in posts["Pid"]]
         frame[ROW] = np.arange(len(frame), dtype=np.int64)
-        for col in frame.columns:  # Arrow needs one type per column: text columns stay text, None where missing
+        for col in frame.columns:  # Arrow needs one type per column: a text column is text, None where missing
             if frame[col].dtype == object or pd.api.types.is_string_dtype(frame[col]):
-                frame[col] = frame[col].astype(object).where(frame[col].notna(), None)
+                frame[col] = [None if v is None or (isinstance(v, float) and np.isnan(v)) else
+                              v if isinstance(v, str) else str(v) for v in frame[col].astype(object)]
         with spark_errors(f"distributing {path}"):
             return spark.createDataFrame(frame), kind
     with spark_errors(f"reading {path}"):

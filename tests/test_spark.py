@@ -258,6 +258,30 @@ def test_spark_and_pandas_paths_agree_on_every_row(spark, model_dir, tmp_path, f
 
 @needs_spark
 @pytest.mark.slow
+def test_an_smpd_directory_is_read_on_the_driver_and_agrees(spark, model_dir, smpd_dir, tmp_path):
+    """An SMPD directory (JSON files) is not a table Spark reads: load_data reads it on the driver, its notes
+    travel with the rows, and the result is the pandas path's."""
+    import json
+    import shutil
+
+    smpd = tmp_path / "smpd"
+    shutil.copytree(smpd_dir, smpd)
+    spatial = smpd / "train_temporalspatial_information.json"
+    records = json.loads(spatial.read_text())
+    records[3]["Postdate"], records[7]["Latitude"] = "yesterday", "95"  # unparseable, out of range
+    spatial.write_text(json.dumps(records))
+    metrics = smp_spark.predict_spark(model_dir, str(smpd), str(tmp_path / "spark.parquet"), spark=spark,
+                                      partitions=2)
+    pandas_out, pandas_metrics = pandas_path(model_dir, smpd, tmp_path, batch_size=10_000)
+    spark_out = pd.read_parquet(tmp_path / "spark.parquet")
+    assert_same(spark_out, pandas_out)
+    assert metrics["data/rows"] == pandas_metrics["data/rows"] == 160 and metrics["data/partial_rows"] == 2
+    assert spark_out.at[3, "status"] == "partial: unparseable Postdate='yesterday'; treated as missing"
+    assert spark_out.at[7, "status"] == "partial: Latitude=95 out of range [-90, 90]; treated as missing"
+
+
+@needs_spark
+@pytest.mark.slow
 def test_whole_input_problems_refuse_as_the_pandas_path_does(spark, model_dir, tmp_path):
     from smp.data import load_data
 
