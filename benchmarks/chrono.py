@@ -55,10 +55,11 @@ def main() -> None:
     ap.add_argument("--test-frac", type=float, default=0.10)
     args = ap.parse_args()
 
+    from smp.boosters import XGBCfg
     from smp.data import labelled, load_data
     from smp.evaluate import baseline_metrics, regression_metrics
     from smp.features import TabularCfg
-    from smp.models import BenchmarkModel, Part, XGBCfg
+    from smp.models import BenchmarkModel, Part
     from smp.splits import SplitCfg, split_indices, subsample
     from smp.train import protocol_defaults
 

@@ -139,10 +139,11 @@ def embed(args, dev: str, work: Path, pids: list[str], paths: list[str]) -> dict
 def benchmark(args, dev: str, data: Path) -> dict:
     import xgboost as xgb
 
+    from smp.boosters import XGBCfg, resolve_device
     from smp.data import DataCfg
     from smp.evaluate import regression_metrics
     from smp.features import TabularCfg
-    from smp.models import BenchmarkModel, Part, XGBCfg, resolve_device
+    from smp.models import BenchmarkModel, Part
     from smp.splits import SplitCfg, prepare
 
     prep = prepare(DataCfg(data=str(data)), SplitCfg(sample_size=args.n))

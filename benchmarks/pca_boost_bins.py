@@ -24,9 +24,10 @@ import pandas as pd
 
 
 def main() -> None:
+    from smp.boosters import XGBCfg, make_booster
     from smp.data import labelled, load_data
     from smp.features import TabularCfg
-    from smp.models import ImageFeatureSource, Part, PCABoostModel, PCACfg, XGBCfg, image_columns, make_booster
+    from smp.models import ImageFeatureSource, Part, PCABoostModel, PCACfg, image_columns
     from smp.splits import SplitCfg, split_indices
 
     data, features, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])

@@ -49,8 +49,8 @@ def train_runs(data: Path, k: int) -> tuple[str, list[str]]:
     """The weak champion's run and K candidate runs, best last; checks that their test RMSEs are in that order."""
     import mlflow
 
+    from smp.boosters import XGBCfg
     from smp.data import DataCfg
-    from smp.models import XGBCfg
     from smp.splits import SplitCfg
     from smp.train import BenchmarkJob, run_benchmark
 

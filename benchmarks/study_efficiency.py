@@ -8,7 +8,7 @@ point does, each logged to MLflow as a run:
           x n_estimators {1000, 2000}, the other XGBoost settings at their defaults; every point is one
           ``run_benchmark`` call (the entry point's own code), one after the other.
   optuna  ``smp tune --model benchmark --n-trials 30`` in-process: seeded TPE over the documented space
-          (smp.tune._xgb_space), median pruner consulted every ``report_every`` boosting rounds.
+          (smp.spaces.xgb_space), median pruner consulted every ``report_every`` boosting rounds.
 
 Reported: each search's best validation RMSE and wall time, the best-so-far curve of both, and the time
 Optuna took to reach the grid's best validation RMSE (target: at most a third of the grid's wall time).

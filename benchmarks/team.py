@@ -6,7 +6,7 @@ server for MLflow), and once with 1 worker on the sqlite default (``mlflow.db`` 
 Everything it starts is stopped at the end.
 
 Fixed budget: ``--trials`` parameter sets are drawn once from the benchmark search space
-(``smp.tune._xgb_space``) by a seeded RandomSampler and enqueued in every study, and pruning is off
+(``smp.spaces.xgb_space``) by a seeded RandomSampler and enqueued in every study, and pruning is off
 (``--pruner none``), so every configuration trains exactly the same models; only the workers differ.
 
 Measured (each worker process is the real ``smp tune`` with timers wrapped around library calls):
@@ -153,14 +153,14 @@ def draw_params(n: int, seed: int) -> list[dict]:
     """``n`` parameter sets from the benchmark search space, by a seeded RandomSampler."""
     import optuna
 
-    from smp.tune import _xgb_space
+    from smp.spaces import xgb_space
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     out = []
     for _ in range(n):
         trial = study.ask()
-        out.append(_xgb_space(trial))
+        out.append(xgb_space(trial))
         study.tell(trial, 0.0)
     return out
 

@@ -7,7 +7,7 @@ process's CPU seconds per round (CPU time is the fairer figure on a loaded share
 OpenMP thread counts in it too).
 
   fixed:  tree_method=hist, max_bin=256, all cores (XGBoost's own defaults)
-  auto:   ``models.tree_settings`` (exact / 64 bins / one thread on small data)
+  auto:   ``boosters.tree_settings`` (exact / 64 bins / one thread on small data)
 
 Run:  .venv/bin/python benchmarks/tree_settings.py --data DIR --features features.parquet [--rounds 20 --reps 3]
 """
@@ -31,10 +31,10 @@ def main() -> None:
 
     import pandas as pd
 
+    from smp.boosters import XGBCfg, make_booster, tree_settings
     from smp.data import labelled, load_data
     from smp.features import TabularCfg, TabularFeaturizer
-    from smp.models import (ImageFeatureSource, Part, PCABoostModel, PCACfg, XGBCfg, image_columns, make_booster,
-                            tree_settings)
+    from smp.models import ImageFeatureSource, Part, PCABoostModel, PCACfg, image_columns
     from smp.splits import SplitCfg, split_indices
 
     posts, _ = labelled(load_data(args.data))
