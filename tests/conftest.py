@@ -47,6 +47,94 @@ def tiny_clip() -> dict:
     return {"clip_model": TINY_CLIP, "clip_pretrained": "none"}
 
 
+@pytest.fixture(scope="session")
+def tiny(tiny_clip):
+    """Small settings for the tests' model jobs, kept in one place: ``tiny.xgb`` (60 rounds of depth 4 at lr 0.1,
+    stopping after 10 without improvement), ``tiny.pca`` (10 components), ``tiny.mlp`` (4 epochs, batches of 16),
+    ``tiny.conv1d`` (PCA to 8, 3 epochs, batches of 16), ``tiny.upstream`` (the tiny CLIP, random weights) and
+    ``tiny.splitting`` (all posts: ``sample_size=0``).
+
+    ``tiny.job(family, data, **overrides)``: the job config of model family ``family`` (its
+    ``smp.families.FAMILIES[family].config``) on ``data`` in experiment ``"t"``, each of its settings that has a
+    small version above set to it. ``overrides`` replace a field of the job by name (``xgb=XGBCfg(...)``,
+    ``experiment="img"``), or any setting inside it by its name (``epochs=3``, ``head="paper"``,
+    ``split="chrono"``: ``smp.config.apply``, the CLI's walk).
+    """
+    from dataclasses import fields, replace
+    from types import SimpleNamespace
+
+    from smp.boosters import XGBCfg
+    from smp.config import apply
+    from smp.data import DataCfg
+    from smp.families import FAMILIES
+    from smp.models import PCACfg
+    from smp.nets import Conv1DCfg, MLPCfg
+    from smp.splits import SplitCfg
+    from smp.train import UpstreamCfg
+
+    small = SimpleNamespace(
+        xgb=XGBCfg(n_estimators=60, max_depth=4, learning_rate=0.1, early_stopping_rounds=10),
+        pca=PCACfg(n_components=10), mlp=MLPCfg(epochs=4, batch_size=16),
+        conv1d=Conv1DCfg(n_pca=8, epochs=3, batch_size=16), upstream=UpstreamCfg(**tiny_clip),
+        splitting=SplitCfg(sample_size=0))
+    by_type = {type(v): v for v in vars(small).values()}
+
+    def job(family: str, data, **overrides):
+        config = FAMILIES[family].config
+        default = config()
+        names = {f.name for f in fields(config)}
+        cfg = replace(default, source=DataCfg(data=str(data)), experiment="t",
+                      **{n: by_type[type(getattr(default, n))] for n in names if type(getattr(default, n)) in by_type})
+        cfg = replace(cfg, **{k: v for k, v in overrides.items() if k in names})
+        leaves = {k: v for k, v in overrides.items() if k not in names}
+        return apply(cfg, leaves) if leaves else cfg
+
+    small.job = job
+    return small
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stores_from_a_template(tmp_path_factory):
+    """Every test's fresh sqlite tracking store starts as a copy of one built once per session.
+
+    Building MLflow's tables runs its ~100 migrations, about a second a store (more on a busy disk), paid by every
+    test that touches its store. The first store of the session is built by MLflow's own code; later ones in this
+    process get its pages through SQLite's backup API (the same schema, a fraction of the time). A copy that
+    cannot be made (a full disk) falls back to MLflow's own setup, so its error is the one a user sees. Stores
+    built by other processes (``smp`` subprocesses, ``mlflow server``) are not touched.
+    """
+    import sqlite3
+    from contextlib import closing
+
+    import mlflow.store.db.utils as db_utils
+    import mlflow.store.model_registry.sqlalchemy_store as registry_store
+
+    build = db_utils._initialize_tables
+    template = tmp_path_factory.mktemp("store_template") / "mlflow.db"
+
+    def initialize(engine):
+        db = engine.url.database
+        if engine.dialect.name != "sqlite" or not db or db == ":memory:" or db.startswith("file:"):
+            return build(engine)
+        if not template.exists():
+            build(engine)
+            with engine.connect() as conn, closing(sqlite3.connect(template)) as out:
+                conn.connection.driver_connection.backup(out)
+            return None
+        try:
+            with closing(sqlite3.connect(template)) as src, engine.connect() as conn:
+                src.backup(conn.connection.driver_connection)
+        except sqlite3.Error:
+            return build(engine)
+        return None
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(db_utils, "_initialize_tables", initialize)
+    mp.setattr(registry_store, "_initialize_tables", initialize)
+    yield
+    mp.undo()
+
+
 # --------------------------------------------------------------------------- a scoring server
 import contextlib  # noqa: E402 - with the helpers that use it, below the fixtures above
 
