@@ -15,14 +15,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from smp.boosters import XGBCfg
 from smp.data import MAX_INVALID_LABEL_SHARE, DataCfg, DataError, load_data
-from smp.models import XGBCfg
 from smp.registry import PromoteJob, run_promote
 from smp.splits import MIN_SPLIT_ROWS, SplitCfg, prepare
-from smp.train import BenchmarkJob, run_benchmark
+from smp.train import run_benchmark
 
 NAME = "smp-popularity"
-SMALL = XGBCfg(n_estimators=40, max_depth=3, learning_rate=0.1, early_stopping_rounds=10)
 
 
 def posts_table(path, n: int = 300, seed: int = 0, prefix: str = "p", **columns):
@@ -75,21 +74,24 @@ def test_a_constant_label_is_refused(tmp_path):
         prepared(path)
 
 
-def test_benchmark_job_refuses_degenerate_data_before_starting_a_run(tmp_path):
+def test_benchmark_job_refuses_degenerate_data_before_starting_a_run(tmp_path, tiny):
     path = posts_table(tmp_path / "posts.csv", label=[np.inf] * 296 + [1.0, 2.0, 3.0, 4.0])
     with pytest.raises(DataError, match="infinite"):
-        run_benchmark(BenchmarkJob(source=DataCfg(data=str(path)), splitting=SplitCfg(sample_size=0), xgb=SMALL,
-                                   experiment="bad"))
-    exp = mlflow.get_experiment_by_name("bad")
-    runs = mlflow.search_runs([exp.experiment_id], output_format="list") if exp else []
-    assert runs == []  # refused while preparing: no run is left behind, RUNNING or FAILED
+        run_benchmark(tiny.job("benchmark", path, experiment="bad"))
+    # refused while preparing: no run is left behind, RUNNING or FAILED
+    assert not (tmp_path / "mlflow.db").exists() or mlflow.search_runs(search_all_experiments=True).empty
 
 
 # --------------------------------------------------------------------------- promotions that cannot be fair
-def train(path, xgb: XGBCfg = SMALL, **split) -> str:
-    run_benchmark(BenchmarkJob(source=DataCfg(data=str(path)), splitting=SplitCfg(sample_size=0, **split), xgb=xgb,
-                               experiment="reg"))
-    return mlflow.last_active_run().info.run_id
+@pytest.fixture
+def train(tiny):
+    """``train(path, xgb=None, **split)``: a benchmark on the posts table ``path`` in experiment "reg" (``tiny``
+    settings, or ``xgb``); its run id."""
+    def train(path, xgb: XGBCfg | None = None, **split) -> str:
+        return run_benchmark(tiny.job("benchmark", path, experiment="reg", **({"xgb": xgb} if xgb else {}),
+                                      **split)).run_id
+
+    return train
 
 
 def version_of(out: dict):
@@ -115,7 +117,7 @@ def test_promote_on_an_empty_experiment_or_only_failed_runs_says_so():
 
 
 @pytest.mark.slow
-def test_candidate_whose_data_is_gone_is_refused_and_becomes_challenger(tmp_path):
+def test_candidate_whose_data_is_gone_is_refused_and_becomes_challenger(tmp_path, train):
     champion = train(posts_table(tmp_path / "a.csv", prefix="a"))
     run_promote(PromoteJob(experiment="reg"))
     gone = tmp_path / "gone"
@@ -133,7 +135,7 @@ def test_candidate_whose_data_is_gone_is_refused_and_becomes_challenger(tmp_path
 
 
 @pytest.mark.slow
-def test_champion_whose_data_changed_cannot_be_checked_so_candidate_is_refused(tmp_path):
+def test_champion_whose_data_changed_cannot_be_checked_so_candidate_is_refused(tmp_path, train):
     champ_data = posts_table(tmp_path / "a.csv", prefix="a")
     champion = train(champ_data)
     run_promote(PromoteJob(experiment="reg"))
@@ -148,7 +150,7 @@ def test_champion_whose_data_changed_cannot_be_checked_so_candidate_is_refused(t
 
 
 @pytest.mark.slow
-def test_candidate_tested_on_posts_the_champion_trained_on_is_refused(tmp_path):
+def test_candidate_tested_on_posts_the_champion_trained_on_is_refused(tmp_path, train):
     """The issue's second case: a run on a small part of the champion's data (other data hash, same posts).
     Its test posts are posts the champion trained on, so it cannot be scored fairly against it."""
     full = posts_table(tmp_path / "full.csv", n=400, prefix="x")
@@ -166,7 +168,7 @@ def test_candidate_tested_on_posts_the_champion_trained_on_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_candidate_on_other_data_wins_only_on_the_posts_both_can_be_scored_on(tmp_path):
+def test_candidate_on_other_data_wins_only_on_the_posts_both_can_be_scored_on(tmp_path, train):
     """Champion and candidate on overlapping data: the champion is scored on the candidate's test posts it never
     trained on, and each model's RMSE there decides."""
     full = posts_table(tmp_path / "full.csv", n=400, prefix="x")

@@ -11,10 +11,10 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from smp.boosters import XGBCfg
 from smp.cli import main
 from smp.config import ConfigError
 from smp.data import DataCfg
-from smp.models import XGBCfg
 from smp.splits import SplitCfg
 from smp.train import BenchmarkJob, run_benchmark
 

@@ -9,22 +9,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from smp.boosters import XGBCfg
 from smp.data import DataCfg, load_data
-from smp.models import XGBCfg
 from smp.splits import SplitCfg
 from smp.train import BenchmarkJob, run_benchmark
 
 pytestmark = pytest.mark.slow
 
 
-def small_benchmark(smpd_dir, **split) -> BenchmarkJob:
-    return BenchmarkJob(source=DataCfg(data=str(smpd_dir)), splitting=SplitCfg(sample_size=0, **split),
-                        xgb=XGBCfg(n_estimators=60, max_depth=4, learning_rate=0.1, early_stopping_rounds=10),
-                        experiment="t")
-
-
-def test_benchmark_end_to_end(smpd_dir):
-    metrics = run_benchmark(small_benchmark(smpd_dir))
+def test_benchmark_end_to_end(smpd_dir, tiny):
+    metrics = run_benchmark(tiny.job("benchmark", smpd_dir))
     run = mlflow.last_active_run()
     assert run.info.status == "FINISHED"
     logged = mlflow.get_run(run.info.run_id).data
@@ -62,9 +56,9 @@ def test_benchmark_end_to_end(smpd_dir):
     assert np.isfinite(model.predict(odd)["popularity"]).all()
 
 
-def test_benchmark_chrono_and_user_splits(smpd_dir):
+def test_benchmark_chrono_and_user_splits(smpd_dir, tiny):
     for split in ("chrono", "user"):  # whole users per side: 160 posts need a larger val share for 10 rows
-        metrics = run_benchmark(small_benchmark(smpd_dir, split=split, val_frac=0.2))
+        metrics = run_benchmark(tiny.job("benchmark", smpd_dir, split=split, val_frac=0.2))
         assert np.isfinite(metrics["test_rmse"])
         assert mlflow.last_active_run().data.tags["smp.split"] == split
 
@@ -89,8 +83,6 @@ def test_real_posts_table_shape(tmp_path):
 
 def test_chrono_protocol_defaults_replace_only_default_settings():
     from smp.features import TabularCfg
-    from smp.models import XGBCfg
-    from smp.splits import SplitCfg
     from smp.train import CHRONO_XGB, BenchmarkJob, PCABoostJob, for_protocol, protocol_defaults
 
     xgb, tab = protocol_defaults(SplitCfg(split="chrono"), XGBCfg(), TabularCfg())
@@ -108,7 +100,6 @@ def test_chrono_protocol_defaults_replace_only_default_settings():
 
 
 def test_changed_settings_are_the_ones_the_protocol_replaced():
-    from smp.splits import SplitCfg
     from smp.train import CHRONO_XGB, BenchmarkJob, for_protocol, protocol_changes
 
     asked = BenchmarkJob(splitting=SplitCfg(split="chrono"))

@@ -145,7 +145,9 @@ def test_dashboard_serves_the_tuned_study(tuned_study, dashboard):
     assert best["values"][0] == pytest.approx(study.best_value)
     # the pruned trial's learning curve (XGBoost's validation RMSE every report_every rounds) is there too
     pruned = next(t for t in trials if t["state"] == "Pruned")
-    assert pruned["intermediate_values"] and detail["has_intermediate_values"]
+    curve = study.trials[pruned["number"]].intermediate_values
+    assert len(curve) >= 1 and detail["has_intermediate_values"]
+    assert {v["step"]: v["value"] for v in pruned["intermediate_values"]} == pytest.approx(curve)
 
     # the single-page app itself is served
     status, ctype, body = _get(f"{dashboard}/dashboard/studies/{summary['study_id']}")

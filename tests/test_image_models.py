@@ -7,48 +7,37 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from smp.data import DataCfg, load_data
-from smp.models import XGBCfg, out_of_fold
+from smp.boosters import XGBCfg
+from smp.data import load_data
 from smp.features import TabularCfg
-from smp.nets import Conv1DCfg, MLPCfg
+from smp.models import out_of_fold
 from smp.report import CompareJob, compare_table, run_compare
-from smp.splits import SplitCfg
-from smp.train import (BenchmarkJob, EnsembleConv1DJob, EnsembleMLPJob, PCABoostJob, StackingCfg, UpstreamCfg,
-                       run_benchmark, run_ensemble_conv1d, run_ensemble_mlp, run_pca_boost)
-from smp.models import PCACfg
+from smp.train import run_ensemble_conv1d, run_ensemble_mlp, run_pca_boost
 
 pytestmark = pytest.mark.slow
 
-XGB = XGBCfg(n_estimators=60, max_depth=4, learning_rate=0.1, early_stopping_rounds=10)
-UP = UpstreamCfg(clip_pretrained="none")
-
-
-def _common(smpd_dir):
-    return dict(source=DataCfg(data=str(smpd_dir)), splitting=SplitCfg(sample_size=0), xgb=XGB, upstream=UP,
-                experiment="img")
-
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory, smpd_bad):
-    """One tracking store in which all four models were trained on the same tiny data."""
+def chain(tmp_path_factory, smpd_bad, tiny):
+    """One tracking store in which all four models were trained on the same tiny data (the tiny CLIP's features)."""
     root = tmp_path_factory.mktemp("chain")
     mp = pytest.MonkeyPatch()
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db", "SMP_CACHE_DIR": str(root / "cache")}
     for k, v in env.items():
         mp.setenv(k, v)
     mp.chdir(root)
-    common = _common(smpd_bad)
     out = {"env": env}
-    out["ensemble_mlp"] = run_ensemble_mlp(EnsembleMLPJob(net=MLPCfg(epochs=4, batch_size=16), stacking=StackingCfg(
-        stacking_folds=3), **common))
+
+    def job(family, **overrides):
+        return tiny.job(family, smpd_bad, experiment="img", stacking_folds=3, **overrides)
+
+    out["ensemble_mlp"] = run_ensemble_mlp(job("ensemble_mlp"))
     out["runs_after_first"] = _count_jobs()
-    out["ensemble_mlp_2"] = run_ensemble_mlp(EnsembleMLPJob(  # the paper's head, cross-fitted stacking
-        net=MLPCfg(epochs=3, batch_size=16, head="paper"), stacking=StackingCfg(stacking_folds=3, stacking_fit="crossfit"),
-        **common))
+    out["ensemble_mlp_2"] = run_ensemble_mlp(  # the paper's head, cross-fitted stacking
+        job("ensemble_mlp", epochs=3, head="paper", stacking_fit="crossfit"))
     out["runs_after_second"] = _count_jobs()
-    out["ensemble_conv1d"] = run_ensemble_conv1d(EnsembleConv1DJob(
-        net=Conv1DCfg(n_pca=8, epochs=3, batch_size=16), stacking=StackingCfg(stacking_folds=3), **common))
-    out["pca_boost"] = run_pca_boost(PCABoostJob(pca=PCACfg(n_components=10), **common))
+    out["ensemble_conv1d"] = run_ensemble_conv1d(job("ensemble_conv1d"))
+    out["pca_boost"] = run_pca_boost(tiny.job("pca_boost", smpd_bad, experiment="img"))
     mp.undo()
     return out
 
@@ -97,19 +86,24 @@ def test_each_pyfunc_predicts_raw_rows_and_missing_images(chain, monkeypatch, sm
     _use(chain, monkeypatch)
     exp = mlflow.get_experiment_by_name("img").experiment_id
     posts = load_data(str(smpd_bad)).drop(columns=["label"])
-    bad_pids = set(posts.loc[[0, 1, 2, 3], "Pid"])  # not necessarily the broken ones: use image_path below
+    embed = mlflow.search_runs([exp], filter_string="tags.`smp.job` = 'embed'", output_format="list")[0]
+    broken = set(pd.read_csv(mlflow.artifacts.download_artifacts(run_id=embed.info.run_id,
+                                                                 artifact_path="bad_images.csv"))["Pid"].astype(str))
+    rows = pd.concat([posts[posts["Pid"].isin(broken)], posts[~posts["Pid"].isin(broken)].head(8)])
+    assert len(rows) == 12 and len(broken) == 4  # the four broken images (one of each kind) and eight good ones
     for family in ("pca_boost", "ensemble_mlp", "ensemble_conv1d"):
         run = mlflow.search_runs([exp], filter_string=f"tags.`smp.job` = '{family}'", output_format="list")[0]
         model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/{family}")  # the model is named after its family
-        rows = posts.head(12).copy()
         out = model.predict(rows)  # features computed from image_path inside the pipeline
         pred = out["popularity"].to_numpy(dtype=float)  # with a status per post (smp.serving)
         assert len(pred) == 12 and np.isfinite(pred).all(), family
-        no_image = rows.drop(columns=["image_path"]).head(3)  # no image at all -> still a finite prediction
+        status = dict(zip(rows["Pid"], out["status"]))
+        assert all(status[p].startswith("partial: image unusable (") for p in broken), (family, status)
+        assert all(status[p] == "ok" for p in set(rows["Pid"]) - broken), (family, status)
+        no_image = rows.drop(columns=["image_path"]).tail(3)  # no image at all -> still a finite prediction
         answer = model.predict(no_image)
         assert np.isfinite(answer["popularity"]).all(), family
         assert list(answer["status"]) == ["partial: no image given; scored without image features"] * 3, family
-    assert bad_pids
 
 
 def test_broken_images_kept_and_logged(chain, monkeypatch):
@@ -127,12 +121,12 @@ def test_broken_images_kept_and_logged(chain, monkeypatch):
 def test_compare_table(chain, monkeypatch):
     from pathlib import Path
 
-    from smp.jobs import FAMILIES, JOBS
+    from smp.families import FAMILIES
 
     _use(chain, monkeypatch)
     exp = mlflow.get_experiment_by_name("img").experiment_id
-    paper = {f: JOBS[f].paper for f in FAMILIES}  # the one place smp keeps the paper's figures
-    table = compare_table(exp, "random")
+    paper = {name: f.paper for name, f in FAMILIES.items()}  # the one place smp keeps the paper's figures
+    table = compare_table(exp, "random", FAMILIES)
     assert list(table["model"]) == ["benchmark", "pca_boost", "ensemble_mlp", "ensemble_mlp (paper head)",
                                     "ensemble_conv1d"]
     measured, paper_cols = ("test_rmse", "test_bias", "test_error_var"), ("paper_rmse", "paper_bias", "paper_error_var")
@@ -212,12 +206,11 @@ def test_out_of_fold_never_uses_own_label():
         out_of_fold(posts, y, val, y_val, cfg, TabularCfg(), seed=0, folds=1)
 
 
-def test_image_models_refuse_data_without_images(tmp_path):
+def test_image_models_refuse_data_without_images(tmp_path, tiny):
     df = pd.DataFrame({"Pid": range(200), "Category": "A", "Postdate": np.linspace(1.4e9, 1.5e9, 200),
                        "label": np.linspace(1, 10, 200)})
     df.to_csv(tmp_path / "posts.csv", index=False)
     from smp.data import DataError
 
     with pytest.raises(DataError, match="no images"):
-        run_pca_boost(PCABoostJob(source=DataCfg(data=str(tmp_path / "posts.csv")),
-                                  splitting=SplitCfg(sample_size=0), xgb=XGB, upstream=UP))
+        run_pca_boost(tiny.job("pca_boost", tmp_path / "posts.csv"))

@@ -31,7 +31,8 @@ def test_sigterm_ends_the_run_killed_with_the_reason(smpd_dir, tmp_path):
             if exp is not None:
                 found = mlflow.search_runs([exp.experiment_id], filter_string="attributes.status = 'RUNNING'",
                                            output_format="list")
-                run = found[0] if found and "data/posts" in found[0].data.params else None  # fitting by now
+                # the settings are logged as the run opens, right before the fit (the data/ counts only after it)
+                run = found[0] if found and found[0].data.params.get("n_estimators") == "1000000" else None
             assert proc.poll() is None, proc.stdout.read()[-3000:]
         assert run is not None, "the job never reached its fit"
         time.sleep(2.0)

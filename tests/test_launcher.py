@@ -91,10 +91,11 @@ def test_entry_point_through_mlflow_run(entry, store, monkeypatch):
         trials = mlflow.search_runs([exp.experiment_id],
                                     filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'", output_format="list")
         assert sorted(t.info.run_name for t in trials) == ["trial 0", "trial 1"]
-    if entry == "promote":
-        assert run.data.metrics == {} and run.data.tags["smp.decision"] in ("champion", "challenger")
+    if entry == "promote":  # the store's first promotion: its candidate becomes the champion
+        assert run.data.metrics == {} and run.data.tags["smp.decision"] == "champion"
         version = mlflow.MlflowClient().get_model_version_by_alias("smp-popularity", "champion")
-        assert version.run_id
+        assert (version.run_id, str(version.version)) == (run.data.tags["smp.candidate_run"],
+                                                           run.data.tags["smp.registered_version"])
     if entry == "predict":
         pred = pd.read_csv(store["work"] / "predictions.csv")
         assert len(pred) == 160 and pred["popularity"].notna().all()

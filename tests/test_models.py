@@ -7,7 +7,7 @@ import json
 import numpy as np
 import xgboost as xgb
 
-from smp.models import SMALL_PREDICT, predict_booster
+from smp.boosters import SMALL_PREDICT, predict_booster
 
 
 def _nthread(booster: xgb.XGBRegressor) -> int:
@@ -32,13 +32,14 @@ def test_predict_booster_small_and_large_batches_equal_plain_predict_and_restore
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
+from smp.boosters import (EXACT_MAX_ROWS, FULL_BINS_ROWS, XGBCfg, make_booster, resolve_device,  # noqa: E402
+                          tree_settings)
 from smp.features import TabularCfg  # noqa: E402
-from smp.models import (EXACT_MAX_ROWS, FULL_BINS_ROWS, TWO_FOLDS_ROWS, BenchmarkModel, Part, TimeTrend,  # noqa: E402
-                        XGBCfg, cross_fit, fold_count, make_booster, resolve_device, tree_settings)
+from smp.models import TWO_FOLDS_ROWS, BenchmarkModel, Part, TimeTrend, cross_fit, fold_count  # noqa: E402
 
 
 def test_tree_settings_follow_the_data_size_and_keep_explicit_choices(monkeypatch):
-    monkeypatch.setattr("smp.models.resolve_device", lambda device: "cpu" if device == "auto" else device)
+    monkeypatch.setattr("smp.boosters.resolve_device", lambda device: "cpu" if device == "auto" else device)
     small, mid, large = EXACT_MAX_ROWS - 1, EXACT_MAX_ROWS, FULL_BINS_ROWS
     assert tree_settings(XGBCfg(), small) == {"tree_method": "exact", "max_bin": 64, "device": "cpu", "n_jobs": 1}
     assert tree_settings(XGBCfg(), mid) == {"tree_method": "hist", "max_bin": 64, "device": "cpu", "n_jobs": 1}
@@ -147,12 +148,12 @@ def test_cross_fit_averages_its_fold_models_and_predicts_out_of_fold():
 
 
 def test_fold_models_use_the_tree_settings_of_the_full_training_set(monkeypatch):
-    import smp.models as models
+    import smp.boosters as boosters
 
     posts, y = _posts(300, seed=2)
     val, y_val = posts.head(40), y[:40]
     cfg = XGBCfg(n_estimators=10, max_depth=3, learning_rate=0.2, early_stopping_rounds=0)
-    monkeypatch.setattr(models, "EXACT_MAX_ROWS", 250)  # 300 training rows: hist; a fold's 200 alone: exact
+    monkeypatch.setattr(boosters, "EXACT_MAX_ROWS", 250)  # 300 training rows: hist; a fold's 200 alone: exact
     assert tree_settings(cfg, 200)["tree_method"] == "exact" and tree_settings(cfg, 300)["tree_method"] == "hist"
     fitted = cross_fit(posts, y, val, y_val, cfg, TabularCfg(), seed=0, folds=3)
     assert [m.tree_settings_ for m in fitted.models] == [tree_settings(cfg, 300)] * 3

@@ -17,15 +17,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from smp.data import DataCfg, load_data
-from smp.models import XGBCfg
+from smp.data import load_data
 from smp.registry import PromoteJob, run_promote
-from smp.splits import SplitCfg
-from smp.train import BenchmarkJob, run_benchmark
+from smp.train import run_benchmark
 
 REAL_POSTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "smpd2019" / "posts.csv"
 CHAMPION = "models:/smp-popularity@champion"
-SMALL = XGBCfg(n_estimators=40, max_depth=4, early_stopping_rounds=5)
 
 pytestmark = pytest.mark.slow
 
@@ -41,16 +38,15 @@ def real_sample(tmp_path_factory) -> Path:
     return out
 
 
-def _champion_from(data: str) -> mlflow.pyfunc.PyFuncModel:
-    run_benchmark(BenchmarkJob(source=DataCfg(data=data), splitting=SplitCfg(sample_size=0), xgb=SMALL,
-                               experiment="natural"))
+def _champion_from(tiny, data: str) -> mlflow.pyfunc.PyFuncModel:
+    run_benchmark(tiny.job("benchmark", data, experiment="natural"))
     outcome = run_promote(PromoteJob(experiment="natural"))
     assert outcome["champion"] is True  # the first model in a fresh store
     return mlflow.pyfunc.load_model(CHAMPION)
 
 
-def test_champion_predicts_on_read_csv_of_real_posts_without_a_cast(real_sample, caplog):
-    model = _champion_from(str(real_sample))
+def test_champion_predicts_on_read_csv_of_real_posts_without_a_cast(real_sample, tiny, caplog):
+    model = _champion_from(tiny, str(real_sample))
     raw = pd.read_csv(real_sample)  # what a user types first
     assert raw["Pid"].dtype == np.int64 and raw["Postdate"].dtype == np.int64 and raw["tag_count"].dtype == np.int64
     with caplog.at_level(logging.WARNING):
@@ -95,8 +91,8 @@ def test_champion_predicts_on_read_csv_of_real_posts_without_a_cast(real_sample,
         model.predict(bad)
 
 
-def test_champion_predicts_on_official_smpd_json_files_read_by_pandas(smpd_dir):
-    model = _champion_from(str(smpd_dir))
+def test_champion_predicts_on_official_smpd_json_files_read_by_pandas(smpd_dir, tiny):
+    model = _champion_from(tiny, str(smpd_dir))
     # each official file as pandas reads it (Pid and Uid become numbers, Postdate a number), joined on Pid
     frame = pd.read_json(smpd_dir / "train_category.json")
     for name in ("train_temporalspatial_information.json", "train_text.json", "train_user_data.json"):
@@ -113,8 +109,8 @@ def test_champion_predicts_on_official_smpd_json_files_read_by_pandas(smpd_dir):
     assert np.allclose(by_pid.loc[loaded["Pid"]].to_numpy(), expected, rtol=1e-9)
 
 
-def test_logged_model_page_describes_what_to_send(real_sample):
-    _champion_from(str(real_sample))
+def test_logged_model_page_describes_what_to_send(real_sample, tiny):
+    _champion_from(tiny, str(real_sample))
     version = mlflow.MlflowClient().get_model_version_by_alias("smp-popularity", "champion")
     info = mlflow.models.get_model_info(CHAMPION)
     schema = info.signature.inputs

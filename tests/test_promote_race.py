@@ -19,8 +19,8 @@ import mlflow
 import pytest
 
 from smp import registry
+from smp.boosters import XGBCfg
 from smp.data import DataCfg, DataError
-from smp.models import XGBCfg
 from smp.splits import SplitCfg
 from smp.train import BenchmarkJob, run_benchmark
 

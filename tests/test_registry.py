@@ -2,34 +2,32 @@
 
 from __future__ import annotations
 
-import math
-
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 
 from smp import registry
-from smp.config import ConfigError
-from smp.data import DataCfg, DataError
-from smp.models import XGBCfg
+from smp.boosters import XGBCfg
+from smp.config import ConfigError, sig
+from smp.data import DataError
 from smp.registry import PromoteJob, run_promote
-from smp.splits import SplitCfg
-from smp.config import sig
-from smp.train import BenchmarkJob, run_benchmark
+from smp.train import run_benchmark
 
 pytestmark = pytest.mark.slow
 
 NAME = "smp-popularity"
-GOOD = XGBCfg(n_estimators=60, max_depth=4, learning_rate=0.1, early_stopping_rounds=10)
 WORSE = XGBCfg(n_estimators=1, max_depth=2, learning_rate=0.01, early_stopping_rounds=10)
 
 
-def train(data, xgb: XGBCfg = GOOD, **split) -> str:
-    """Train a tiny benchmark in experiment "t"; return its run id."""
-    run_benchmark(BenchmarkJob(source=DataCfg(data=str(data)), splitting=SplitCfg(sample_size=0, **split), xgb=xgb,
-                               experiment="t"))
-    return mlflow.last_active_run().info.run_id
+@pytest.fixture
+def train(tiny):
+    """``train(data, xgb=None, **split)``: a benchmark in experiment "t" (``tiny`` settings, or ``xgb``); its
+    run id."""
+    def train(data, xgb: XGBCfg | None = None, **split) -> str:
+        return run_benchmark(tiny.job("benchmark", data, **({"xgb": xgb} if xgb else {}), **split)).run_id
+
+    return train
 
 
 def versions() -> list:
@@ -40,7 +38,7 @@ def alias(name: str):
     return registry.current_alias(mlflow.MlflowClient(), NAME, name)
 
 
-def test_champion_then_challenger_and_one_version_per_run(smpd_dir):
+def test_champion_then_challenger_and_one_version_per_run(smpd_dir, train):
     good = train(smpd_dir)
     first = run_promote(PromoteJob(experiment="t"))
     assert first["version"] == 1 and first["champion"] is True and first["new_version"] is True
@@ -108,7 +106,7 @@ def _figures_beyond_4_digits(text: str) -> list[str]:
     return [m for m in re.findall(r"\d+\.\d+", text) if len(m.replace(".", "").lstrip("0")) > 4]
 
 
-def test_a_searched_candidate_lists_the_runs_it_was_ranked_against(smpd_dir, monkeypatch):
+def test_a_searched_candidate_lists_the_runs_it_was_ranked_against(smpd_dir, monkeypatch, train):
     """More candidates than the table shows: the best five by val RMSE, the champion wherever it ranks, the rest
     counted; a run ranked above the chosen one without a logged model is marked as skipped."""
     runs = [train(smpd_dir, XGBCfg(n_estimators=n, max_depth=2, learning_rate=0.1, early_stopping_rounds=0))
@@ -133,7 +131,7 @@ def test_a_searched_candidate_lists_the_runs_it_was_ranked_against(smpd_dir, mon
     assert _figures_beyond_4_digits(text) == []
 
 
-def test_margin_keeps_champion_until_beaten_by_enough(smpd_dir):
+def test_margin_keeps_champion_until_beaten_by_enough(smpd_dir, train):
     worse = train(smpd_dir, WORSE)
     run_promote(PromoteJob(experiment="t", run_id=worse))
     better = train(smpd_dir)
@@ -145,7 +143,7 @@ def test_margin_keeps_champion_until_beaten_by_enough(smpd_dir):
     assert len(versions()) == 2
 
 
-def test_racing_promoters_leave_one_version(smpd_dir, monkeypatch):
+def test_racing_promoters_leave_one_version(smpd_dir, monkeypatch, train):
     run_id = train(smpd_dir)
     run_promote(PromoteJob(experiment="t"))  # v1
     real = registry.versions_of_run
@@ -161,7 +159,7 @@ def test_racing_promoters_leave_one_version(smpd_dir, monkeypatch):
     assert [str(v.version) for v in versions()] == ["1"] and versions()[0].run_id == run_id
 
 
-def test_different_data_scores_the_champion_on_the_candidates_test_posts(smpd_dir, tmp_path):
+def test_different_data_scores_the_champion_on_the_candidates_test_posts(smpd_dir, tmp_path, train):
     champion = train(smpd_dir)
     run_promote(PromoteJob(experiment="t"))
     rng = np.random.default_rng(0)
@@ -182,17 +180,18 @@ def test_different_data_scores_the_champion_on_the_candidates_test_posts(smpd_di
     assert out["champion"] == float(out["candidate_test_rmse"] < out["champion_test_rmse"])
 
 
-def test_filters_and_nothing_to_promote(smpd_dir):
+def test_filters_and_nothing_to_promote(smpd_dir, train):
     with pytest.raises(DataError, match="'t'.*nothing to promote: it has no model runs"):
         run_promote(PromoteJob(experiment="t"))
-    train(smpd_dir)
+    run_id = train(smpd_dir)
     with pytest.raises(DataError, match="family=pca_boost"):
         run_promote(PromoteJob(experiment="t", family="pca_boost"))
     with pytest.raises(DataError, match="split=chrono"):
         run_promote(PromoteJob(experiment="t", split="chrono"))
     with pytest.raises(ConfigError, match="run_id='0+': no such run"):
         run_promote(PromoteJob(experiment="t", run_id="0" * 32))
-    assert math.isfinite(run_promote(PromoteJob(experiment="t", family="benchmark", split="random"))["version"])
+    out = run_promote(PromoteJob(experiment="t", family="benchmark", split="random"))  # both filters match the run
+    assert out["version"] == 1 and out["decision"] == "champion" and alias("champion").run_id == run_id
 
 
 def test_version_tag_written_concurrently_is_retried_and_other_errors_are_not():
@@ -251,7 +250,7 @@ def test_dataset_inputs_logged_concurrently_are_retried(monkeypatch):
 
 
 # --------------------------------------------------------------------------- candidates are checked (issue 26)
-MID = XGBCfg(n_estimators=5, max_depth=2, learning_rate=0.1, early_stopping_rounds=0)  # worse than GOOD, beats the mean
+MID = XGBCfg(n_estimators=5, max_depth=2, learning_rate=0.1, early_stopping_rounds=0)  # worse than tiny.xgb, beats the mean
 
 
 def model_dir(run_id: str):
@@ -270,7 +269,7 @@ def last_promote():
                               order_by=["attributes.start_time DESC"], output_format="list")[0]
 
 
-def test_a_failed_run_or_a_model_that_is_not_ready_is_no_candidate(smpd_dir):
+def test_a_failed_run_or_a_model_that_is_not_ready_is_no_candidate(smpd_dir, train):
     client = mlflow.MlflowClient()
     failed = train(smpd_dir)
     client.set_tag(failed, "smp.end_reason", "OSError: [Errno 28] No space left on device")
@@ -297,7 +296,7 @@ def test_a_failed_run_or_a_model_that_is_not_ready_is_no_candidate(smpd_dir):
     assert failed[:8] not in v.description
 
 
-def test_a_first_promotion_of_a_model_that_learnt_nothing_is_rejected(smpd_dir, tmp_path):
+def test_a_first_promotion_of_a_model_that_learnt_nothing_is_rejected(smpd_dir, tmp_path, train):
     """Labels that are noise: a deep booster without early stopping fits the noise and loses to the mean."""
     rng = np.random.default_rng(0)
     n = 300
@@ -335,7 +334,7 @@ def test_a_first_promotion_of_a_model_that_learnt_nothing_is_rejected(smpd_dir, 
     assert "**Check**: loaded and scored on its own 16 test posts before any alias moved: test RMSE " in v2.description
 
 
-def test_a_model_predicting_one_value_for_every_post_is_not_crowned(smpd_dir):
+def test_a_model_predicting_one_value_for_every_post_is_not_crowned(smpd_dir, train):
     class Constant(mlflow.pyfunc.PythonModel):
         """The issue's model: 0.5 for every post (an XGBoost with no trees predicts its base score)."""
 
@@ -359,7 +358,7 @@ def test_a_model_predicting_one_value_for_every_post_is_not_crowned(smpd_dir):
         "rejected_because"]
 
 
-def test_a_model_that_cannot_be_loaded_is_rejected_and_loses_challenger(smpd_dir):
+def test_a_model_that_cannot_be_loaded_is_rejected_and_loses_challenger(smpd_dir, train):
     train(smpd_dir)
     run_promote(PromoteJob(experiment="t"))  # v1 champion
     worse = train(smpd_dir, WORSE)
@@ -377,7 +376,7 @@ def test_a_model_that_cannot_be_loaded_is_rejected_and_loses_challenger(smpd_dir
     assert "compared_against_version" not in v2.tags and "champion_test_rmse" not in v2.tags
 
 
-def test_a_champion_that_can_no_longer_be_loaded_loses_to_any_valid_candidate(smpd_dir, monkeypatch):
+def test_a_champion_that_can_no_longer_be_loaded_loses_to_any_valid_candidate(smpd_dir, monkeypatch, train):
     good = train(smpd_dir)
     run_promote(PromoteJob(experiment="t"))  # v1
     mid = train(smpd_dir, MID)  # worse than the champion on every post set, but a valid model

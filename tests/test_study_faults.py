@@ -20,8 +20,9 @@ import pytest
 from smp.config import ConfigError
 from smp.data import DataCfg, DataError
 from smp.splits import SplitCfg
-from smp.tune import (PARENT_ATTR, StudyCfg, TuneJob, fail_stale_trials, make_storage, open_study,
-                      resume_seed, run_tune, this_worker, xgb_space)
+from smp.spaces import xgb_space
+from smp.tune import (PARENT_ATTR, StudyCfg, TuneJob, fail_stale_trials, make_storage, open_study, resume_seed,
+                      run_tune, this_worker)
 
 pytestmark = pytest.mark.slow
 

@@ -59,8 +59,8 @@ def test_a_server_that_never_answers_fails_the_check_after_its_timeout():
         url = f"http://127.0.0.1:{hung.getsockname()[1]}"
         t0 = time.monotonic()
         with pytest.raises(tracking.TrackingUnavailable) as err:
-            tracking.check_server(url, timeout=1.0)
-        assert time.monotonic() - t0 < 3
+            tracking.check_server(url, timeout=0.5)
+        assert time.monotonic() - t0 < 2.5
     assert str(err.value).startswith(f"tracking server {url} is not answering (timed out)")
 
 

@@ -9,10 +9,11 @@ import mlflow
 import optuna
 import pytest
 
-from smp.data import DataCfg
-from smp.splits import SplitCfg
 from smp.config import sig
-from smp.tune import StudyCfg, TuneJob, open_study, run_tune, study_figure, study_note, xgb_space
+from smp.data import DataCfg
+from smp.spaces import xgb_space
+from smp.splits import SplitCfg
+from smp.tune import StudyCfg, TuneJob, open_study, run_tune, study_figure, study_note
 
 pytestmark = pytest.mark.slow
 
@@ -142,7 +143,7 @@ def test_xgboost_pruning_reports_every_n_rounds():
     import numpy as np
     import xgboost as xgb
 
-    from smp.models import step_callbacks
+    from smp.boosters import step_callbacks
     from smp.tune import step_reporter
 
     study = optuna.create_study(direction="minimize")  # in memory
