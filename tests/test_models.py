@@ -18,7 +18,8 @@ def test_predict_booster_small_and_large_batches_equal_plain_predict_and_restore
     rng = np.random.default_rng(0)
     X = rng.standard_normal((300, 6)).astype(np.float32)
     y = X[:, 0] * 2 + rng.standard_normal(300)
-    model = xgb.XGBRegressor(n_estimators=20, max_depth=4, n_jobs=2).fit(X, y)
+    # fitted on one thread (two threads' OpenMP barriers cost seconds on a busy machine), predicting on two
+    model = xgb.XGBRegressor(n_estimators=20, max_depth=4, n_jobs=1).fit(X, y).set_params(n_jobs=2)
     before = _nthread(model)
     small, large = X[:3], X[: SMALL_PREDICT + 50]
     np.testing.assert_allclose(predict_booster(model, small), model.predict(small), rtol=1e-6)
