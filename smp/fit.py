@@ -87,7 +87,7 @@ def fit_benchmark(family: Family, cfg, prep: Prepared, on_step=None) -> Fitted:
     importance = json.loads(pd.Series(gain, index=names).sort_values(ascending=False).to_json())
     return Fitted(model, metrics,
                   run_metrics={"time/fit_s": seconds, "fit/best_iteration": model.best_iteration_,
-                               "fit/n_features": float(len(model.featurizer_.feature_names_))},
+                               "fit/n_features": float(len(model.feature_names_))}, facts=model.facts_,
                   effective=tree_effective(model), figures=figures, tables={"feature_importance.json": importance})
 
 

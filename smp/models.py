@@ -21,7 +21,8 @@ import pandas as pd
 from smp.boosters import (XGBCfg, best_iteration, fit_booster, make_booster, one_blas_thread, predict_booster,
                           step_callbacks, tree_settings)
 from smp.config import at_least, check
-from smp.features import RAW_FIELDS, TabularCfg, TabularFeaturizer
+from smp.features import TabularCfg, TabularFeaturizer
+from smp.groups import FIELD_ORDER, FeaturesCfg, GroupSet
 from smp.image_features import HANDCRAFTED
 
 
@@ -65,24 +66,39 @@ class TimeTrend:
 
 
 class BenchmarkModel:
-    """The paper's benchmark: XGBoost on the tabular features only (optionally over a linear time trend)."""
+    """The paper's benchmark: XGBoost on the tabular features only (optionally over a linear time trend).
+
+    ``features`` (``smp.groups.FeaturesCfg``) picks the feature groups its matrix is made of: ``tabular``
+    alone (the default) is the paper's matrix, exactly; ``time``, ``user`` and ``text`` add their blocks
+    (``smp.groups``), fitted on the training posts only (``user``: out-of-fold under ``split="random"``, from
+    strictly earlier posts under ``"chrono"``, the prior under ``"user"``). The fitted groups are pickled with the model: a logged model scores raw posts,
+    a new post of a known ``Uid`` from that user's training posts.
+    """
 
     needs_images = False
 
-    def __init__(self, cfg: XGBCfg = XGBCfg(), tabular: TabularCfg = TabularCfg(), seed: int = 0):
+    def __init__(self, cfg: XGBCfg = XGBCfg(), tabular: TabularCfg = TabularCfg(), seed: int = 0,
+                 features: FeaturesCfg = FeaturesCfg(), split: str = "random"):
         self.cfg = cfg
         self.tabular = tabular
         self.seed = seed
+        self.features = features
+        self.split = split
 
     @classmethod
     def from_job(cls, cfg, **_):
-        return cls(cfg.xgb, cfg.tabular, cfg.splitting.seed)
+        return cls(cfg.xgb, cfg.tabular, cfg.splitting.seed, getattr(cfg, "feature_groups", FeaturesCfg()),
+                   cfg.splitting.split)
 
     def fit(self, train: Part, val: Part, on_step=None) -> "BenchmarkModel":
         train, y, val, y_val = train.rows, train.y, val.rows, val.y
-        self.featurizer_ = TabularFeaturizer(self.tabular).fit(train)
-        X, X_val = self.featurizer_.transform(train), self.featurizer_.transform(val)
         y, y_val = np.asarray(y, dtype=float), np.asarray(y_val, dtype=float)
+        features = getattr(self, "features", FeaturesCfg())
+        self.groups_ = GroupSet(features, self.tabular, self.seed, getattr(self, "split", "random"))
+        X = self.groups_.fit_transform(train, y)
+        tab = self.groups_.group("tabular")
+        self.featurizer_ = None if tab is None else tab.featurizer_
+        X_val = self.groups_.transform(val)
         self.trend_ = TimeTrend().fit(train, y) if self.tabular.time_trend else None
         if self.trend_ is not None:
             y, y_val = y - self.trend_.predict(train), y_val - self.trend_.predict(val)
@@ -92,23 +108,41 @@ class BenchmarkModel:
         self.best_iteration_ = best_iteration(self.booster_)
         return self
 
+    def _matrix(self, posts: pd.DataFrame) -> np.ndarray:
+        groups = getattr(self, "groups_", None)  # models pickled before feature groups: the featurizer alone
+        return self.featurizer_.transform(posts) if groups is None else groups.transform(posts)
+
     def predict(self, posts: pd.DataFrame) -> np.ndarray:
         """Predicted popularity for raw posts."""
-        pred = predict_booster(self.booster_, self.featurizer_.transform(posts))
+        pred = predict_booster(self.booster_, self._matrix(posts))
         trend = getattr(self, "trend_", None)  # models pickled before the trend existed have none
         return pred if trend is None else pred + trend.predict(posts)
 
+    @property
+    def feature_names_(self) -> list[str]:
+        """The matrix's columns, group by group."""
+        groups = getattr(self, "groups_", None)
+        return self.featurizer_.feature_names_ if groups is None else groups.feature_names_
+
+    @property
+    def facts_(self) -> dict[str, object]:
+        """What the feature groups learnt, as run params (user table size, counts of missing / cut inputs);
+        nothing for the default ``tabular``."""
+        groups = getattr(self, "groups_", None)
+        return {} if groups is None else groups.facts_
+
     def importance(self) -> tuple[list[str], np.ndarray]:
-        """Gain importance per tabular feature."""
+        """Gain importance per feature."""
         score = self.booster_.get_booster().get_score(importance_type="gain")
-        names = self.featurizer_.feature_names_
+        names = self.feature_names_
         return names, np.array([score.get(f"f{i}", 0.0) for i in range(len(names))])
 
     @property
     def input_fields_(self) -> list[str]:
-        fields = self.featurizer_.raw_fields_
+        groups = getattr(self, "groups_", None)
+        fields = self.featurizer_.raw_fields_ if groups is None else groups.fields
         if getattr(self, "trend_", None) is not None and "Postdate" not in fields:
-            fields = [f for f in RAW_FIELDS if f in {*fields, "Postdate"}]
+            fields = [f for f in FIELD_ORDER if f in {*fields, "Postdate"}]
         return fields
 
 

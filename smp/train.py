@@ -23,6 +23,7 @@ from smp.boosters import XGBCfg
 from smp.config import check, flatten, one_of, zero_or_at_least
 from smp.data import DataCfg
 from smp.features import TabularCfg
+from smp.groups import FeaturesCfg, check_groups
 from smp.image_features import PAPER_CLIP_MODEL, PAPER_CLIP_PRETRAINED
 from smp.jobs import Family
 from smp.models import BenchmarkModel, EnsembleModel, PCABoostModel, PCACfg
@@ -40,6 +41,7 @@ class BenchmarkJob:
     splitting: SplitCfg = field(default_factory=SplitCfg)
     xgb: XGBCfg = field(default_factory=XGBCfg)
     tabular: TabularCfg = field(default_factory=TabularCfg)
+    feature_groups: FeaturesCfg = field(default_factory=FeaturesCfg)  # features: tabular, time, user, text (smp.groups)
     experiment: str = ""  # "" = MLFLOW_EXPERIMENT_NAME, else "smp" (under `mlflow run`: its --experiment-name)
 
 
@@ -165,7 +167,10 @@ def run_benchmark(cfg: BenchmarkJob = BenchmarkJob(), parent: Parent | None = No
     """Train the paper's tabular XGBoost benchmark and log it; ``on_step(round, val_rmse)`` after every round."""
     requested, cfg = cfg, for_protocol(cfg)
     prep = prepare(cfg.source, cfg.splitting)
-    tags = {"smp.model": BENCHMARK.name, "smp.reuse_key": reuse_key(cfg.splitting, cfg.xgb, cfg.tabular)}
+    groups = None if cfg.feature_groups.groups == FeaturesCfg().groups else flatten(cfg.feature_groups)
+    # other feature groups: never the benchmark an ensemble (default features) finds and stacks on
+    tags = {"smp.model": BENCHMARK.name, "smp.reuse_key": reuse_key(cfg.splitting, cfg.xgb, cfg.tabular, extra=groups)}
+    check_groups(cfg.feature_groups, prep.rows("train"))  # a group the data cannot feed is refused before any run
     with job_run(BENCHMARK.name, cfg.experiment, flatten(requested), tags, parent, what=BENCHMARK.help) as run:
         fitted = fit.fit_benchmark(BENCHMARK, cfg, prep, on_step)
         record.record(BENCHMARK, fitted, prep, cfg.splitting, flatten(requested), protocol_changes(requested, cfg),
