@@ -476,6 +476,16 @@ def csv_missing(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
+def read_columns(mlmodel, columns: list[str]) -> list[str]:
+    """The columns of a posts table that scoring needs: what ``smp.serving.model_input`` keeps for this model
+    (its input columns, ``Pid``, precomputed image features), plus this module's own. The rest would be parsed
+    and dropped on every executor."""
+    from smp.serving import model_input
+
+    kept = list(model_input(SimpleNamespace(metadata=mlmodel), pd.DataFrame(columns=list(columns))).columns)
+    return kept + [c for c in (NOTES, ROW) if c in columns and c not in kept]
+
+
 def _output_schema():
     import pyarrow as pa
 
@@ -621,8 +631,11 @@ def _predict_spark(model_uri, input_path, output_path, master, images, batch_siz
         t0 = time.perf_counter()
         spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(batch_size))
         sdf, kind = read_posts(spark, input_path, images_root)
+        sdf = sdf.select(*read_columns(mlmodel, sdf.columns))  # what the model reads travels, nothing else
         source = input_path or "demo"
+        t_check = time.perf_counter()
         n_rows = check_unique_pids(sdf, source, kind)
+        check_s = time.perf_counter() - t_check
         target = partitions or spark.sparkContext.defaultParallelism
         n_in = sdf.rdd.getNumPartitions()
         if n_in < target and n_rows > n_in:
@@ -638,14 +651,17 @@ def _predict_spark(model_uri, input_path, output_path, master, images, batch_siz
         if keep_order:
             scored = scored.sortWithinPartitions(ROW)  # a partition's batches are in order; kept so on write
         with spark_errors(f"scoring {source} with {model_uri}"):
+            t_score = time.perf_counter()
             scored.drop(ROW).write.mode("overwrite").parquet(output_path)
+            score_s = time.perf_counter() - t_score
             counts, first_errors = output_counts(spark, output_path)
         seconds = time.perf_counter() - t0
         n_parts = scored.rdd.getNumPartitions()
     timings = {"load_s": load_s, "predict_s": seconds,
                "rows_per_s": counts["rows"] / seconds if seconds > 0 else float("nan")}
     metrics = {**{f"data/{k}": v for k, v in counts.items()}, **{f"time/{k}": v for k, v in timings.items()},
-               "spark/startup_s": startup, "spark/partitions": n_parts, "spark/model_loads": int(loads.value),
+               "spark/startup_s": startup, "spark/check_s": check_s, "spark/score_write_s": score_s,
+               "spark/partitions": n_parts, "spark/model_loads": int(loads.value),
                "spark/model_load_s": load_seconds.value / loads.value if loads.value else 0.0}
     if counts["error_rows"]:
         log.warning("%d of %d posts not scored, e.g. %s", counts["error_rows"], counts["rows"], first_errors)
