@@ -1,4 +1,4 @@
-"""Stage 8: raw posts -> the registered model (``@champion`` by default) -> one prediction per post.
+"""Stage 12: raw posts -> the registered model (``@champion`` by default) -> one prediction per post.
 
 ``run_predict`` reads posts the way training does (``smp.data.load_data``:
 an SMPD directory or a posts table), loads the pyfunc model once and scores
@@ -41,17 +41,14 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from smp import image_requests
-from smp.config import flatten
+from smp.config import at_least, check, flatten, one_of
 from smp.data import DataError, load_data
 from smp.jobs import Job
-from smp.serving import model_input, predict_table, status_text
+from smp.scoring import model_lineage, note_field, predict_rows, with_image_features, with_notes
+from smp.serving import model_input
 from smp.tracking import JobResult, describe_run, job_run, log_params
 
 log = logging.getLogger("smp.predict")
-
-MAX_ROW_FAILURES = 1000  # past this many refused posts, stop hunting for them one by one
-
 
 @dataclass(frozen=True)
 class PredictJob:
@@ -60,12 +57,22 @@ class PredictJob:
     images: str = ""       # images root for relative image paths (an SMPD dir's images by default)
     output: str = "predictions.csv"  # CSV written here: Pid, popularity, status (also logged to the run)
     batch_size: int = 10000  # posts per model call
+    engine: str = "pandas"  # pandas = this process; spark = Spark executors (pip install -e .[spark], Java 17)
+    spark_master: str = "local[*]"  # engine=spark: any Spark master URL (local[N], spark://, yarn, k8s://)
     experiment: str = ""   # "" = MLFLOW_EXPERIMENT_NAME, else "smp" (under `mlflow run`: its --experiment-name)
+
+    def __post_init__(self) -> None:
+        check(self, engine=one_of("pandas", "spark"), batch_size=at_least(1))
 
 
 def run_predict(cfg: PredictJob = PredictJob()) -> JobResult:
     """Score every post of ``cfg.input`` with ``cfg.model``, write ``cfg.output``; return the run, its row
-    counts and timing (under the keys the run logged them) and the loaded model."""
+    counts and timing (under the keys the run logged them) and the loaded model. ``engine=spark``: the same on
+    Spark executors (``smp.spark.run_predict_spark``; Parquet output)."""
+    if cfg.engine == "spark":
+        from smp.spark import run_predict_spark
+
+        return run_predict_spark(cfg)
     posts = load_data(cfg.input, images_root=cfg.images or None)
     load_notes = posts.attrs.get("row_notes") or {}  # values load_data treated as missing, per Pid
     with job_run("predict", cfg.experiment, flatten(cfg), {"smp.model_uri": cfg.model}, what=PREDICT.help) as run:
@@ -110,42 +117,6 @@ def run_predict(cfg: PredictJob = PredictJob()) -> JobResult:
     return JobResult(run.info.run_id, metrics, model)
 
 
-def predict_rows(model, rows: pd.DataFrame, batch_size: int = 10000) -> tuple[np.ndarray, list[str]]:
-    """Predictions (NaN where not scored) and a status per row (the model's own, ``smp.serving``).
-
-    A batch that fails is halved until the failing rows are isolated; each of
-    those gets ``error: <reason>``.  After ``MAX_ROW_FAILURES`` such rows the
-    rest of a failing batch is marked unscored with the first reason.
-    """
-    pred = np.full(len(rows), np.nan)
-    status = ["ok"] * len(rows)
-    failures: list[str] = []
-
-    def score(lo: int, hi: int) -> None:
-        try:
-            table = predict_table(model, rows.iloc[lo:hi].reset_index(drop=True))
-            if len(table) != hi - lo:
-                raise ValueError(f"the model returned {len(table)} predictions for {hi - lo} posts")
-            pred[lo:hi] = table["popularity"].to_numpy(dtype=float)
-            status[lo:hi] = [str(s) for s in table["status"]]
-        except Exception as exc:  # noqa: BLE001 - any refusal is reported per post, never raised
-            if hi - lo == 1 or len(failures) >= MAX_ROW_FAILURES:
-                reason = failure_reason(exc)
-                failures.extend([reason] * (hi - lo))
-                status[lo:hi] = [f"error: {reason}"] * (hi - lo)
-                return
-            mid = (lo + hi) // 2
-            score(lo, mid)
-            score(mid, hi)
-
-    for lo in range(0, len(rows), max(1, batch_size)):
-        score(lo, min(lo + max(1, batch_size), len(rows)))
-    bad = ~np.isfinite(pred) & np.array([not s.startswith("error") for s in status], dtype=bool)
-    for i in np.flatnonzero(bad):
-        status[i] = "error: the model returned no finite prediction"
-    return pred, status
-
-
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet may run as a formula (OWASP: CSV injection)
 
 
@@ -154,52 +125,6 @@ def spreadsheet_safe(values: pd.Series) -> pd.Series:
     so a spreadsheet shows it as text; other values unchanged. For text columns only: ``-1.5`` in a
     number column is a number."""
     return values.map(lambda v: "'" + v if isinstance(v, str) and v.startswith(FORMULA_STARTS) else v).astype(object)
-
-
-def failure_reason(exc: Exception, limit: int = 300) -> str:
-    """A one-line reason from a prediction error (MLflow's schema messages trimmed to their last cause)."""
-    msg = str(getattr(exc, "message", "") or exc or type(exc).__name__)
-    if "Error: " in msg:
-        msg = msg.rsplit("Error: ", 1)[1]
-    msg = " ".join(msg.split())
-    return msg if len(msg) <= limit else msg[:limit - 3] + "..."
-
-
-def model_lineage(uri: str, model) -> dict[str, str]:
-    """Tags saying which model version and training run made the predictions."""
-    tags = {"smp.model_run": str(model.metadata.run_id or "")}
-    if uri.startswith("models:/") and "@" in uri:
-        name, alias = uri[len("models:/"):].split("@", 1)
-        try:
-            tags["smp.model_version"] = str(mlflow.MlflowClient().get_model_version_by_alias(name, alias).version)
-        except mlflow.exceptions.MlflowException:
-            pass
-    return tags
-
-
-# --------------------------------------------------------------------------- per-post notes
-def with_notes(status: str, notes) -> str:
-    """``status`` from the model with ``notes`` (load and image notes) put first; an error stays an error."""
-    if status.startswith("error"):
-        return status
-    own = status[len("partial: "):] if status.startswith("partial: ") else ""
-    return status_text([*notes, own])
-
-
-def note_field(note: str) -> str:
-    """The field a ``load_data`` row note is about (``tag_count=-3 out of range ...``, ``unparseable x='a'; ...``)."""
-    return note.removeprefix("unparseable ").split("=", 1)[0]
-
-
-def with_image_features(model, rows: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, list[str]]]:
-    """``smp.image_requests.with_image_features`` for a loaded pyfunc: for an smp image model, ``rows`` plus
-    their image features, computed once for all batches, and the notes of each post without a usable image;
-    any other model: ``rows`` as given."""
-    try:
-        inner = model.unwrap_python_model().model
-    except (AttributeError, mlflow.exceptions.MlflowException):  # not an smp model
-        return rows, {}
-    return image_requests.with_image_features(inner, rows)
 
 
 PREDICT = Job("predict", "predict popularity for raw posts with a model URI", run_predict, PredictJob)

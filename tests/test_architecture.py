@@ -25,9 +25,10 @@ STAGES = {
     "train": 8,
     "families": 9,
     "report": 10, "tune": 10, "registry": 10,
-    "predict": 11, "spark": 11,
-    "catalog": 12,
-    "cli": 13,
+    "scoring": 11, "spark": 11,
+    "predict": 12,
+    "catalog": 13,
+    "cli": 14,
 }
 # The fit phase and everything it runs: no MLflow (fitting is pure; the record phase logs).
 FIT_PHASE = ("fit", "boosters", "models", "nets", "spaces", "evaluate", "plots", "features", "jobs")

@@ -19,7 +19,8 @@ from mlflow.exceptions import MlflowException
 from smp import image_requests, serving
 from smp.data import DataCfg, DataError, load_data
 from smp.models import XGBCfg
-from smp.predict import PredictJob, predict_rows, run_predict
+from smp.predict import PredictJob, run_predict
+from smp.scoring import predict_rows
 from smp.registry import PromoteJob, run_promote
 from smp.serving import PopularityModel, RequestError, RequestRejected, coerce_request
 from smp.splits import SplitCfg
@@ -144,7 +145,7 @@ def test_image_features_computed_once_with_reasons(monkeypatch, tmp_path):
     from types import SimpleNamespace
 
     from smp.models import ImageFeatureSource
-    from smp.predict import with_image_features
+    from smp.scoring import with_image_features
 
     cols = ["hue_count", "clip_0"]
     seen = {}

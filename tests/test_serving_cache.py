@@ -186,7 +186,7 @@ def test_each_image_b64_is_decoded_once(cached, monkeypatch):
     from types import SimpleNamespace
 
     from smp.models import ImageFeatureSource
-    from smp.predict import predict_rows, with_image_features
+    from smp.scoring import predict_rows, with_image_features
     from smp.serving import PopularityModel
 
     sent = [b64(jpeg(600 + i)) for i in range(4)]
