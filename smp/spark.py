@@ -22,7 +22,7 @@ What it cannot do is the pandas path's per-post contract:
   a list in a text field, ``image_b64`` that is not base64) and ``spark_udf`` raises it in the task, so
   Spark retries the task and then fails the job (seen: ``column 'Pid': empty in 2 row(s)`` stopped a
   40-row job); ``smp predict`` halves a refused batch until the refused rows are found
-  (``smp.predict.predict_rows``) and gives each ``error: <reason>``;
+  (``smp.scoring.predict_rows``) and gives each ``error: <reason>``;
 * load-time parsing: ``smp predict`` reads a table with ``smp.data.prepare_posts``, which treats an
   unparseable number as missing and notes it in the post's status (``partial: unparseable
   photo_count='abc'; treated as missing``); the served model refuses the whole request for it.
@@ -437,7 +437,7 @@ def score_posts(model, raw: pd.DataFrame, batch_size: int = 10_000, images_root:
     ``DataError`` as ``load_data`` does.
     """
     from smp.data import prepare_posts
-    from smp.predict import note_field, predict_rows, with_image_features, with_notes
+    from smp.scoring import note_field, predict_rows, with_image_features, with_notes
     from smp.serving import model_input
 
     posts = prepare_posts(raw, source=source, images_root=images_root)
@@ -688,7 +688,7 @@ def run_predict_spark(cfg, master: str = ""):
     import mlflow
 
     from smp.config import flatten
-    from smp.predict import model_lineage
+    from smp.scoring import model_lineage
     from smp.tracking import JobResult, describe_run, job_run, log_params
 
     master = master or getattr(cfg, "spark_master", "") or DEFAULT_MASTER
