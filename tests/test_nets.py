@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from smp.jobs import NET_FAMILIES
 from smp.nets import Conv1DCfg, Conv1DRegressor, EnsembleConv1D, EnsembleMLP, MLPCfg, MLPRegressor
 
-MODELS = {"ensemble_mlp": MLPRegressor, "ensemble_conv1d": Conv1DRegressor}  # what smp.jobs names per net family
+MODELS = {"ensemble_mlp": MLPRegressor, "ensemble_conv1d": Conv1DRegressor}  # what smp.families names per net family
 
 # small, fast configs that learn the synthetic problem reliably in a few hundred steps
 SMALL = {
