@@ -5,7 +5,7 @@ module defines beside its run function, and the model families from ``smp.famili
 
 from __future__ import annotations
 
-from smp.embed import EMBED
+from smp.engines import EMBED
 from smp.families import FAMILIES
 from smp.jobs import Job, table
 from smp.predict import PREDICT

@@ -379,7 +379,12 @@ class EmbedJob:
 
     source: DataCfg = field(default_factory=DataCfg)
     embed: EmbedCfg = field(default_factory=EmbedCfg)
+    engine: str = "local"  # local = this process; spark = Spark executors fill the cache first (pip install -e .[spark])
+    spark_master: str = "local[*]"  # engine=spark: any Spark master URL (local[N], spark://, yarn, k8s://)
     experiment: str = ""  # "" = MLFLOW_EXPERIMENT_NAME, else "smp" (under `mlflow run`: its --experiment-name)
+
+    def __post_init__(self) -> None:
+        check(self, engine=one_of("local", "spark"))
 
 
 def embedding_key(cfg: EmbedCfg) -> str:
@@ -391,12 +396,21 @@ def embedding_key(cfg: EmbedCfg) -> str:
                                              "preprocess_version")})
 
 
-def run_embed(cfg: EmbedJob = EmbedJob(), parent=None) -> "JobResult":
-    """Compute image features for every post of ``cfg.source`` and log them as ``features.parquet``."""
+def run_embed(cfg: EmbedJob = EmbedJob(), parent=None, spark: dict | None = None) -> "JobResult":
+    """Compute image features for every post of ``cfg.source`` and log them as ``features.parquet``.
+
+    ``engine=spark`` runs through ``smp.engines.run_embed``: Spark executors fill the feature cache first
+    (``smp.spark.embed_spark``), then this pass finds every image there and logs the table; ``spark`` holds
+    what the executors did (logged under ``spark/``)."""
     import mlflow
 
+    from smp.config import ConfigError, flatten
     from smp.data import DataError, data_hash, load_data
-    from smp.config import flatten
+
+    if cfg.engine == "spark" and spark is None:
+        raise ConfigError("engine=spark: the images are embedded on Spark by smp.engines.run_embed (`smp embed "
+                          "--engine spark`, `mlflow run . -e embed -P engine=spark`); smp.embed.run_embed is the "
+                          "local engine")
     from smp.tracking import JobResult, dataset_source, describe_run, job_run, log_params
 
     posts = load_data(cfg.source.data, images_root=cfg.source.images or None)
@@ -436,6 +450,15 @@ def run_embed(cfg: EmbedJob = EmbedJob(), parent=None) -> "JobResult":
                     "cache/damaged_chunks": int(stats["damaged_chunks"])})
         mlflow.log_metrics({"time/embed_s": stats["seconds"], "time/images_per_s": stats["images_per_s"],
                             "time/steady_images_per_s": stats["steady_images_per_s"]})
+        if spark is not None:  # what the executors computed (this pass read it from the cache)
+            mlflow.set_tag("smp.engine", "spark")
+            log_params({f"spark/{k}": int(spark[k]) for k in ("images", "computed", "cache_hits", "bad_images")}
+                       | {"spark/partitions": int(spark["spark/partitions"]),
+                          "spark/model_loads": int(spark["spark/model_loads"])})
+            mlflow.log_metrics({"spark/embed_s": float(spark["seconds"]),
+                                "spark/images_per_s": float(spark["images_per_s"]),
+                                "spark/startup_s": float(spark["spark/startup_s"]),
+                                "spark/model_load_s": float(spark["spark/model_load_s"])})
         counts = ("images", "bad_images", "cache_hits", "computed", "damaged_chunks", "embedding_dim")
         metrics = {k: int(v) if k in counts else float(v)
                    for k, v in stats.items() if isinstance(v, (int, float))}

@@ -26,7 +26,7 @@ STAGES = {
     "families": 9,
     "report": 10, "tune": 10, "registry": 10,
     "scoring": 11, "spark": 11,
-    "predict": 12,
+    "predict": 12, "engines": 12,
     "catalog": 13,
     "cli": 14,
 }
