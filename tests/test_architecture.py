@@ -4,6 +4,7 @@ record; the model families are objects listed in one table."""
 from __future__ import annotations
 
 import ast
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,7 @@ STAGES = {
 FIT_PHASE = ("fit", "boosters", "models", "nets", "spaces", "evaluate", "plots", "features", "jobs")
 
 
+@functools.cache
 def smp_imports(path: Path) -> list[tuple[str, bool]]:
     """``[(imported smp module, at module level)]`` of one source file, function-level imports included."""
     tree = ast.parse(path.read_text())

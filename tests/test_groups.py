@@ -251,6 +251,7 @@ def test_the_benchmark_job_refuses_before_opening_a_run(tmp_path, tiny):
 
 
 # --------------------------------------------------------------------------- the logged model
+@pytest.mark.slow
 def test_a_model_with_every_group_predicts_raw_posts_through_its_logged_model(smpd_dir, tiny):
     import mlflow
 
