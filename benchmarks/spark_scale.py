@@ -1,6 +1,7 @@
 """The Spark engine at scale (issue 29): scoring and embedding, the pandas path against Spark ``local[2]``.
 
-    .venv/bin/python benchmarks/spark_scale.py                       # everything (about 30 min on 2 cores)
+    .venv/bin/python benchmarks/spark_scale.py                       # everything (35-40 min on 2 cores, +9 min
+                                                                     # to train the model on a first run)
     .venv/bin/python benchmarks/spark_scale.py --rows 100000 --skip-embed
     .venv/bin/python benchmarks/spark_scale.py --report WORK/spark_scale.json   # the tables again
 
@@ -124,9 +125,11 @@ def child(argv: list[str]) -> dict:
     what, work = argv[0], Path(argv[1])
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work}/mlflow.db"
     os.environ["SMP_CACHE_DIR"] = str(work / "smp_cache")
-    return {"data": make_data, "model": train_model, "startup": startup, "score": score, "udf": score_udf,
-            "parity": parity, "embed_local": embed_local, "embed_spark": embed_spark, "index": index_cost}[what](
+    load_before = os.getloadavg()[0]
+    out = {"data": make_data, "model": train_model, "startup": startup, "score": score, "udf": score_udf,
+            "parity": parity, "warm": warm, "embed_local": embed_local, "embed_spark": embed_spark, "index": index_cost}[what](
         work, *argv[2:])
+    return {**out, "load_avg_1min": [round(load_before, 1), round(os.getloadavg()[0], 1)]}
 
 
 def make_data(work: Path, rows: str) -> dict:
@@ -151,7 +154,7 @@ def make_data(work: Path, rows: str) -> dict:
     posts.loc[partial[kinds == 2], "photo_count"] = np.nan       # missing: no note
     posts.loc[partial[kinds == 3], "timezone_offset"] = "abc"    # unparseable
     errors = rng.choice(np.setdiff1d(np.arange(n), partial), size=max(1, n // 100_000), replace=False)
-    posts.loc[errors, "Pid"] = " "                               # blank Pid: refused, row by row
+    posts.loc[errors, "Pid"] = [" " * (k + 1) for k in range(len(errors))]  # blank Pids (distinct): refused
     posts.to_parquet(work / f"posts_{n}.parquet", index=False)
     return {"rows": n, "partial_injected": int((kinds != 2).sum()), "missing_injected": int((kinds == 2).sum()),
             "errors_injected": len(errors)}
@@ -173,8 +176,7 @@ def train_model(work: Path) -> dict:
                                         splitting=SplitCfg(sample_size=0), experiment="spark_scale"))
     seconds = time.perf_counter() - t0
     path = mlflow.artifacts.download_artifacts(artifact_uri=logged_model_uri(result.run_id), dst_path=str(work / "model"))
-    booster = mlflow.pyfunc.load_model(path).unwrap_python_model().model
-    trees = getattr(getattr(booster, "booster", None), "best_iteration", None)
+    trees = mlflow.get_run(result.run_id).data.metrics.get("fit/best_iteration")
     return {"train_s": seconds, "test_rmse": float(result.metrics.get("test_rmse", float("nan"))),
             "best_iteration": trees, "model": path}
 
@@ -234,6 +236,41 @@ def score_udf(work: Path, rows: str) -> dict:
     seconds = time.perf_counter() - t0
     spark.stop()
     return {"engine": "spark_udf", "rows": int(rows), "predict_s": seconds, "rows_per_s": int(rows) / seconds}
+
+
+def warm(work: Path, rows: str) -> dict:
+    """One local[2] session, two rounds of: the engine, the engine without keeping the order, MLflow's spark_udf,
+    on posts_<rows>_clean.parquet (the second round is warm: Python workers and page cache)."""
+    import mlflow
+    from pyspark.sql import functions as F
+
+    from smp.spark import predict_spark, spark_session
+
+    spark, _ = spark_session("local[2]")
+    spark.range(1).count()
+    table = str(work / f"posts_{rows}_clean.parquet")
+
+    def udf_run():
+        udf = mlflow.pyfunc.spark_udf(spark, str(work / "model"), env_manager="local")
+        sdf = spark.read.parquet(table)
+        names = [c for c in udf.metadata.get_input_schema().input_names() if c in sdf.columns]
+        sdf.select("Pid", udf(F.struct(*names)).alias("p")).select("Pid", "p.popularity", "p.status") \
+            .write.mode("overwrite").parquet(str(work / "pred_warm_udf.parquet"))
+
+    runs = {"engine": lambda: predict_spark(str(work / "model"), table, str(work / "pred_warm.parquet"), spark=spark),
+            "engine_unordered": lambda: predict_spark(str(work / "model"), table, str(work / "pred_warm.parquet"),
+                                                      spark=spark, keep_order=False),
+            "spark_udf": udf_run}
+    rounds = []
+    for _ in range(2):
+        times = {}
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            times[name] = time.perf_counter() - t0
+        rounds.append(times)
+    spark.stop()
+    return {"rows": int(rows), "rounds": rounds}
 
 
 def parity(work: Path, rows: str) -> dict:
@@ -358,6 +395,7 @@ def measure(work: Path, sizes: list[int], skip_embed: bool) -> dict:
         res["parity"][n] = run_child(work, "parity", str(n))
     n = min(sizes)
     res["clean"] = {"spark": run_child(work, "score", "spark", str(n), "clean"), "spark_udf": run_child(work, "udf", str(n))}
+    res["warm"] = run_child(work, "warm", str(n))
     if not skip_embed:
         res["embed"] = {"local": run_child(work, "embed_local"), "spark": run_child(work, "embed_spark")}
         res["index"] = run_child(work, "index")
@@ -373,14 +411,16 @@ def report(res: dict) -> str:
     out.append(f"Spark's fixed cost (local[2], median of {len(st)} fresh processes): session start {session:.1f} s, "
                f"first one-row job {first:.1f} s.\n")
     out.append("| rows | engine | wall s | scoring s | rows/s (scoring) | driver Python peak MiB | JVM peak MiB "
-               "| Python workers peak MiB | model loads x s |")
-    out.append("|---|---|---|---|---|---|---|---|---|")
+               "| Python workers peak MiB | model loads x s | load avg before, after |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|")
     for n, by in res["scoring"].items():
         for engine, r in by.items():
             loads = f"{r.get('spark/model_loads', 1)} x {r.get('spark/model_load_s', r.get('time/load_s', 0)):.1f}"
+            jvm, workers = (f"{r['jvm_peak_mib']:,.0f}", f"{r['workers_peak_mib']:,.0f}") if engine == "spark" \
+                else ("–", "–")
             out.append(f"| {int(n):,} | {engine} | {r['wall_s']:.0f} | {r['time/predict_s']:.0f} | "
-                       f"{r['time/rows_per_s']:,.0f} | {r['driver_peak_mib']:,.0f} | {r['jvm_peak_mib']:,.0f} | "
-                       f"{r['workers_peak_mib']:,.0f} | {loads} |")
+                       f"{r['time/rows_per_s']:,.0f} | {r['driver_peak_mib']:,.0f} | {jvm} | {workers} | {loads} | "
+                       f"{r.get('load_avg_1min')} |")
     out.append("")
     for n, p in res["parity"].items():
         out.append(f"Parity at {int(n):,} rows: same rows {p['same_rows']}, same order {p['same_order']}, same "
@@ -391,6 +431,9 @@ def report(res: dict) -> str:
         out.append(f"\nClean rows ({c['spark_udf']['rows']:,}): the engine {c['spark']['time/rows_per_s']:,.0f} rows/s "
                    f"({c['spark']['time/predict_s']:.0f} s), MLflow's spark_udf {c['spark_udf']['rows_per_s']:,.0f} "
                    f"rows/s ({c['spark_udf']['predict_s']:.0f} s).")
+    if "warm" in res:
+        rounds = "; ".join(", ".join(f"{k} {v:.1f} s" for k, v in r.items()) for r in res["warm"]["rounds"])
+        out.append(f"One session, {res['warm']['rows']:,} clean rows, two rounds (the second warm): {rounds}.")
     if "embed" in res:
         lo, sp = res["embed"]["local"], res["embed"]["spark"]
         f, r = sp["first"], sp["rerun"]
@@ -449,11 +492,18 @@ def main() -> None:
     parser.add_argument("--rows", default="100000,1000000", help="comma-separated table sizes")
     parser.add_argument("--skip-embed", action="store_true")
     parser.add_argument("--report", default="", help="print the tables of an earlier run's JSON and stop")
+    parser.add_argument("--add", default="", help="run one more measurement (warm) into the work dir's JSON")
     args = parser.parse_args()
     if args.report:
         print(report(json.loads(Path(args.report).read_text())))
         return
     work = Path(args.work).resolve()
+    if args.add:
+        saved = json.loads((work / "spark_scale.json").read_text())
+        saved[args.add] = run_child(work, args.add, str(min(saved["sizes"])))
+        (work / "spark_scale.json").write_text(json.dumps(saved, indent=1, default=str))
+        print(report(saved))
+        return
     work.mkdir(parents=True, exist_ok=True)
     sizes = [int(s) for s in args.rows.split(",") if s]
     res = measure(work, sizes, args.skip_embed)
