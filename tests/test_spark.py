@@ -365,3 +365,25 @@ def test_embed_on_spark_fills_the_local_cache_and_resumes(spark, tmp_path, tiny_
     # a rerun skips what the cache holds: nothing computed
     rerun = smp_spark.embed_spark(posts, spark_cfg, spark=spark, images_per_partition=10)
     assert rerun["computed"] == 0 and rerun["cache_hits"] == 36 and rerun["bad_images"] == 4
+
+
+@needs_spark
+@pytest.mark.slow  # a standalone cluster on this machine: one executor JVM of its own (~60 s)
+def test_a_cluster_master_gets_the_model_and_code_shipped(model_dir, tmp_path):
+    """Any master but ``local[...]`` ships the model (``SparkContext.addFile``) and smp's code (``addPyFile``) to
+    executors in JVMs of their own (``local-cluster[1,1,1024]``: Spark's one-machine cluster); same answers."""
+    import json
+    import subprocess
+    import sys
+
+    bad_table(40).to_csv(tmp_path / "posts.csv", index=False)
+    out = tmp_path / "cluster.parquet"
+    code = ("import json; from smp.spark import predict_spark; "
+            f"m = predict_spark({model_dir!r}, {str(tmp_path / 'posts.csv')!r}, {str(out)!r}, "
+            "master='local-cluster[1,1,1024]'); print('METRICS ' + json.dumps(m))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("METRICS "))[8:])
+    assert metrics["spark/model_loads"] == 1 and metrics["data/rows"] == 40 and metrics["data/error_rows"] == 3
+    pandas_out, _ = pandas_path(model_dir, tmp_path / "posts.csv", tmp_path, batch_size=10_000)
+    assert_same(pd.read_parquet(out), pandas_out)
