@@ -19,9 +19,9 @@ output schema does: ``_convert_spec_type_to_spark_type`` maps ``AnyType`` to ``V
 What it cannot do is the pandas path's per-post contract:
 
 * one refused row fails the whole job: the model refuses a request (``RequestRejected``: an empty ``Pid``,
-  a list in a text field, ``image_b64`` that is not base64) and ``spark_udf`` raises it in the task, so
-  Spark retries the task and then fails the job (seen: ``column 'Pid': empty in 2 row(s)`` stopped a
-  40-row job); ``smp predict`` halves a refused batch until the refused rows are found
+  a list in a text field, ``image_b64`` that is not base64) and ``spark_udf`` raises it in the task, which
+  fails (a cluster retries it, 4 times by default) and so does the job (seen: ``column 'Pid': empty in 2
+  row(s)`` stopped a 40-row job); ``smp predict`` halves a refused batch until the refused rows are found
   (``smp.scoring.predict_rows``) and gives each ``error: <reason>``;
 * load-time parsing: ``smp predict`` reads a table with ``smp.data.prepare_posts``, which treats an
   unparseable number as missing and notes it in the post's status (``partial: unparseable
