@@ -9,14 +9,7 @@ import pytest
 
 from smp.config import ConfigError
 from smp.embed import EmbedJob, run_embed
-from smp.spark import SparkUnavailable, check_spark
-
-try:
-    check_spark()
-    NO_SPARK = ""
-except SparkUnavailable as exc:
-    NO_SPARK = str(exc)
-needs_spark = pytest.mark.skipif(bool(NO_SPARK), reason=f"the Spark engine cannot run here: {NO_SPARK}")
+from tests.test_spark import needs_spark  # skipped with check_spark's reason where Spark cannot run
 
 
 def test_the_local_embed_job_refuses_engine_spark_instead_of_running_locally():
