@@ -229,3 +229,30 @@ def scoring_server(model_uri: str, log, env: dict | None = None, workers: int | 
 def serve_model():
     """``scoring_server``, for tests that serve a model with ``mlflow models serve``."""
     return scoring_server
+
+
+@pytest.fixture(scope="session")
+def model_in_own_store():
+    """``make(root, run, cfg, family) -> Path``: run the model job ``run(cfg)`` tracking into a store of its own
+    under ``root`` (feature cache ``root/cache``, working directory ``root``) and return its logged model as a
+    local directory ``root/model``; the caller's environment and tracking URI are restored. For module fixtures
+    whose model outlives one test's store."""
+    from pathlib import Path
+
+    import mlflow
+
+    def make(root, run, cfg, family: str) -> Path:
+        mp = pytest.MonkeyPatch()
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+        mp.setenv("SMP_CACHE_DIR", str(root / "cache"))
+        mp.chdir(root)
+        before = mlflow.get_tracking_uri()
+        mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+        try:
+            run_id = run(cfg).run_id
+            return Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/{family}", dst_path=str(root / "model")))
+        finally:
+            mp.undo()
+            mlflow.set_tracking_uri(before)
+
+    return make

@@ -60,26 +60,14 @@ def bomb_png(width: int = 30_000, height: int = 30_000) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def image_model(tmp_path_factory, smpd_dir):
+def image_model(tmp_path_factory, smpd_dir, model_in_own_store):
     """A pca_boost model (random CLIP weights) trained once, as a local model directory, and an image root
     holding one good JPEG and every kind of broken image."""
     root = tmp_path_factory.mktemp("image_model")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
-    mp.setenv("SMP_CACHE_DIR", str(root / "cache"))
-    mp.chdir(root)
-    before = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
-    try:
-        run_pca_boost(PCABoostJob(source=DataCfg(data=str(smpd_dir)), splitting=SplitCfg(sample_size=0),
-                                  xgb=XGBCfg(n_estimators=30, max_depth=3, early_stopping_rounds=5),
-                                  pca=PCACfg(n_components=8), upstream=UpstreamCfg(clip_pretrained="none"),
-                                  experiment="bad"))
-        run_id = mlflow.last_active_run().info.run_id
-        local = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/pca_boost", dst_path=str(root / "model")))
-    finally:
-        mp.undo()
-        mlflow.set_tracking_uri(before)  # the test that built this fixture tracks into its own store
+    local = model_in_own_store(root, run_pca_boost, PCABoostJob(
+        source=DataCfg(data=str(smpd_dir)), splitting=SplitCfg(sample_size=0),
+        xgb=XGBCfg(n_estimators=30, max_depth=3, early_stopping_rounds=5), pca=PCACfg(n_components=8),
+        upstream=UpstreamCfg(clip_pretrained="none"), experiment="bad"), "pca_boost")
     images = root / "images"
     (images / "a_dir").mkdir(parents=True)
     posts = load_data(str(smpd_dir))

@@ -239,32 +239,18 @@ def read_only_mount_works() -> bool:
 
 
 @pytest.fixture(scope="module")
-def tiny_image_model(tmp_path_factory, smpd_dir, tiny_clip):
+def tiny_image_model(tmp_path_factory, smpd_dir, tiny_clip, model_in_own_store):
     """pca_boost with smp's tiny CLIP, as a local model directory, and the feature cache its embed run filled."""
-    import mlflow
-
     from smp.data import DataCfg
     from smp.models import PCACfg, XGBCfg
     from smp.splits import SplitCfg
     from smp.train import PCABoostJob, UpstreamCfg, run_pca_boost
 
     root = tmp_path_factory.mktemp("tiny_image_model")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
-    mp.setenv("SMP_CACHE_DIR", str(root / "cache"))
-    mp.chdir(root)
-    before = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
-    try:
-        run_pca_boost(PCABoostJob(source=DataCfg(data=str(smpd_dir)), splitting=SplitCfg(sample_size=0),
-                                  xgb=XGBCfg(n_estimators=20, max_depth=3, early_stopping_rounds=5),
-                                  pca=PCACfg(n_components=8), upstream=UpstreamCfg(**tiny_clip),
-                                  experiment="serve_cache"))
-        run_id = mlflow.last_active_run().info.run_id
-        local = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/pca_boost", dst_path=str(root / "model")))
-    finally:
-        mp.undo()
-        mlflow.set_tracking_uri(before)
+    local = model_in_own_store(root, run_pca_boost, PCABoostJob(
+        source=DataCfg(data=str(smpd_dir)), splitting=SplitCfg(sample_size=0),
+        xgb=XGBCfg(n_estimators=20, max_depth=3, early_stopping_rounds=5), pca=PCACfg(n_components=8),
+        upstream=UpstreamCfg(**tiny_clip), experiment="serve_cache"), "pca_boost")
     from smp.data import load_data
 
     posts = load_data(str(smpd_dir))
