@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from smp import plots
+from smp.config import sig
 from smp.evaluate import baseline_metrics, regression_metrics
 from smp.jobs import Family
 from smp.models import Part
@@ -132,7 +133,7 @@ def fit_ensemble(family: Family, cfg, prep: Prepared, images, blocks: dict, stac
     # the benchmark prediction the net was handed, scored on the same test posts (what the net must beat)
     stacked_test = regression_metrics(prep.y("test"), stacked["test"], "test")["test_rmse"]
     metrics["stacked_input/test_rmse"] = stacked_test
-    note = (f"Its stacked benchmark input scores test RMSE {stacked_test:.4g}"
+    note = (f"Its stacked benchmark input scores test RMSE {sig(stacked_test)}"
             + ("; the residual net did not beat it on validation and fell back to it (epoch 0)."
                if beats is False and residual else "."))
     return Fitted(model, metrics,

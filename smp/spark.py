@@ -11,7 +11,7 @@ content keys), so a later local ``embed`` or model run finds them; a rerun skips
 
 How a row is scored (why not ``mlflow.pyfunc.spark_udf`` alone)
 ------------------------------------------------------------------
-The logged models type every input column as MLflow's ``AnyType`` (``smp.serving.input_schema``).  That
+The logged models type every input column as MLflow's ``AnyType`` (``smp.packaging.input_schema``).  That
 is not what stops ``spark_udf``: in MLflow 3.17 the input schema never becomes a Spark type (only the
 output schema does: ``_convert_spec_type_to_spark_type`` maps ``AnyType`` to ``VariantType`` on pyspark
 4, and our output is ``popularity`` double / ``status`` string), and ``spark_udf(spark, uri)`` called on
@@ -411,10 +411,7 @@ def ship_code(spark) -> None:
     context = spark.sparkContext
     if getattr(context, "_smp_code_shipped", False):
         return
-    try:
-        from smp.packaging import bundle_code
-    except ImportError:  # before the packaging module
-        from smp.serving import bundle_code
+    from smp.packaging import bundle_code
 
     archive = next(p for p in bundle_code(Path(tempfile.mkdtemp(prefix="smp-code-"))) if p.suffix == ".zip")
     context.addPyFile(str(archive))

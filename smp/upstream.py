@@ -164,14 +164,15 @@ def fold_models(prep: Prepared, cfg, bench_run: str, k: int, rounds: int | None)
     import cloudpickle
 
     name = fold_artifact(k, rounds)
-    train_pids = prep.rows("train")["Pid"].astype(str).to_numpy()
+    train = prep.rows("train")
+    train_pids = train["Pid"].astype(str).to_numpy()
     fitted, why = cached_fold_models(bench_run, name, train_pids)
     if fitted is not None:
         log.info("reusing the %d fold models of benchmark run %s", k, bench_run)
         return fitted, 0.0
     log.info("fitting %d fold models (%s)", k, why)
     t0 = time.perf_counter()
-    fitted = cross_fit(prep.rows("train"), prep.y("train"), prep.rows("val"), prep.y("val"), cfg.xgb, cfg.tabular,
+    fitted = cross_fit(train, prep.y("train"), prep.rows("val"), prep.y("val"), cfg.xgb, cfg.tabular,
                        cfg.splitting.seed, k, rounds)
     seconds = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp:
@@ -201,7 +202,7 @@ def stacking_inputs(prep: Prepared, cfg, bench_run: str, bench: BenchmarkModel, 
         up.predictor = bench
         return up
     rounds = int(bench.best_iteration_) if sc.fold_rounds == "benchmark" else None
-    k = fold_count(sc.stacking_folds, len(prep.rows("train")))
+    k = fold_count(sc.stacking_folds, len(prep.parts["train"]))
     if k != sc.stacking_folds:  # 0 = from the data
         up.effective["stacking_folds"] = k
     fitted, seconds = fold_models(prep, cfg, bench_run, k, rounds)
