@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # noqa: BLE001 - re-raised unless the tracking store is at fault
             return store_error(exc)
     run_fn, default, _ = job(args.job)
-    from smp.tracking import Terminated, raise_on_sigterm
+    from smp.tracking import Terminated, raise_on_sigterm, sigterm_seen
 
     raise_on_sigterm()
     values = {path[-1]: getattr(args, path[-1]) for path, _ in leaves(default)}
@@ -267,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
         return 143 if isinstance(exc, Terminated) else 130
     except Exception as exc:  # noqa: BLE001 - re-raised unless the tracking store or the disk is at fault
         return store_error(exc)
+    if sigterm_seen():  # SIGTERM arrived after the last point that could stop the job: it finished, say so
+        logging.getLogger("smp").warning("%s finished, but SIGTERM arrived during it", args.job)
+        return 143
     if isinstance(result, Mapping):
         for key, value in summary(result):
             print(f"{key}: {result_text(value)}")

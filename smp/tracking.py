@@ -193,6 +193,9 @@ class Terminated(BaseException):
     """Raised in the main thread on SIGTERM (``smp`` installs the handler) so every open run ends KILLED."""
 
 
+_SIGTERM: dict[str, bool] = {}  # "seen": a SIGTERM arrived in this process (see stop_if_terminated)
+
+
 def raise_on_sigterm() -> None:
     """Turn SIGTERM into ``Terminated``: the runs a job has open end KILLED with ``smp.end_reason=SIGTERM``
     instead of staying RUNNING forever (the default SIGTERM action kills the process at once)."""
@@ -200,10 +203,26 @@ def raise_on_sigterm() -> None:
     import threading
 
     def handler(signum, frame):
+        _SIGTERM["seen"] = True
         raise Terminated("SIGTERM")
 
     if threading.current_thread() is threading.main_thread():
+        _SIGTERM.clear()
         signal.signal(signal.SIGTERM, handler)
+
+
+def sigterm_seen() -> bool:
+    """Whether this process has had SIGTERM since ``raise_on_sigterm``."""
+    return bool(_SIGTERM.get("seen"))
+
+
+def stop_if_terminated() -> None:
+    """Raise ``Terminated`` again if SIGTERM has arrived.  The handler's exception is lost when the signal lands
+    in a weakref callback or ``__del__`` (SQLAlchemy's state cleanup, for one): Python prints "Exception
+    ignored" and goes on, and the job would finish as if never stopped.  Called where stopping is safe: each
+    training step's hook and a run's normal end."""
+    if sigterm_seen():
+        raise Terminated("SIGTERM")
 
 
 @contextlib.contextmanager
@@ -248,6 +267,7 @@ def job_run(job: str, experiment: str, params: dict, tags: dict | None = None, p
         all_tags.setdefault(NOTE, job_note(job, params, parent, what))  # replaced by the job's own once it has results
         log_params(params, tags=all_tags, skip_logged=launched)
         yield run
+        stop_if_terminated()  # a SIGTERM whose exception was swallowed still ends the run KILLED
     except BaseException as exc:
         if type(exc).__name__ == "TrialPruned":  # optuna pruned this trial: visible as such in MLflow
             # MLflow draws KILLED as a failure: the description says it was the pruner, where and why

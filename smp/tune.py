@@ -81,7 +81,7 @@ from smp.families import FAMILIES, family
 from smp.jobs import Job
 from smp.splits import Prepared, SplitCfg, prepare
 from smp.tracking import (NOTE, JobResult, Parent, configure_tracking, data_label, describe_experiment, job_note,
-                          log_figure, log_params, logged_model_uri, resolve_experiment)
+                          log_figure, log_params, logged_model_uri, resolve_experiment, stop_if_terminated)
 
 log = logging.getLogger("smp.tune")
 
@@ -346,6 +346,7 @@ def step_reporter(trial, every: int = 1):
     reports every ``every``-th step to Optuna (each report is a storage round trip) and prunes there."""
 
     def on_step(step: int, val_rmse: float) -> None:
+        stop_if_terminated()  # a SIGTERM lost in a cleanup callback stops the trial at its next step
         _record_run_id(trial)
         if step % max(1, every):
             return
