@@ -125,6 +125,11 @@ class BenchmarkModel:
         return self.featurizer_.feature_names_ if groups is None else groups.feature_names_
 
     @property
+    def groups_in_use(self) -> GroupSet | None:
+        """The fitted feature groups (``smp.groups.GroupSet``); None for a model pickled before groups."""
+        return getattr(self, "groups_", None)
+
+    @property
     def facts_(self) -> dict[str, object]:
         """What the feature groups learnt, as run params (user table size, counts of missing / cut inputs);
         nothing for the default ``tabular``."""
@@ -169,6 +174,10 @@ class CrossFitBenchmark:
     @property
     def input_fields_(self) -> list[str]:
         return self.models[0].input_fields_
+
+    @property
+    def groups_in_use(self) -> GroupSet | None:
+        return self.models[0].groups_in_use
 
 
 # --------------------------------------------------------------------------- image models
@@ -281,6 +290,10 @@ class PCABoostModel:
     def input_fields_(self) -> list[str]:
         return self.featurizer_.raw_fields_
 
+    @property
+    def groups_in_use(self) -> GroupSet | None:
+        return getattr(self, "groups_", None)
+
 
 class EnsembleModel:
     """The paper's stacking ensembles: [benchmark prediction, image features] -> neural net.
@@ -322,6 +335,11 @@ class EnsembleModel:
     @property
     def input_fields_(self) -> list[str]:
         return self.benchmark.input_fields_
+
+    @property
+    def groups_in_use(self) -> GroupSet | None:
+        """The feature groups of the benchmark it stacks on."""
+        return getattr(self.benchmark, "groups_in_use", None)
 
 
 # stacking_folds=0: K=2 from this many training rows on, else 3. The K fold fits cost about K x (K-1)/K benchmark
