@@ -77,19 +77,23 @@ def tree_effective(model) -> dict[str, object]:
     return settings
 
 
-def fit_benchmark(family: Family, cfg, prep: Prepared, on_step=None) -> Fitted:
-    """The paper's tabular XGBoost on the train split; ``on_step(round, val_rmse)`` after every round."""
+def fit_benchmark(family: Family, cfg, prep: Prepared, on_step=None, up=None) -> Fitted:
+    """The paper's tabular XGBoost on the train split; ``on_step(round, val_rmse)`` after every round; ``up``:
+    the image inputs (``smp.upstream.Upstream``) when the ``image`` group is chosen."""
+    images, blocks = (None, None) if up is None else (up.images, up.blocks)
     t0 = time.perf_counter()
-    model = family.build(cfg).fit(part(prep, "train"), part(prep, "val"), on_step)
+    model = family.build(cfg, images=images).fit(part(prep, "train", blocks), part(prep, "val", blocks), on_step)
     seconds = time.perf_counter() - t0
-    metrics, figures = evaluate(model, prep)
+    preds = None if blocks is None else {p: model.predict(prep.rows(p), blocks[p]) for p in ("val", "test")}
+    metrics, figures = evaluate(model, prep, preds)
     names, gain = model.importance()
     figures["feature_importance.png"] = lambda: plots.feature_importance(names, gain)
     importance = json.loads(pd.Series(gain, index=names).sort_values(ascending=False).to_json())
     return Fitted(model, metrics,
                   run_metrics={"time/fit_s": seconds, "fit/best_iteration": model.best_iteration_,
                                "fit/n_features": float(len(model.feature_names_))}, facts=model.facts_,
-                  effective=tree_effective(model), figures=figures, tables={"feature_importance.json": importance})
+                  effective=tree_effective(model), figures=figures, tables={"feature_importance.json": importance},
+                  example_images=blocks is not None)
 
 
 def fit_pca_boost(family: Family, cfg, prep: Prepared, images, blocks: dict, on_step=None) -> Fitted:
@@ -98,7 +102,7 @@ def fit_pca_boost(family: Family, cfg, prep: Prepared, images, blocks: dict, on_
     t0 = time.perf_counter()
     model = family.build(cfg, images=images).fit(part(prep, "train", blocks), part(prep, "val", blocks), on_step)
     seconds = time.perf_counter() - t0
-    preds = {p: model.predict(prep.rows(p), blocks[p]) for p in ("val", "test")}
+    preds = {p: model.predict(prep.rows(p), None if blocks is None else blocks[p]) for p in ("val", "test")}
     metrics, figures = evaluate(model, prep, preds)
     ratio = model.pca_.explained_variance_ratio_
     figures = {"explained_variance.png": lambda: plots.explained_variance(ratio), **figures}
@@ -106,7 +110,8 @@ def fit_pca_boost(family: Family, cfg, prep: Prepared, images, blocks: dict, on_
                   run_metrics={"time/fit_s": seconds, "fit/best_iteration": model.best_iteration_,
                                "fit/pca_components": float(model.pca_.n_components_),
                                "fit/pca_explained_variance": float(ratio.sum())},
-                  effective=tree_effective(model), figures=figures, example_images=True)
+                  facts=model.facts_, effective=tree_effective(model), figures=figures,
+                  example_images=blocks is not None)
 
 
 def fit_ensemble(family: Family, cfg, prep: Prepared, images, blocks: dict, stacked: dict, predictor,
@@ -139,6 +144,7 @@ def fit_ensemble(family: Family, cfg, prep: Prepared, images, blocks: dict, stac
     return Fitted(model, metrics,
                   run_metrics={"time/fit_s": seconds, "fit/best_epoch": float(net.best_epoch_),
                                "stacked_input/val_rmse": net.input_val_rmse_, "stacked_input/test_rmse": stacked_test},
-                  facts={"data/train_images": int(np.isfinite(blocks["train"]).all(axis=1).sum())},
+                  facts={"data/train_images": int(np.isfinite(blocks["train"]).all(axis=1).sum())
+                         if blocks["train"].shape[1] else 0, **model.benchmark_facts()},
                   tags={"smp.beats_stacked_benchmark": str(beats).lower()}, figures=figures, notes=[note],
-                  example_images=True)
+                  example_images=images is not None)

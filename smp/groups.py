@@ -45,6 +45,14 @@ Groups (``GROUPS``):
   the planned second encoder: ``TEXT_ENCODERS`` is where it plugs in (``text_encoder`` names it; only
   ``hashing`` exists today).
 
+* ``image``: the CLIP + handcrafted image block of the embed run, as the image families have always read it;
+  not fitted here (the models add the block; ``FeaturesCfg.table`` lists the others). The ``benchmark`` reads
+  it too when asked (then it resolves the embed run as ``pca_boost`` does); the stacking ensembles read it in
+  their net and stack on a benchmark of the other groups.
+
+Each family's default is the paper's inputs: ``tabular`` for ``benchmark``, ``tabular,image`` for the image
+families, so every earlier figure stays as it was.
+
 ``FeaturesCfg`` is the job setting; ``GroupSet`` fits the chosen groups and stacks their blocks
 (``fit_transform`` gives the training matrix -- out-of-fold for ``user`` --, ``transform`` any other posts).
 No MLflow here.
@@ -53,7 +61,7 @@ No MLflow here.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -62,8 +70,9 @@ from smp.config import ConfigError, at_least, check, one_of
 from smp.data import DataError
 from smp.features import RAW_FIELDS, TabularCfg, TabularFeaturizer, date_parts
 
-GROUPS = ("tabular", "time", "user", "text")
-DEFAULT_FEATURES = "tabular"
+GROUPS = ("tabular", "time", "user", "text", "image")
+TABLE_GROUPS = GROUPS[:-1]  # the groups fitted here (``GroupSet``); ``image`` is the embed run's block
+DEFAULT_FEATURES = "tabular"  # the benchmark's; the image families default to "tabular,image" (the paper's)
 USER_FOLDS = 5
 TEXT_ENCODERS = ("hashing",)  # the CLIP text tower ("clip") is the planned second: see HashedText
 # Raw fields in the order a model lists them (``input_fields_``): the tabular ones, then the user id.
@@ -85,7 +94,7 @@ def parse_features(text: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class FeaturesCfg:
-    features: str = DEFAULT_FEATURES  # comma list of feature groups: tabular, time, user, text (smp.groups)
+    features: str = DEFAULT_FEATURES  # comma list of feature groups: tabular, time, user, text, image (smp.groups)
     text_encoder: str = "hashing"     # the text group's encoder: hashing = hashed n-grams + SVD (no weights)
     text_dim: int = 32                # the text group's SVD components
 
@@ -96,6 +105,20 @@ class FeaturesCfg:
     @property
     def groups(self) -> tuple[str, ...]:
         return parse_features(self.features)
+
+    @property
+    def table(self) -> tuple[str, ...]:
+        """The chosen groups made from the posts table (all but ``image``)."""
+        return tuple(g for g in self.groups if g != "image")
+
+    @property
+    def image(self) -> bool:
+        """Whether the image block (CLIP + handcrafted, from the embed run) is an input."""
+        return "image" in self.groups
+
+    def without_image(self) -> "FeaturesCfg":
+        """These settings with ``image`` left out (what a stacked benchmark reads)."""
+        return replace(self, features=",".join(self.table))
 
 
 def _present(posts: pd.DataFrame, col: str) -> bool:
@@ -453,22 +476,25 @@ class GroupSet:
 
     def check(self, posts: pd.DataFrame) -> None:
         """Refuse (``DataError``) a chosen group whose fields ``posts`` lacks, before any fitting."""
-        for name in self.cfg.groups:
+        for name in self.cfg.table:
             self._make(name).check(posts)
 
     def fit_transform(self, posts: pd.DataFrame, y) -> np.ndarray:
-        """The training matrix (``user``: out-of-fold / strictly earlier; module docstring)."""
+        """The training matrix (``user``: out-of-fold / strictly earlier; module docstring); no columns when
+        only ``image`` was chosen (the image models add that block themselves)."""
         self.check(posts)
-        self.groups_ = [self._make(name) for name in self.cfg.groups]
-        return self._stack([g.fit_transform(posts, y, self.seed, self.split) for g in self.groups_])
+        self.groups_ = [self._make(name) for name in self.cfg.table]
+        return self._stack([g.fit_transform(posts, y, self.seed, self.split) for g in self.groups_], len(posts))
 
     def transform(self, posts: pd.DataFrame) -> np.ndarray:
-        return self._stack([g.transform(posts) for g in self.groups_])
+        return self._stack([g.transform(posts) for g in self.groups_], len(posts))
 
     @staticmethod
-    def _stack(blocks: list[np.ndarray]) -> np.ndarray:
+    def _stack(blocks: list[np.ndarray], n: int) -> np.ndarray:
         if len(blocks) == 1:
             return blocks[0]
+        if not blocks:
+            return np.empty((n, 0), dtype=np.float32)
         return np.hstack([np.asarray(b, dtype=np.float32) for b in blocks])
 
     def group(self, name: str):

@@ -21,7 +21,7 @@ import pandas as pd
 from smp.boosters import (XGBCfg, best_iteration, fit_booster, make_booster, one_blas_thread, predict_booster,
                           step_callbacks, tree_settings)
 from smp.config import at_least, check
-from smp.features import TabularCfg, TabularFeaturizer
+from smp.features import TabularCfg
 from smp.groups import FIELD_ORDER, FeaturesCfg, GroupSet
 from smp.image_features import HANDCRAFTED
 
@@ -65,40 +65,58 @@ class TimeTrend:
         return pd.to_numeric(posts["Postdate"], errors="coerce").to_numpy(dtype=float) / 86400.0
 
 
+def with_images(X: np.ndarray, img: np.ndarray | None) -> np.ndarray:
+    """``X`` with the image block and a ``has_image`` column appended (``img`` None: ``X`` as it is)."""
+    if img is None:
+        return X
+    out = np.empty((len(X), X.shape[1] + img.shape[1] + 1), dtype=np.float32)
+    out[:, :X.shape[1]] = X
+    out[:, X.shape[1]:-1] = img
+    out[:, -1] = np.isfinite(img).all(axis=1)
+    return out
+
+
 class BenchmarkModel:
     """The paper's benchmark: XGBoost on the tabular features only (optionally over a linear time trend).
 
     ``features`` (``smp.groups.FeaturesCfg``) picks the feature groups its matrix is made of: ``tabular``
     alone (the default) is the paper's matrix, exactly; ``time``, ``user`` and ``text`` add their blocks
     (``smp.groups``), fitted on the training posts only (``user``: out-of-fold under ``split="random"``, from
-    strictly earlier posts under ``"chrono"``, the prior under ``"user"``). The fitted groups are pickled with the model: a logged model scores raw posts,
-    a new post of a known ``Uid`` from that user's training posts.
+    strictly earlier posts under ``"chrono"``, the prior under ``"user"``); ``image`` appends the embed run's
+    image block and ``has_image`` (``images``: how new posts get it). The fitted groups are pickled with the
+    model: a logged model scores raw posts, a new post of a known ``Uid`` from that user's training posts.
     """
 
-    needs_images = False
+    needs_images = False  # models pickled before the image group; an instance with ``images`` sets it
 
     def __init__(self, cfg: XGBCfg = XGBCfg(), tabular: TabularCfg = TabularCfg(), seed: int = 0,
-                 features: FeaturesCfg = FeaturesCfg(), split: str = "random"):
+                 features: FeaturesCfg = FeaturesCfg(), split: str = "random",
+                 images: "ImageFeatureSource | None" = None):
         self.cfg = cfg
         self.tabular = tabular
         self.seed = seed
         self.features = features
         self.split = split
+        self.images = images  # the image group's source (``features`` with ``image``), else None
+        self.needs_images = images is not None
 
     @classmethod
-    def from_job(cls, cfg, **_):
+    def from_job(cls, cfg, images: "ImageFeatureSource | None" = None, **_):
         return cls(cfg.xgb, cfg.tabular, cfg.splitting.seed, getattr(cfg, "feature_groups", FeaturesCfg()),
-                   cfg.splitting.split)
+                   cfg.splitting.split, images)
 
     def fit(self, train: Part, val: Part, on_step=None) -> "BenchmarkModel":
+        img, img_val = train.images, val.images
         train, y, val, y_val = train.rows, train.y, val.rows, val.y
         y, y_val = np.asarray(y, dtype=float), np.asarray(y_val, dtype=float)
         features = getattr(self, "features", FeaturesCfg())
+        if features.image and (img is None or self.images is None):
+            raise ValueError("features with image: the benchmark needs the image block and its source")
         self.groups_ = GroupSet(features, self.tabular, self.seed, getattr(self, "split", "random"))
-        X = self.groups_.fit_transform(train, y)
+        X = with_images(self.groups_.fit_transform(train, y), img if features.image else None)
         tab = self.groups_.group("tabular")
         self.featurizer_ = None if tab is None else tab.featurizer_
-        X_val = self.groups_.transform(val)
+        X_val = self._matrix(val, img_val)
         self.trend_ = TimeTrend().fit(train, y) if self.tabular.time_trend else None
         if self.trend_ is not None:
             y, y_val = y - self.trend_.predict(train), y_val - self.trend_.predict(val)
@@ -108,21 +126,28 @@ class BenchmarkModel:
         self.best_iteration_ = best_iteration(self.booster_)
         return self
 
-    def _matrix(self, posts: pd.DataFrame) -> np.ndarray:
+    def _matrix(self, posts: pd.DataFrame, img: np.ndarray | None = None) -> np.ndarray:
         groups = getattr(self, "groups_", None)  # models pickled before feature groups: the featurizer alone
-        return self.featurizer_.transform(posts) if groups is None else groups.transform(posts)
+        if groups is None:
+            return self.featurizer_.transform(posts)
+        if getattr(self, "images", None) is None:
+            return groups.transform(posts)
+        return with_images(groups.transform(posts), self.images.block(posts) if img is None else img)
 
-    def predict(self, posts: pd.DataFrame) -> np.ndarray:
-        """Predicted popularity for raw posts."""
-        pred = predict_booster(self.booster_, self._matrix(posts))
+    def predict(self, posts: pd.DataFrame, img: np.ndarray | None = None) -> np.ndarray:
+        """Predicted popularity for raw posts (``img``: their image block, when already at hand)."""
+        pred = predict_booster(self.booster_, self._matrix(posts, img))
         trend = getattr(self, "trend_", None)  # models pickled before the trend existed have none
         return pred if trend is None else pred + trend.predict(posts)
 
     @property
     def feature_names_(self) -> list[str]:
-        """The matrix's columns, group by group."""
+        """The matrix's columns, group by group (the image block's, then ``has_image``, last)."""
         groups = getattr(self, "groups_", None)
-        return self.featurizer_.feature_names_ if groups is None else groups.feature_names_
+        if groups is None:
+            return self.featurizer_.feature_names_
+        images = getattr(self, "images", None)
+        return groups.feature_names_ + ([] if images is None else [*images.columns, "has_image"])
 
     @property
     def groups_in_use(self) -> GroupSet | None:
@@ -232,15 +257,27 @@ class PCABoostModel:
 
     needs_images = True
 
-    def __init__(self, cfg: XGBCfg, pca: PCACfg, tabular: TabularCfg, images: ImageFeatureSource, seed: int = 0):
+    def __init__(self, cfg: XGBCfg, pca: PCACfg, tabular: TabularCfg, images: ImageFeatureSource | None,
+                 seed: int = 0, features: FeaturesCfg = FeaturesCfg("tabular,image"), split: str = "random"):
         self.cfg, self.pca, self.tabular, self.images, self.seed = cfg, pca, tabular, images, seed
+        self.features, self.split = features, split
+        self.needs_images = features.image
 
-    def _matrix(self, posts, img, standardise: bool = True) -> np.ndarray:
-        tab = self.featurizer_.transform(posts)
-        X = np.empty((len(posts), img.shape[1] + tab.shape[1] + 1), dtype=np.float32)
-        X[:, :img.shape[1]] = img
-        X[:, img.shape[1]:-1] = tab
-        X[:, -1] = _has_image(img)
+    def _table(self, posts) -> np.ndarray:
+        groups = getattr(self, "groups_", None)  # models pickled before feature groups: the featurizer alone
+        return self.featurizer_.transform(posts) if groups is None else groups.transform(posts)
+
+    def _matrix(self, posts, img, standardise: bool = True, tab: np.ndarray | None = None) -> np.ndarray:
+        """[image block, table groups, has_image] (``image`` not chosen: the table groups alone); ``tab``: the
+        table groups' block when already made (the training rows' out-of-fold one)."""
+        tab = self._table(posts) if tab is None else tab
+        if not getattr(self, "features", FeaturesCfg("tabular,image")).image:
+            X = np.array(tab, dtype=np.float32)
+        else:
+            X = np.empty((len(posts), img.shape[1] + tab.shape[1] + 1), dtype=np.float32)
+            X[:, :img.shape[1]] = img
+            X[:, img.shape[1]:-1] = tab
+            X[:, -1] = _has_image(img)
         if standardise:
             X -= self.mean_
             X /= self.scale_
@@ -248,15 +285,20 @@ class PCABoostModel:
         return X
 
     @classmethod
-    def from_job(cls, cfg, images: ImageFeatureSource, **_):
-        return cls(cfg.xgb, cfg.pca, cfg.tabular, images, cfg.splitting.seed)
+    def from_job(cls, cfg, images: ImageFeatureSource | None = None, **_):
+        return cls(cfg.xgb, cfg.pca, cfg.tabular, images, cfg.splitting.seed, cfg.feature_groups,
+                   cfg.splitting.split)
 
     def fit(self, train: Part, val: Part, on_step=None) -> "PCABoostModel":
         from sklearn.decomposition import PCA
 
         train, img, y, val, img_val, y_val = train.rows, train.images, train.y, val.rows, val.images, val.y
-        self.featurizer_ = TabularFeaturizer(self.tabular).fit(train)
-        X = self._matrix(train, img, standardise=False)
+        self.groups_ = GroupSet(self.features, self.tabular, self.seed, self.split)
+        tab = self.groups_.fit_transform(train, np.asarray(y, dtype=float))
+        found = self.groups_.group("tabular")
+        self.featurizer_ = None if found is None else found.featurizer_
+        X = self._matrix(train, img, standardise=False, tab=tab)
+        del tab
         mean, std = np.zeros(X.shape[1], np.float32), np.zeros(X.shape[1], np.float32)
         with np.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column: mean 0, scale 1
@@ -281,14 +323,21 @@ class PCABoostModel:
         return self
 
     def predict(self, posts: pd.DataFrame, img: np.ndarray | None = None) -> np.ndarray:
-        img = self.images.block(posts) if img is None else img
+        if img is None and self.images is not None:
+            img = self.images.block(posts)
         with one_blas_thread():
             Z = self.pca_.transform(self._matrix(posts, img))
         return predict_booster(self.booster_, Z)
 
     @property
     def input_fields_(self) -> list[str]:
-        return self.featurizer_.raw_fields_
+        groups = getattr(self, "groups_", None)
+        return self.featurizer_.raw_fields_ if groups is None else groups.fields
+
+    @property
+    def facts_(self) -> dict[str, object]:
+        groups = getattr(self, "groups_", None)
+        return {} if groups is None else groups.facts_
 
     @property
     def groups_in_use(self) -> GroupSet | None:
@@ -305,8 +354,15 @@ class EnsembleModel:
 
     needs_images = True
 
-    def __init__(self, family: str, net, benchmark: BenchmarkModel, images: ImageFeatureSource):
+    def __init__(self, family: str, net, benchmark: BenchmarkModel, images: ImageFeatureSource | None):
         self.family, self.net, self.benchmark, self.images = family, net, benchmark, images
+        self.needs_images = images is not None  # None: ``features`` without image (the net reads the stack alone)
+
+    def image_block(self, posts: pd.DataFrame) -> np.ndarray:
+        """The image block of ``posts`` (no columns when the model reads no image)."""
+        if self.images is None:
+            return np.empty((len(posts), 0), dtype=np.float32)
+        return self.images.block(posts)
 
     @staticmethod
     def stack(bench_pred: np.ndarray, img: np.ndarray) -> np.ndarray:
@@ -317,7 +373,7 @@ class EnsembleModel:
         return X
 
     @classmethod
-    def from_job(cls, cfg, family: str, net: type, images: ImageFeatureSource, benchmark, **_):
+    def from_job(cls, cfg, family: str, net: type, images: ImageFeatureSource | None, benchmark, **_):
         """``net``: the family's regressor class (``smp.nets``), built from ``cfg.net`` with the split's seed."""
         return cls(family, net.from_settings(**asdict(replace(cfg.net, seed=cfg.splitting.seed))), benchmark, images)
 
@@ -329,12 +385,16 @@ class EnsembleModel:
         return self
 
     def predict(self, posts: pd.DataFrame, img: np.ndarray | None = None) -> np.ndarray:
-        img = self.images.block(posts) if img is None else img
+        img = self.image_block(posts) if img is None else img
         return np.asarray(self.net.predict(self.stack(self.benchmark.predict(posts), img)), dtype=float)
 
     @property
     def input_fields_(self) -> list[str]:
         return self.benchmark.input_fields_
+
+    def benchmark_facts(self) -> dict[str, object]:
+        """What the stacked benchmark's feature groups learnt (its run logs them too)."""
+        return dict(getattr(self.benchmark, "facts_", None) or {})
 
     @property
     def groups_in_use(self) -> GroupSet | None:
@@ -364,14 +424,16 @@ def _folds(n: int, folds: int, seed: int):
 
 
 def cross_fit(posts: pd.DataFrame, y: np.ndarray, val: pd.DataFrame, y_val: np.ndarray, cfg: XGBCfg,
-              tabular: TabularCfg, seed: int, folds: int = 3, rounds: int | None = None) -> CrossFitBenchmark:
+              tabular: TabularCfg, seed: int, folds: int = 3, rounds: int | None = None,
+              features: FeaturesCfg = FeaturesCfg(), split: str = "random") -> CrossFitBenchmark:
     """K fold models, their out-of-fold predictions for every training row.
 
     ``rounds``: every fold model grows exactly that many trees (no early stopping), e.g. as many as the
     benchmark fitted on all of train whose predictions the out-of-fold ones stand in for; ``None``: each
     fold early-stops on ``val``. The fold models use the tree method, bins and threads of a fit on all of
     ``posts`` (what that benchmark uses): resolved from the smaller fold size they could switch method,
-    e.g. to ``exact``, several times slower per round there (docs/benchmarks.md)."""
+    e.g. to ``exact``, several times slower per round there (docs/benchmarks.md). ``features`` / ``split``:
+    the benchmark's feature groups (no ``image``), each fitted on the fold's posts only."""
     full = tree_settings(cfg, len(posts))
     fold_cfg = replace(cfg, tree_method=full["tree_method"], max_bin=full["max_bin"], n_jobs=full["n_jobs"])
     if rounds is not None:
@@ -382,7 +444,8 @@ def cross_fit(posts: pd.DataFrame, y: np.ndarray, val: pd.DataFrame, y_val: np.n
     models = []
     for fit_idx, hold_idx in _folds(len(posts), folds, seed):
         fold_posts = posts.iloc[fit_idx].reset_index(drop=True)
-        model = BenchmarkModel(fold_cfg, tabular, seed).fit(Part(fold_posts, y[fit_idx]), Part(val, y_val))
+        model = BenchmarkModel(fold_cfg, tabular, seed, features, split).fit(Part(fold_posts, y[fit_idx]),
+                                                                             Part(val, y_val))
         oof[hold_idx] = model.predict(posts.iloc[hold_idx].reset_index(drop=True))
         models.append(model)
     return CrossFitBenchmark(models, oof)

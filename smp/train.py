@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from smp import fit, record, upstream
 from smp.boosters import XGBCfg
-from smp.config import check, flatten, one_of, zero_or_at_least
+from smp.config import ConfigError, check, flatten, one_of, zero_or_at_least
 from smp.data import DataCfg
 from smp.features import TabularCfg
 from smp.groups import FeaturesCfg, check_groups
@@ -36,12 +36,33 @@ log = logging.getLogger("smp.train")
 
 
 @dataclass(frozen=True)
+class ImageInputCfg:
+    """Where a job's image block comes from (the ``image`` feature group)."""
+
+    embed_run: str = ""          # an embed run id to read image features from ("" = find or run one)
+    clip_model: str = PAPER_CLIP_MODEL  # the paper's CLIP backbone (used when embed runs upstream)
+    clip_pretrained: str = PAPER_CLIP_PRETRAINED  # open_clip weights tag; "none" = random weights (offline demo/tests)
+    checkpoint: str = ""         # local CLIP checkpoint file (overrides clip_pretrained)
+
+
+@dataclass(frozen=True)
+class UpstreamCfg(ImageInputCfg):
+    benchmark_run: str = ""      # a benchmark run id to stack on ("" = find or run one)
+
+
+def image_features() -> FeaturesCfg:
+    """The image families' default groups: the paper's inputs (tabular metadata and the image)."""
+    return FeaturesCfg("tabular,image")
+
+
+@dataclass(frozen=True)
 class BenchmarkJob:
     source: DataCfg = field(default_factory=DataCfg)
     splitting: SplitCfg = field(default_factory=SplitCfg)
     xgb: XGBCfg = field(default_factory=XGBCfg)
     tabular: TabularCfg = field(default_factory=TabularCfg)
-    feature_groups: FeaturesCfg = field(default_factory=FeaturesCfg)  # features: tabular, time, user, text (smp.groups)
+    feature_groups: FeaturesCfg = field(default_factory=FeaturesCfg)  # features: tabular, time, user, text, image
+    images: ImageInputCfg = field(default_factory=ImageInputCfg)  # read only with features=...,image
     experiment: str = ""  # "" = MLFLOW_EXPERIMENT_NAME, else "smp" (under `mlflow run`: its --experiment-name)
 
 
@@ -91,15 +112,6 @@ def protocol_changes(requested, used) -> dict[str, object]:
 
 # --------------------------------------------------------------------------- image jobs
 @dataclass(frozen=True)
-class UpstreamCfg:
-    embed_run: str = ""          # an embed run id to read image features from ("" = find or run one)
-    benchmark_run: str = ""      # a benchmark run id to stack on ("" = find or run one)
-    clip_model: str = PAPER_CLIP_MODEL  # the paper's CLIP backbone (used when embed runs upstream)
-    clip_pretrained: str = PAPER_CLIP_PRETRAINED  # open_clip weights tag; "none" = random weights (offline demo/tests)
-    checkpoint: str = ""         # local CLIP checkpoint file (overrides clip_pretrained)
-
-
-@dataclass(frozen=True)
 class StackingCfg:
     stacking: str = "oof"          # oof = out-of-fold benchmark predictions on train (no label leak); in_sample = paper
     stacking_folds: int = 0      # K of the K-fold; 0 = from the data: 3 below 50,000 training rows, else 2
@@ -120,8 +132,20 @@ class PCABoostJob:
     xgb: XGBCfg = field(default_factory=lambda: XGBCfg(max_depth=12))  # paper: depth 12 for this model
     pca: PCACfg = field(default_factory=PCACfg)
     tabular: TabularCfg = field(default_factory=TabularCfg)
+    feature_groups: FeaturesCfg = field(default_factory=image_features)  # features: tabular, time, user, text, image
     upstream: UpstreamCfg = field(default_factory=UpstreamCfg)
     experiment: str = ""
+
+
+def stacked_groups(features: FeaturesCfg, family: str, needs_image: bool) -> None:
+    """Refuse the groups a stacking ensemble cannot take: its benchmark needs one group besides ``image``; the
+    Conv1D net convolves the image vector, so it needs ``image``."""
+    if not features.table:
+        raise ConfigError(f"features={features.features!r}: {family} stacks on a benchmark, which needs at least "
+                          "one of tabular, time, user, text")
+    if needs_image and not features.image:
+        raise ConfigError(f"features={features.features!r}: {family} convolves the image features, so features "
+                          "must include image (ensemble_mlp can do without)")
 
 
 @dataclass(frozen=True)
@@ -132,8 +156,13 @@ class EnsembleMLPJob:
     stacking: StackingCfg = field(default_factory=StackingCfg)
     xgb: XGBCfg = field(default_factory=XGBCfg)  # the benchmark it stacks on
     tabular: TabularCfg = field(default_factory=TabularCfg)
+    # the net reads image; the benchmark it stacks on reads the other groups
+    feature_groups: FeaturesCfg = field(default_factory=image_features)
     upstream: UpstreamCfg = field(default_factory=UpstreamCfg)
     experiment: str = ""
+
+    def __post_init__(self) -> None:
+        stacked_groups(self.feature_groups, "ensemble_mlp", needs_image=False)
 
 
 @dataclass(frozen=True)
@@ -144,13 +173,27 @@ class EnsembleConv1DJob:
     stacking: StackingCfg = field(default_factory=StackingCfg)
     xgb: XGBCfg = field(default_factory=XGBCfg)  # the benchmark it stacks on
     tabular: TabularCfg = field(default_factory=TabularCfg)
+    # the net reads image; the benchmark it stacks on reads the other groups
+    feature_groups: FeaturesCfg = field(default_factory=image_features)
     upstream: UpstreamCfg = field(default_factory=UpstreamCfg)
     experiment: str = ""
+
+    def __post_init__(self) -> None:
+        stacked_groups(self.feature_groups, "ensemble_conv1d", needs_image=True)
 
 
 def reuse_key(*cfgs, extra: dict | None = None) -> str:
     """Hash of the result-affecting settings, used to find a reusable upstream run."""
     return params_hash({**flatten(*cfgs), **(extra or {})})
+
+
+def benchmark_key(cfg: BenchmarkJob) -> str:
+    """A benchmark run's reuse key: its booster, tabular and feature settings (the default groups hash as they
+    did before groups existed, so earlier runs are still found)."""
+    groups = None if cfg.feature_groups.groups == FeaturesCfg().groups else flatten(cfg.feature_groups)
+    if cfg.feature_groups.image:
+        groups = {**groups, **flatten(cfg.images)}
+    return reuse_key(cfg.splitting, cfg.xgb, cfg.tabular, extra=groups)
 
 
 def figures_for(parent: Parent | None) -> bool:
@@ -167,14 +210,15 @@ def run_benchmark(cfg: BenchmarkJob = BenchmarkJob(), parent: Parent | None = No
     """Train the paper's tabular XGBoost benchmark and log it; ``on_step(round, val_rmse)`` after every round."""
     requested, cfg = cfg, for_protocol(cfg)
     prep = prepare(cfg.source, cfg.splitting)
-    groups = None if cfg.feature_groups.groups == FeaturesCfg().groups else flatten(cfg.feature_groups)
     # other feature groups: never the benchmark an ensemble (default features) finds and stacks on
-    tags = {"smp.model": BENCHMARK.name, "smp.reuse_key": reuse_key(cfg.splitting, cfg.xgb, cfg.tabular, extra=groups)}
+    tags = {"smp.model": BENCHMARK.name, "smp.reuse_key": benchmark_key(cfg)}
     check_groups(cfg.feature_groups, prep.rows("train"))  # a group the data cannot feed is refused before any run
     with job_run(BENCHMARK.name, cfg.experiment, flatten(requested), tags, parent, what=BENCHMARK.help) as run:
-        fitted = fit.fit_benchmark(BENCHMARK, cfg, prep, on_step)
+        up = upstream.for_images(prep, cfg.source, cfg.images, child_of(run, parent)) \
+            if cfg.feature_groups.image else None
+        fitted = fit.fit_benchmark(BENCHMARK, cfg, prep, on_step, up)
         record.record(BENCHMARK, fitted, prep, cfg.splitting, flatten(requested), protocol_changes(requested, cfg),
-                      figures=figures_for(parent))
+                      up, figures=figures_for(parent))
     log.info("benchmark: test RMSE %.4f (baseline %.4f)", fitted.metrics["test_rmse"],
              fitted.metrics["test_rmse_baseline"])
     return JobResult(run.info.run_id, fitted.metrics, fitted.model)
@@ -186,8 +230,10 @@ def run_pca_boost(cfg: PCABoostJob = PCABoostJob(), parent: Parent | None = None
     requested, cfg = cfg, for_protocol(cfg)
     prep = prepare(cfg.source, cfg.splitting)
     tags = {"smp.model": PCA_BOOST.name}
+    check_groups(cfg.feature_groups, prep.rows("train"))
     with job_run(PCA_BOOST.name, cfg.experiment, flatten(requested), tags, parent, what=PCA_BOOST.help) as run:
-        up = upstream.for_images(prep, cfg, child_of(run, parent))
+        up = upstream.for_images(prep, cfg.source, cfg.upstream, child_of(run, parent)) \
+            if cfg.feature_groups.image else upstream.Upstream()
         fitted = fit.fit_pca_boost(PCA_BOOST, cfg, prep, up.images, up.blocks, on_step)
         record.record(PCA_BOOST, fitted, prep, cfg.splitting, flatten(requested), protocol_changes(requested, cfg),
                       up, figures_for(parent))
@@ -200,11 +246,12 @@ def run_ensemble(cfg, family: Family, parent: Parent | None = None, on_step=None
     requested, cfg = cfg, for_protocol(cfg)
     prep = prepare(cfg.source, cfg.splitting)
     tags = {"smp.model": family.name, "smp.stacking": cfg.stacking.stacking, "smp.head": cfg.net.head}
+    check_groups(cfg.feature_groups, prep.rows("train"))
+    bench = BenchmarkJob(source=cfg.source, splitting=cfg.splitting, xgb=cfg.xgb, tabular=cfg.tabular,
+                         feature_groups=cfg.feature_groups.without_image())
     with job_run(family.name, cfg.experiment, flatten(requested), tags, parent, what=family.help) as run:
         below = child_of(run, parent)
-        bench = BenchmarkJob(source=cfg.source, splitting=cfg.splitting, xgb=cfg.xgb, tabular=cfg.tabular)
-        up = upstream.for_ensemble(prep, cfg, reuse_key(cfg.splitting, cfg.xgb, cfg.tabular), below,
-                                   lambda: run_benchmark(bench, parent=below))
+        up = upstream.for_ensemble(prep, cfg, benchmark_key(bench), below, lambda: run_benchmark(bench, parent=below))
         fitted = fit.fit_ensemble(family, cfg, prep, up.images, up.blocks, up.stacked, up.predictor,
                                   record.epoch_curves(on_step))
         record.record(family, fitted, prep, cfg.splitting, flatten(requested), protocol_changes(requested, cfg),

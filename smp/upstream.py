@@ -102,10 +102,11 @@ def image_blocks(prep: Prepared, run_id: str) -> tuple[dict[str, np.ndarray], li
     return blocks, cols
 
 
-def for_images(prep: Prepared, cfg, parent: Parent, up: Upstream | None = None) -> Upstream:
-    """The image inputs of an image job (``cfg.upstream`` says which embed run or settings)."""
+def for_images(prep: Prepared, source: DataCfg, images, parent: Parent, up: Upstream | None = None) -> Upstream:
+    """The image inputs of a job reading the ``image`` group (``images``: its ``ImageInputCfg`` / ``UpstreamCfg``,
+    which embed run or settings)."""
     up = up or Upstream()
-    run_id, embed_cfg, tags, effective = embed_run(prep, cfg.source, cfg.upstream, parent)
+    run_id, embed_cfg, tags, effective = embed_run(prep, source, images, parent)
     up.blocks, cols = image_blocks(prep, run_id)
     up.images = ImageFeatureSource(cols, embed_cfg)
     up.runs["embed"] = run_id
@@ -173,7 +174,7 @@ def fold_models(prep: Prepared, cfg, bench_run: str, k: int, rounds: int | None)
     log.info("fitting %d fold models (%s)", k, why)
     t0 = time.perf_counter()
     fitted = cross_fit(train, prep.y("train"), prep.rows("val"), prep.y("val"), cfg.xgb, cfg.tabular,
-                       cfg.splitting.seed, k, rounds)
+                       cfg.splitting.seed, k, rounds, cfg.feature_groups.without_image(), cfg.splitting.split)
     seconds = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / Path(name).name
@@ -216,9 +217,13 @@ def stacking_inputs(prep: Prepared, cfg, bench_run: str, bench: BenchmarkModel, 
 
 
 def for_ensemble(prep: Prepared, cfg, key: str, parent: Parent, make_benchmark: Callable[[], object]) -> Upstream:
-    """Everything an ensemble stands on: the image inputs, the benchmark run and model (``key``: its reuse key;
-    ``make_benchmark()`` runs it when none is found) and the stacked predictions."""
-    up = for_images(prep, cfg, parent)
+    """Everything an ensemble stands on: the image inputs (none without the ``image`` group: each split's block
+    then has no columns), the benchmark run and model (``key``: its reuse key; ``make_benchmark()`` runs it when
+    none is found) and the stacked predictions."""
+    if cfg.feature_groups.image:
+        up = for_images(prep, cfg.source, cfg.upstream, parent)
+    else:
+        up = Upstream(blocks={p: np.empty((len(idx), 0), dtype=np.float32) for p, idx in prep.parts.items()})
     bench_run, bench = benchmark_run(prep, key, cfg.upstream.benchmark_run, parent, make_benchmark)
     up.runs["benchmark"] = bench_run
     up.tags["smp.benchmark_run"] = bench_run

@@ -51,7 +51,8 @@ def tiny_clip() -> dict:
 def tiny(tiny_clip):
     """Small settings for the tests' model jobs, kept in one place: ``tiny.xgb`` (60 rounds of depth 4 at lr 0.1,
     stopping after 10 without improvement), ``tiny.pca`` (10 components), ``tiny.mlp`` (4 epochs, batches of 16),
-    ``tiny.conv1d`` (PCA to 8, 3 epochs, batches of 16), ``tiny.upstream`` (the tiny CLIP, random weights) and
+    ``tiny.conv1d`` (PCA to 8, 3 epochs, batches of 16), ``tiny.upstream`` and ``tiny.images`` (the tiny CLIP,
+    random weights) and
     ``tiny.splitting`` (all posts: ``sample_size=0``).
 
     ``tiny.job(family, data, **overrides)``: the job config of model family ``family`` (its
@@ -70,13 +71,13 @@ def tiny(tiny_clip):
     from smp.models import PCACfg
     from smp.nets import Conv1DCfg, MLPCfg
     from smp.splits import SplitCfg
-    from smp.train import UpstreamCfg
+    from smp.train import ImageInputCfg, UpstreamCfg
 
     small = SimpleNamespace(
         xgb=XGBCfg(n_estimators=60, max_depth=4, learning_rate=0.1, early_stopping_rounds=10),
         pca=PCACfg(n_components=10), mlp=MLPCfg(epochs=4, batch_size=16),
         conv1d=Conv1DCfg(n_pca=8, epochs=3, batch_size=16), upstream=UpstreamCfg(**tiny_clip),
-        splitting=SplitCfg(sample_size=0))
+        images=ImageInputCfg(**tiny_clip), splitting=SplitCfg(sample_size=0))
     by_type = {type(v): v for v in vars(small).values()}
 
     def job(family: str, data, **overrides):

@@ -25,7 +25,7 @@ STAGES = {
     "upstream": 7, "record": 7,
     "train": 8,
     "families": 9,
-    "report": 10, "tune": 10, "registry": 10,
+    "report": 10, "ablation": 10, "tune": 10, "registry": 10,
     "scoring": 11, "spark": 11,
     "predict": 12, "engines": 12,
     "catalog": 13,
@@ -142,8 +142,7 @@ def test_each_model_job_reads_resolve_fit_record():
     for name, fn in runs.items():
         phases = [c.split(".")[0] for c in _calls(fn) if c.split(".")[0] in ("job_run", "upstream", "fit", "record")]
         order = [p for i, p in enumerate(phases) if i == 0 or phases[i - 1] != p]  # runs of one phase collapsed
-        expected = ["job_run", "fit", "record"] if name == "run_benchmark" else ["job_run", "upstream", "fit", "record"]
-        assert order == expected, (name, phases)
+        assert order == ["job_run", "upstream", "fit", "record"], (name, phases)  # benchmark: with features=image
 
 
 def test_model_families_are_listed_in_one_table():

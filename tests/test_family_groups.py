@@ -1,0 +1,110 @@
+"""Feature groups on every model family: ``features`` on pca_boost and the stacking ensembles (their benchmark
+and its fold models read the non-image groups), the ``image`` group on the benchmark, the refusals, and the
+default that reproduces the paper's inputs (and finds the benchmark runs made before groups existed)."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pytest
+
+from smp.boosters import XGBCfg
+from smp.config import ConfigError, flatten
+from smp.groups import FeaturesCfg
+from smp.models import cross_fit
+from smp.splits import SplitCfg, split_indices
+from smp.synth import SynthCfg, draw_posts
+from smp.tracking import logged_model_uri
+from smp.train import (BenchmarkJob, EnsembleConv1DJob, EnsembleMLPJob, PCABoostJob, benchmark_key, reuse_key,
+                       run_benchmark, run_ensemble_mlp, run_pca_boost)
+
+
+def test_each_family_defaults_to_the_papers_inputs():
+    assert BenchmarkJob().feature_groups.groups == ("tabular",)
+    for job in (PCABoostJob, EnsembleMLPJob, EnsembleConv1DJob):
+        assert job().feature_groups.groups == ("tabular", "image")
+    assert EnsembleMLPJob().feature_groups.without_image().groups == ("tabular",)
+
+
+def test_default_benchmark_key_is_the_one_runs_made_before_groups_carry():
+    """An ensemble with default features stacks on the benchmark runs already in a store: their reuse key was
+    the hash of the split, booster and tabular settings alone."""
+    cfg = BenchmarkJob()
+    assert benchmark_key(cfg) == reuse_key(cfg.splitting, cfg.xgb, cfg.tabular)
+    assert benchmark_key(BenchmarkJob(feature_groups=FeaturesCfg("tabular,user"))) != benchmark_key(cfg)
+    with_image = BenchmarkJob(feature_groups=FeaturesCfg("tabular,image"))
+    assert benchmark_key(with_image) != benchmark_key(cfg)
+
+
+def test_groups_a_stacking_ensemble_cannot_take_are_refused_naming_the_setting():
+    with pytest.raises(ConfigError, match=r"features='image'.*ensemble_mlp stacks on a benchmark"):
+        EnsembleMLPJob(feature_groups=FeaturesCfg("image"))
+    with pytest.raises(ConfigError, match=r"features='tabular,user'.*ensemble_conv1d.*must include image"):
+        EnsembleConv1DJob(feature_groups=FeaturesCfg("tabular,user"))
+    EnsembleMLPJob(feature_groups=FeaturesCfg("tabular,user"))  # the MLP can read the stack alone
+
+
+def test_fold_models_with_the_user_group_leak_no_label():
+    """The ensembles' training input is the fold models' out-of-fold prediction: with ``user`` each fold model
+    fits the user table on its own fold's posts, so on labels that are pure per-post noise the out-of-fold
+    predictions carry nothing of the held-out labels (a table with the held-out posts in it would)."""
+    posts = draw_posts(SynthCfg(n=1500, seed=4))
+    y = np.random.default_rng(0).normal(6.0, 2.0, len(posts))
+    parts = split_indices(posts, SplitCfg(split="random", seed=0))
+    rows = {k: posts.iloc[v].reset_index(drop=True) for k, v in parts.items()}
+    xgb = XGBCfg(n_estimators=80, max_depth=4, learning_rate=0.1, early_stopping_rounds=0, n_jobs=1)
+    fitted = cross_fit(rows["train"], y[parts["train"]], rows["val"], y[parts["val"]], xgb, seed=0, folds=3,
+                       tabular=BenchmarkJob().tabular, features=FeaturesCfg("tabular,user"))
+    assert all(m.groups_in_use.group("user") is not None for m in fitted.models)
+    r = np.corrcoef(fitted.oof_, y[parts["train"]])[0, 1]
+    assert abs(r) < 0.1, r
+
+
+def _params(run_id: str) -> dict:
+    return mlflow.get_run(run_id).data.params
+
+
+@pytest.mark.slow
+def test_pca_boost_reads_the_user_group_beside_the_image(smpd_dir, tiny):
+    result = run_pca_boost(tiny.job("pca_boost", smpd_dir, features="tabular,user,image"))
+    model = result.model
+    assert "Uid" in model.input_fields_ and model.groups_in_use.group("user") is not None
+    params = _params(result.run_id)
+    assert params["features"] == "tabular,user,image"
+    assert int(params["features/user_table_users"]) > 0
+    assert np.isfinite(result.metrics["test_rmse"])
+
+
+def test_pca_boost_without_image_needs_no_embed_run(smpd_dir, tiny):
+    result = run_pca_boost(tiny.job("pca_boost", smpd_dir, features="tabular,time"))
+    assert not result.model.needs_images and result.model.images is None
+    assert mlflow.search_runs(experiment_names=["t"], filter_string="tags.`smp.job` = 'embed'").empty
+    assert "Postdate" in result.model.input_fields_
+
+
+def test_ensemble_mlp_without_image_stacks_on_a_benchmark_of_its_groups(smpd_dir, tiny):
+    result = run_ensemble_mlp(tiny.job("ensemble_mlp", smpd_dir, features="tabular,user"))
+    model = result.model
+    assert not model.needs_images and model.net.n_features_in_ == 1  # the stacked prediction alone
+    assert model.groups_in_use.group("user") is not None and "Uid" in model.input_fields_
+    bench_run = mlflow.get_run(result.run_id).data.tags["smp.benchmark_run"]
+    assert _params(bench_run)["features"] == "tabular,user"  # the benchmark it stacks on read the same groups
+    assert int(_params(result.run_id)["features/user_table_users"]) > 0
+    # new posts through the logged model: raw rows with Uid, no image fields
+    loaded = mlflow.pyfunc.load_model(logged_model_uri(result.run_id))
+    rows = draw_posts(SynthCfg(n=5, seed=9))[["Pid", "Uid", "Category", "Subcategory", "Postdate"]]
+    pred = loaded.predict(rows)
+    assert len(pred) == 5 and np.isfinite(np.asarray(pred["popularity"], dtype=float)).all()
+
+
+@pytest.mark.slow
+def test_benchmark_reads_the_image_group_when_asked(smpd_dir, tiny):
+    result = run_benchmark(tiny.job("benchmark", smpd_dir, features="tabular,image"))
+    model = result.model
+    assert model.needs_images and model.feature_names_[-1] == "has_image"
+    assert any(n.startswith("clip_") for n in model.feature_names_)
+    tags = mlflow.get_run(result.run_id).data.tags
+    assert tags.get("smp.embed_run")  # the embed run it read, found or made as the image families do
+    default = run_benchmark(tiny.job("benchmark", smpd_dir))
+    assert not default.model.needs_images and "has_image" not in default.model.feature_names_
+    assert flatten(tiny.job("benchmark", smpd_dir))["features"] == "tabular"
