@@ -11,8 +11,9 @@ import mlflow
 import pandas as pd
 
 from smp import plots
-from smp.config import flatten
+from smp.config import ConfigError, flatten
 from smp.families import FAMILIES
+from smp.groups import parse_features
 from smp.jobs import Family, Job
 from smp.config import sig
 from smp.tracking import JobResult, describe_run, job_run, log_figure
@@ -29,10 +30,23 @@ class CompareJob:
     experiment: str = ""    # "" = MLFLOW_EXPERIMENT_NAME, else "smp" (under `mlflow run`: its --experiment-name)
 
 
+def run_features(family: Family, params: dict) -> str:
+    """The feature groups a run of ``family`` read, normalised (``tabular,user``); runs made before groups
+    existed read the family's default."""
+    default = family.config().feature_groups.features if hasattr(family.config(), "feature_groups") else ""
+    text = params.get("features") or default
+    try:
+        return ",".join(parse_features(text))
+    except ConfigError:
+        return text
+
+
 def compare_table(experiment_id: str, split: str, families: dict[str, Family], data_hash: str = "") -> pd.DataFrame:
-    """One row per model family of ``families`` (per head for the nets), in their order: its newest finished
-    run's test metrics beside the paper's figures (``Family.paper``). The nets' paper head (runs without a head
-    tag predate the residual head) is the row ``<family> (paper head)``."""
+    """One row per model family of ``families`` (per head for the nets, per feature groups), in their order: its
+    newest finished run's test metrics beside the paper's figures (``Family.paper``). The nets' paper head (runs
+    without a head tag predate the residual head) is the row ``<family> (paper head)``; a run with other feature
+    groups than its family's default (``features``; an ablation's runs) is the row ``<family> [groups]``, so
+    every row reads the inputs its label says."""
     runs = mlflow.search_runs(
         [experiment_id], filter_string=f"attributes.status = 'FINISHED' and tags.`smp.split` = '{split}'",
         order_by=["attributes.start_time DESC"], output_format="list")
@@ -44,19 +58,22 @@ def compare_table(experiment_id: str, split: str, families: dict[str, Family], d
     for r in runs:
         family = r.data.tags["smp.model"]
         head = r.data.tags.get("smp.head", "paper") if families[family].net else ""
+        features = run_features(families[family], r.data.params)
         label = f"{family} (paper head)" if head == "paper" else family
+        if features != run_features(families[family], {}):
+            label += f" [{features}]"
         if label in seen or r.data.tags.get("smp.data_hash", "") != data_hash:
             continue
         seen.add(label)
         paper = families[family].paper or (float("nan"),) * 3
-        rows.append({"model": label, "family": family, "head": head, "run_id": r.info.run_id,
+        rows.append({"model": label, "family": family, "head": head, "features": features, "run_id": r.info.run_id,
                      **{c: r.data.metrics.get(c, float("nan")) for c in COLUMNS},
                      "stacking": r.data.tags.get("smp.stacking", ""),
                      "paper_rmse": paper[0], "paper_bias": paper[1], "paper_error_var": paper[2]})
     table = pd.DataFrame(rows)
     order = list(families)
     table["_order"] = [order.index(f) * 2 + (h == "paper") for f, h in zip(table["family"], table["head"])]
-    table = table.sort_values("_order").drop(columns="_order").reset_index(drop=True)
+    table = table.sort_values("_order", kind="stable").drop(columns="_order").reset_index(drop=True)
     table.attrs["data_hash"] = data_hash
     return table
 

@@ -108,3 +108,16 @@ def test_benchmark_reads_the_image_group_when_asked(smpd_dir, tiny):
     default = run_benchmark(tiny.job("benchmark", smpd_dir))
     assert not default.model.needs_images and "has_image" not in default.model.feature_names_
     assert flatten(tiny.job("benchmark", smpd_dir))["features"] == "tabular"
+
+
+def test_compare_gives_each_feature_set_its_own_row(smpd_dir, tiny):
+    """A run with other groups than its family's default (an ablation's) never stands in for the paper's row."""
+    from smp.families import FAMILIES
+    from smp.report import compare_table
+
+    default = run_benchmark(tiny.job("benchmark", smpd_dir))
+    user = run_benchmark(tiny.job("benchmark", smpd_dir, features="user,tabular"))  # the newest run
+    table = compare_table(mlflow.get_run(user.run_id).info.experiment_id, "random", FAMILIES)
+    rows = dict(zip(table["model"], table["run_id"]))
+    assert rows == {"benchmark": default.run_id, "benchmark [tabular,user]": user.run_id}
+    assert table.set_index("model").loc["benchmark [tabular,user]", "test_rmse"] == user.metrics["test_rmse"]
