@@ -3,8 +3,9 @@ r"""Deterministic synthetic SMPD 2019 data: the official file layout, JPEGs incl
 ``generate(out_dir, cfg)`` writes the seven official training files and one
 JPEG per post, so the whole pipeline (loaders, image features, CLIP, models)
 runs end to end without the real data.  ``demo_data_dir()`` caches one such
-dataset on disk.  Everything is drawn from ``numpy.random.default_rng(seed)``:
-the same seed gives the same bytes.
+dataset on disk.  Everything is drawn from ``numpy.random.default_rng(seed)``
+(version 2's topic words from ``default_rng([seed, 2])``): the same seed and
+data version give the same bytes.
 
 Posts are listed in chronological order of ``Postdate``, as the official files
 are.  Category frequencies, subcategories and their label effects, the
@@ -36,11 +37,35 @@ mean.  ``CATEGORY_EFFECT`` and the subcategory effects are the real mean
 labels' offsets; ``CONCEPT_EFFECT = (+0.30, +0.10, -0.10, -0.30)`` by the
 concept's position in its subcategory's list.  Measured on 50,000 posts:
 label mean 6.40, sd 2.46, 1.5% at the floor 1.0; shares of the label variance:
-user 0.45, image 0.23, tags 0.09, content 0.08, time 0.01, noise 0.16.  So
-the best possible RMSE is about 1.0; without the image about
-sqrt(1 + 1.39) = 1.55; without the image and the user's identity (``q_u``)
-about 2.1.  ``score_components`` returns the five parts, ``hidden_score``
-their sum ``S``.
+user 0.45, image 0.23, tags 0.09, content 0.08, time 0.01, noise 0.16, of
+which text 0.08 in data version 2 (below).  So the best possible RMSE is
+about 1.0 (0.73 in version 2, the topic read from the words); without the
+image about sqrt(1 + 1.39) = 1.55; without the image and the user's
+identity (``q_u``) about 2.1.  ``score_components`` returns the five parts,
+``hidden_score`` their sum ``S``.
+
+Text signal (data versions)
+---------------------------
+``SynthCfg.data_version`` (default 2) picks what titles and tags say.
+Version 1 is the original generator, the same bytes for the same seed: its
+words carry nothing beyond their counts (``tags`` above).  Version 2 draws
+everything version 1 draws, unchanged (every label, every non-text field,
+every image, each title's word and character counts, each post's tag count),
+and then, from its own stream ``default_rng([seed, 2])``, gives each post a
+topic ``z`` in 0..7: the octile of its ``eps`` under ``N(0, 1)`` (0 = lowest),
+or with probability ``P_OFF_TOPIC = 0.30`` a topic uniform at random.  Each
+title word of 3 or more letters becomes, with probability 0.5, the topic's
+word of the same length, and each generic tag (never the post's own concept,
+subcategory and category tags), with probability 0.3, one of the topic's six
+words (``TOPIC_WORDS``; no topic word occurs anywhere else).  95% of posts
+then show at least one topic word.  So ``eps = text + rest`` with
+``text = E[eps | z] = 0.7 * (mean of N(0, 1) on octile z)``
+(``TOPIC_EFFECT``: -1.15, -0.63, -0.34, -0.11, +0.11, +0.34, +0.63, +1.15) and
+``E[rest | z] = 0``; ``text_effect`` returns it per post.  Its share of the
+label variance, ``Var(text) / Var(label)`` on the 50,000 posts of
+``draw_posts(SynthCfg(n=50_000, seed=0))``, is 0.076 (0.072 from the topic
+means of ``label - 6.40 - S + mean(S)``, which the floor clips); the rest of
+the noise keeps 0.09.
 
 Images: a two-colour gradient background plus 2-5 shapes (circles,
 rectangles, lines) clustered either at the centre (``cen = 1``) or towards a
@@ -58,6 +83,7 @@ import pathlib
 import shutil
 import tempfile
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import cv2
 import numpy as np
@@ -65,7 +91,8 @@ import pandas as pd
 
 from smp.jobs import Job
 
-GENERATOR_VERSION = 1
+DATA_VERSIONS = (1, 2)  # 1: the original draw, no text signal; 2: topic words carry part of the noise
+DATA_VERSION = 2  # the default; a new version for any change in what a seed draws, so caches never mix
 
 JPEG_QUALITY = 90  # fixed, so the bytes are reproducible
 LABEL_MEAN = 6.40  # label mean before clipping at LABEL_MIN (which lifts it ~0.01)
@@ -235,9 +262,41 @@ TITLE_WORDS = (
     "time world life light night morning view friends home city summer winter "
     "walk trip game show look love weekend fun"
 ).split()
+# Data version 2: topic k (0 = lowest noise) has one word of each length 3..8, so a title word swapped
+# for the topic word of its own length keeps the title's character count (the tabular ``title_len``).
+# No topic word is a generic tag, title word, concept, subcategory or category word, so tags stay distinct
+# and a topic word always names its topic.
+TOPIC_WORDS = (
+    ("bus", "desk", "queue", "errand", "laundry", "commuter"),
+    ("pen", "memo", "inbox", "office", "meeting", "printout"),
+    ("rug", "sofa", "porch", "garage", "kitchen", "backyard"),
+    ("pub", "mall", "plaza", "bakery", "station", "sidewalk"),
+    ("elm", "pond", "field", "meadow", "orchard", "lakeside"),
+    ("fog", "dusk", "amber", "golden", "glowing", "twilight"),
+    ("ice", "cove", "fjord", "canyon", "glacier", "panorama"),
+    ("ufo", "nova", "comet", "aurora", "eclipse", "milkyway"),
+)
+P_OFF_TOPIC = 0.30  # share of posts whose topic is uniform at random instead of their noise's octile
+P_TOPIC_TITLE = 0.50  # chance that a title word of length 3..8 becomes the topic word of that length
+P_TOPIC_TAG = 0.30  # chance that a generic tag becomes a topic tag (own tags always stay)
 SYLLABLES = "an bel cor dan el fo gra hel is jo ka lu mar nel or pix ray sol tam vi wen zo".split()
 
 _START_2015 = int(dt.datetime(2015, 1, 1, tzinfo=dt.timezone.utc).timestamp())
+
+
+def _topic_bins() -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(the noise's inner octile cuts, E[noise | topic k]) for ``N(0, NOISE_SD)`` and ``P_OFF_TOPIC``."""
+    k = len(TOPIC_WORDS)
+    dist = NormalDist(0.0, NOISE_SD)
+    cuts = [dist.inv_cdf(j / k) for j in range(1, k)]
+    edges = [-np.inf, *cuts, np.inf]
+    # Mean of a normal between two cuts, times the chance that the topic came from the noise at all:
+    # an off-topic post's topic is independent of its noise and adds nothing.
+    means = [k * NOISE_SD**2 * (dist.pdf(a) - dist.pdf(b)) for a, b in zip(edges, edges[1:])]
+    return tuple(cuts), tuple((1 - P_OFF_TOPIC) * m for m in means)
+
+
+TOPIC_CUTS, TOPIC_EFFECT = _topic_bins()
 
 
 @dataclass(frozen=True)
@@ -250,12 +309,13 @@ class SynthCfg:
     img_min: int = 96  # image side range in px (width and height drawn apart)
     img_max: int = 160
     bad_images: int = 0  # posts whose JPEG is broken, cycling through BAD_KINDS
+    data_version: int = DATA_VERSION  # 2: title/tag words carry part of the noise; 1: the original draw, byte for byte
 
     def __post_init__(self) -> None:
-        from smp.config import ConfigError, at_least, check
+        from smp.config import ConfigError, at_least, check, one_of
 
         check(self, n=at_least(1), seed=at_least(0), n_users=at_least(0), img_min=at_least(8), img_max=at_least(8),
-              bad_images=at_least(0))
+              bad_images=at_least(0), data_version=one_of(*DATA_VERSIONS))
         if self.img_max < self.img_min:
             raise ConfigError(f"img_max={self.img_max}: expected >= img_min={self.img_min}")
 
@@ -295,6 +355,17 @@ def score_components(posts: pd.DataFrame) -> dict[str, np.ndarray]:
 def hidden_score(posts: pd.DataFrame) -> np.ndarray:
     """Return the noiseless hidden score ``S`` (label = clip(6.40 + S - mean(S) + noise))."""
     return sum(score_components(posts).values())
+
+
+def text_effect(posts: pd.DataFrame) -> np.ndarray:
+    """Return the part of each post's noise that its topic explains, ``E[noise | topic]``.
+
+    Reads the hidden ``latent_topic`` column of a data version 2 draw; posts without one (version 1) get 0,
+    since their words carry nothing beyond counts.
+    """
+    if "latent_topic" not in posts.columns:
+        return np.zeros(len(posts))
+    return np.asarray(TOPIC_EFFECT)[posts["latent_topic"].to_numpy(int)]
 
 
 # ---------------------------------------------------------------- posts ----
@@ -339,7 +410,8 @@ def draw_posts(cfg: SynthCfg = SynthCfg()) -> pd.DataFrame:
     ``img_w``/``img_h``/``img_seed`` and ``image_kind`` (``"ok"`` or one of
     ``BAD_KINDS``).
     """
-    if cfg.n < 1 or not 1 <= cfg.img_min <= cfg.img_max or not 0 <= cfg.bad_images <= cfg.n:
+    if (cfg.n < 1 or not 1 <= cfg.img_min <= cfg.img_max or not 0 <= cfg.bad_images <= cfg.n
+            or cfg.data_version not in DATA_VERSIONS):
         raise ValueError(f"bad SynthCfg: {cfg}")
     rng = np.random.default_rng(cfg.seed)
     n = cfg.n
@@ -382,7 +454,7 @@ def draw_posts(cfg: SynthCfg = SynthCfg()) -> pd.DataFrame:
     lon = np.array([TIMEZONES[i][3] for i in tz]) + rng.normal(0, 0.3, n)
     geoacc = np.where(has_geo, rng.integers(1, 17, size=n), 0)
     tag_count = np.clip(rng.poisson(np.exp(u["tag_habit"].to_numpy() + rng.normal(0, 0.5, n))), 0, 75)
-    title, alltags = _texts(rng, category, subcategory, concept, tag_count)
+    text_draws = _text_draws(rng, n)
 
     # Assemble; the latent_* columns are in no file, img_* say how to draw the JPEG.
     posts = pd.DataFrame({
@@ -409,7 +481,12 @@ def draw_posts(cfg: SynthCfg = SynthCfg()) -> pd.DataFrame:
     noise = rng.normal(0.0, NOISE_SD, n)
     score = hidden_score(posts)
     posts["label"] = np.clip(np.round(LABEL_MEAN + score - score.mean() + noise, 2), LABEL_MIN, LABEL_MAX)
-    posts["Title"], posts["Alltags"] = title, alltags
+    topics = None
+    if cfg.data_version == 2:
+        # Its own stream, so that no version 1 draw moves and every non-text field stays as in version 1.
+        topics = _topic_draws(np.random.default_rng([cfg.seed, 2]), noise)
+        posts["latent_topic"] = topics["topic"]
+    posts["Title"], posts["Alltags"] = _texts(text_draws, category, subcategory, concept, tag_count, topics)
 
     # Official order is chronological; then pick the broken images.
     posts = posts.iloc[np.argsort(posts["Postdate"].to_numpy(), kind="stable")].reset_index(drop=True)
@@ -421,21 +498,51 @@ def draw_posts(cfg: SynthCfg = SynthCfg()) -> pd.DataFrame:
     return posts
 
 
-def _texts(rng: np.random.Generator, category, subcategory, concept, tag_count) -> tuple[list, list]:
-    """Return (titles, alltags): per post ``tag_count`` distinct tags, own words first."""
-    n = len(category)
+def _text_draws(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
+    """The main stream's draws for titles and tags, taken where version 1 took them."""
     tag_order = np.argsort(rng.random((n, len(GENERIC_TAGS))), axis=1)
     title_words = rng.integers(0, len(TITLE_WORDS), size=(n, 6))
     n_words = rng.integers(0, 7, size=n)
     insert_at, insert_what = rng.random(n), rng.random(n)
+    return {"tag_order": tag_order, "title_words": title_words, "n_words": n_words,
+            "insert_at": insert_at, "insert_what": insert_what}
+
+
+def _topic_draws(rng: np.random.Generator, noise: np.ndarray) -> dict[str, np.ndarray]:
+    """Per post a topic (the noise's octile, or uniform at random with ``P_OFF_TOPIC``) and which of its
+    words swap to that topic's words."""
+    n, k = len(noise), len(TOPIC_WORDS)
+    off = rng.random(n) < P_OFF_TOPIC
+    anywhere = rng.integers(0, k, size=n)
+    return {"topic": np.where(off, anywhere, np.searchsorted(TOPIC_CUTS, noise)),
+            "swap_title": rng.random((n, 6)) < P_TOPIC_TITLE,
+            "swap_tag": rng.random((n, len(GENERIC_TAGS))) < P_TOPIC_TAG,
+            "word_order": np.argsort(rng.random((n, len(TOPIC_WORDS[0]))), axis=1)}
+
+
+def _texts(draws: dict, category, subcategory, concept, tag_count, topics: dict | None = None) -> tuple[list, list]:
+    """Return (titles, alltags): per post ``tag_count`` distinct tags, own words first.
+
+    With ``topics`` (version 2) some title words and generic tags become the post's topic words; each title
+    keeps its character count and each post its tag count.
+    """
     titles, alltags = [], []
     for i, (c, s, k, t) in enumerate(zip(category, subcategory, concept, tag_count)):
         own = list(dict.fromkeys([k, s.lower().replace("&", ""), c.split("&")[0].lower()]))
-        tags = own + [GENERIC_TAGS[j] for j in tag_order[i] if GENERIC_TAGS[j] not in own]
-        alltags.append(" ".join(tags[:t]))
-        words = [TITLE_WORDS[j] for j in title_words[i, : n_words[i]]]
-        if words and insert_what[i] < 0.5:
-            words.insert(int(insert_at[i] * (len(words) + 1)), s if insert_what[i] < 0.25 else k)
+        generic = [GENERIC_TAGS[j] for j in draws["tag_order"][i] if GENERIC_TAGS[j] not in own]
+        words = [TITLE_WORDS[j] for j in draws["title_words"][i, : draws["n_words"][i]]]
+        if topics is not None:
+            vocab = TOPIC_WORDS[topics["topic"][i]]
+            by_length = {len(w): w for w in vocab}
+            words = [by_length[len(w)] if swap and len(w) in by_length else w
+                     for w, swap in zip(words, topics["swap_title"][i])]
+            slots = [j for j in range(max(0, min(t - len(own), len(generic)))) if topics["swap_tag"][i, j]]
+            for j, w in zip(slots, (vocab[m] for m in topics["word_order"][i])):  # at most one use of each word
+                generic[j] = w
+        alltags.append(" ".join((own + generic)[:t]))
+        insert_at, insert_what = draws["insert_at"][i], draws["insert_what"][i]
+        if words and insert_what < 0.5:
+            words.insert(int(insert_at * (len(words) + 1)), s if insert_what < 0.25 else k)
         title = " ".join(words)
         titles.append(title[:1].upper() + title[1:])
     return titles, alltags
@@ -574,23 +681,25 @@ def generate(out_dir, cfg: SynthCfg = SynthCfg()) -> pathlib.Path:
     return write_files(draw_posts(cfg), out_dir)
 
 
-def demo_data_dir(n: int = 2000, seed: int = 0, cache_dir=None) -> pathlib.Path:
+def demo_data_dir(n: int = 2000, seed: int = 0, cache_dir=None, data_version: int = DATA_VERSION) -> pathlib.Path:
     """Return the cached demo dataset's folder, generating it on first use.
 
-    The folder is ``<cache_dir>/demo-n{n}-s{seed}-v{GENERATOR_VERSION}``, with
+    The folder is ``<cache_dir>/demo-n{n}-s{seed}-v{data_version}`` (so data versions never share a
+    folder, and a version 1 folder from before version 2 existed holds the same bytes), with
     ``cache_dir`` defaulting to ``$SMP_CACHE_DIR`` or ``./.smp_cache``; the
     returned path is absolute.  The data are written into a temporary sibling
     and renamed into place, so an interrupted run never leaves a partial
     dataset under the final name.
     """
     root = pathlib.Path(cache_dir or os.environ.get("SMP_CACHE_DIR") or ".smp_cache").absolute()
-    final = root / f"demo-n{n}-s{seed}-v{GENERATOR_VERSION}"
+    cfg = SynthCfg(n=n, seed=seed, data_version=data_version)  # refuses an unknown version before any disk work
+    final = root / f"demo-n{n}-s{seed}-v{data_version}"
     if final.is_dir():
         return final
     root.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
     try:
-        generate(tmp, SynthCfg(n=n, seed=seed))
+        generate(tmp, cfg)
         os.replace(tmp, final)
     except OSError:
         if not final.is_dir():  # a real failure, not a concurrent run finishing first
@@ -618,7 +727,7 @@ def run_synth(cfg: SynthJob = SynthJob()) -> JobResult:
         from smp.tracking import name_launched_run
 
         note = (f"synth: {cfg.synth.n} synthetic SMPD posts (official file layout, JPEGs) written to {out}, "
-                f"seed {cfg.synth.seed}; train on them with `data={out}`.")
+                f"seed {cfg.synth.seed}, data version {cfg.synth.data_version}; train on them with `data={out}`.")
         name_launched_run(f"synth · n{cfg.synth.n} · s{cfg.synth.seed}",
                           {"smp.job": "synth", "smp.synth_out": str(out), "mlflow.note.content": note})
     return JobResult(os.environ.get("MLFLOW_RUN_ID", ""), {"posts": cfg.synth.n})

@@ -1,4 +1,4 @@
-"""Synthetic SMPD generator: layout, formats, determinism, calibration, broken images, cache."""
+"""Synthetic SMPD generator: layout, formats, determinism, calibration, text signal, broken images, cache."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ import re
 
 import cv2
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
 from smp import synth
+from smp.config import ConfigError
 from smp.synth import SynthCfg, demo_data_dir, draw_posts, generate
 
 CFG = SynthCfg(n=48, seed=3, img_min=40, img_max=72)
@@ -209,6 +211,112 @@ def test_blurred_render_is_less_sharp():
     assert lap[0] < lap[1] / 10
 
 
+# -------------------------------------------------- text signal (v2) ----
+# sha256 of the seven tables, then of every image, of SynthCfg(n=300, seed=0, img_min=32, img_max=48) as
+# written by the generator before data version 2 existed: version 1 must keep these bytes.
+V1_TABLES_SHA256 = "94f2d6ea13ed4a1021cf4968b09f9f91211585bfd1abdb9e0427e4bc45207e6c"
+V1_ALL_SHA256 = "5c0069b7d0d888d41b42685bb6b6424f781c45d1ce156ce98ea30ff22de3541c"
+
+
+def test_version_1_reproduces_the_original_generator(tmp_path):
+    root = generate(tmp_path / "v1", SynthCfg(n=300, seed=0, img_min=32, img_max=48, data_version=1))
+    h = hashlib.sha256()
+    for name in ALL_FILES:
+        h.update((root / name).read_bytes())
+    assert h.hexdigest() == V1_TABLES_SHA256
+    for rel in _lines(root, "train_img_filepath.txt"):
+        h.update((root / rel).read_bytes())
+    assert h.hexdigest() == V1_ALL_SHA256
+
+
+def test_version_2_changes_only_which_words_appear(tmp_path):
+    cfg = dict(n=200, seed=4, img_min=32, img_max=48, bad_images=4)
+    v1, v2 = (draw_posts(SynthCfg(**cfg, data_version=v)) for v in (1, 2))
+    assert SynthCfg().data_version == 2
+    assert set(v2.columns) == set(v1.columns) | {"latent_topic"}
+    same = [c for c in v1.columns if c not in ("Title", "Alltags")]
+    pd.testing.assert_frame_equal(v1[same], v2[same])
+    # counts the tabular features read: words and characters of the title, tags
+    for f in (lambda t: t.str.split().str.len(), lambda t: t.str.len()):
+        assert f(v1["Title"]).tolist() == f(v2["Title"]).tolist()
+    assert v2["tag_count"].tolist() == [len(a.split()) for a in v2["Alltags"]]
+    assert all(len(set(a.split())) == len(a.split()) for a in v2["Alltags"])
+    own = [a.split()[:2] for a in v1["Alltags"]]  # concept and subcategory tags stay first
+    assert own == [a.split()[:2] for a in v2["Alltags"]]
+    assert (v1["Title"] != v2["Title"]).mean() > 0.3 and (v1["Alltags"] != v2["Alltags"]).mean() > 0.5
+
+    # the written files: only train_text.json differs, images included
+    a, b = (generate(tmp_path / f"v{v}", SynthCfg(**cfg, data_version=v)) for v in (1, 2))
+    for name in ALL_FILES:
+        assert ((a / name).read_bytes() == (b / name).read_bytes()) == (name != "train_text.json"), name
+    for rel in _lines(a, "train_img_filepath.txt"):
+        assert (a / rel).exists() == (b / rel).exists()
+        if (a / rel).exists():
+            assert _digest(a / rel) == _digest(b / rel)
+
+
+def test_topic_words_name_their_topic_and_keep_lengths():
+    taken = set(synth.GENERIC_TAGS) | set(synth.TITLE_WORDS)
+    for cat, subs in synth.SUBCATEGORIES.items():
+        taken.add(cat.split("&")[0].lower())
+        for sub, (_, _, concepts) in subs.items():
+            taken |= {sub.lower().replace("&", ""), *concepts}
+    words = [w for topic in synth.TOPIC_WORDS for w in topic]
+    assert len(set(words)) == len(words) and not set(words) & taken
+    for topic in synth.TOPIC_WORDS:  # one word per length, so a title word swaps for one of its own length
+        assert sorted(len(w) for w in topic) == list(range(3, 9))
+    assert all(len(w) <= 8 for w in synth.TITLE_WORDS)
+    effect = np.asarray(synth.TOPIC_EFFECT)
+    assert len(effect) == len(synth.TOPIC_WORDS) and (np.diff(effect) > 0).all()
+    np.testing.assert_allclose(effect, -effect[::-1], atol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def text_draws():
+    return {v: draw_posts(SynthCfg(n=4000, seed=21, data_version=v)) for v in (1, 2)}
+
+
+def _noise(posts) -> np.ndarray:
+    score = synth.hidden_score(posts)
+    return posts["label"].to_numpy() - (synth.LABEL_MEAN + score - score.mean())
+
+
+def test_text_effect_carries_the_documented_share(text_draws):
+    v1, v2 = text_draws[1], text_draws[2]
+    assert not synth.text_effect(v1).any()
+    effect = synth.text_effect(v2)
+    share = effect.var() / v2["label"].var()
+    assert abs(share - 0.076) < 0.015  # the module docstring's 0.076 (50,000 posts)
+    # the effect is the topic's mean noise, and what is left has none
+    noise = _noise(v2)
+    means = pd.Series(noise).groupby(v2["latent_topic"].to_numpy()).mean()
+    np.testing.assert_allclose(means.to_numpy(), synth.TOPIC_EFFECT, atol=0.15)
+    assert abs(np.corrcoef(effect, noise - effect)[0, 1]) < 0.05
+
+
+def test_words_predict_the_noise_under_version_2_only(text_draws):
+    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.linear_model import Ridge
+    from sklearn.metrics import r2_score
+
+    r2 = {}
+    for v, posts in text_draws.items():
+        words = CountVectorizer(binary=True).fit_transform(posts["Title"] + " " + posts["Alltags"])
+        noise, half = _noise(posts), len(posts) // 2
+        model = Ridge(alpha=10.0).fit(words[:half], noise[:half])
+        r2[v] = r2_score(noise[half:], model.predict(words[half:]))
+    assert r2[1] < 0.02 and r2[2] > 0.2, r2
+
+
+def test_bad_data_version_is_refused(tmp_path):
+    for bad in (0, 3):
+        with pytest.raises(ConfigError, match="data_version"):
+            SynthCfg(data_version=bad)
+        with pytest.raises(ConfigError, match="data_version"):
+            demo_data_dir(n=8, cache_dir=tmp_path / "c", data_version=bad)
+    assert not (tmp_path / "c").exists()
+
+
 # ------------------------------------------------------- broken images ----
 def test_bad_images_cover_the_four_kinds(tmp_path):
     cfg = SynthCfg(n=12, seed=5, img_min=32, img_max=48, bad_images=4)
@@ -249,7 +357,7 @@ def test_bad_cfg_is_refused():
 # ---------------------------------------------------------- demo cache ----
 def test_demo_data_dir_generates_once_then_reuses(tmp_path, monkeypatch):
     path = demo_data_dir(n=16, seed=2, cache_dir=tmp_path / "c")
-    assert path == tmp_path / "c" / f"demo-n16-s2-v{synth.GENERATOR_VERSION}"
+    assert path == tmp_path / "c" / f"demo-n16-s2-v{synth.DATA_VERSION}"
     assert len(_lines(path, "train_label.txt")) == 16
     assert [p.name for p in (tmp_path / "c").iterdir()] == [path.name]  # no temp dir left
     mtime = (path / "train_label.txt").stat().st_mtime_ns
@@ -257,6 +365,14 @@ def test_demo_data_dir_generates_once_then_reuses(tmp_path, monkeypatch):
     monkeypatch.setattr(synth, "generate", lambda *a, **k: pytest.fail("regenerated"))
     assert demo_data_dir(n=16, seed=2, cache_dir=tmp_path / "c") == path
     assert (path / "train_label.txt").stat().st_mtime_ns == mtime
+
+
+def test_demo_data_dir_keys_on_the_data_version(tmp_path):
+    v1 = demo_data_dir(n=16, seed=2, cache_dir=tmp_path, data_version=1)
+    v2 = demo_data_dir(n=16, seed=2, cache_dir=tmp_path)
+    assert (v1.name, v2.name) == ("demo-n16-s2-v1", "demo-n16-s2-v2")
+    assert (v1 / "train_label.txt").read_bytes() == (v2 / "train_label.txt").read_bytes()
+    assert (v1 / "train_text.json").read_bytes() != (v2 / "train_text.json").read_bytes()
 
 
 def test_demo_data_dir_cache_location(tmp_path, monkeypatch):
