@@ -1,8 +1,9 @@
 """Stage 6: a fitted model packaged as an MLflow pyfunc (``smp.serving.PopularityModel``), with its schemas,
 input example, description, requirements and the package's code.
 
-Every logged model has an input schema naming the raw post fields it reads (the SMPD fields plus
-``image_b64`` / ``image_path``, all optional but ``Pid``) with MLflow's ``AnyType`` for each, and an output
+Every logged model has an input schema naming the raw post fields it reads (the SMPD fields its feature
+groups read -- ``Uid`` for ``user``, ``Title`` and ``Alltags`` for ``text`` -- plus ``image_b64`` /
+``image_path``, all optional but ``Pid``) with MLflow's ``AnyType`` for each, and an output
 schema (``popularity`` double, ``status`` string). Why ``AnyType``: a frame a user builds the natural way
 (``pd.read_csv`` / ``pd.read_json`` of the real posts or the official SMPD JSON) holds ``Pid`` and the dates
 and counts as int64, the same numbers as float64 once one is missing, and text columns as float64 when a
@@ -54,13 +55,29 @@ def example_input(posts: pd.DataFrame, fields, n: int = 3, images: bool = False)
     return example
 
 
-def input_columns(example: pd.DataFrame) -> list[str]:
-    """The raw-rows columns a model reads: the example's plus ``image_b64`` / ``image_path``.
+def group_fields(model) -> list[str]:
+    """The raw fields read by the feature groups ``model`` uses beyond ``tabular`` (``groups_in_use``): ``Uid``
+    and ``Postdate`` for ``user``, ``Title`` and ``Alltags`` for ``text``, ``Postdate`` for ``time``.
 
-    Every family accepts the image columns, so a client sends the same request
-    whichever model is champion (a tabular model checks the image and ignores it).
+    The tabular fields are the example's, as ever: the featurizer names a field it would read (``tag_count``)
+    where the training posts held another source (``Alltags``), and a tabular model's schema stays as it was."""
+    groups = getattr(model, "groups_in_use", None)
+    return [] if groups is None else [f for g in groups.groups_ if g.name != "tabular" for f in g.fields]
+
+
+def input_columns(example: pd.DataFrame, fields=()) -> list[str]:
+    """The raw-rows columns a model reads: the example's, then each of ``fields`` (``group_fields``) the
+    example lacks, then ``image_b64`` / ``image_path``.
+
+    A field left out would be dropped by MLflow's schema step before the model sees it, so a field missing
+    from the example's posts is listed all the same. Every family accepts the image columns, so a client
+    sends the same request whichever model is champion (a tabular model checks the image and ignores it).
     """
-    return list(example.columns) + [c for c in IMAGE_INPUTS if c not in example.columns]
+    columns = list(example.columns)
+    for c in [*fields, *IMAGE_INPUTS]:
+        if c not in columns:
+            columns.append(c)
+    return columns
 
 
 def input_schema(columns: list[str]):
@@ -124,7 +141,7 @@ def log_model(model, posts_example: pd.DataFrame, name: str = "model", summary: 
     checked = coerce_request(example)
     np.asarray(model.predict(with_image_features(model, checked)[0]), dtype=float)  # it must predict before logging
     family = getattr(model, "family", "")
-    columns = input_columns(example)
+    columns = input_columns(example, group_fields(model))
     signature = ModelSignature(inputs=input_schema(columns), outputs=output_schema())
     note = model_note(family, description, columns, summary)
     with tempfile.TemporaryDirectory() as tmp:
@@ -154,7 +171,8 @@ def model_note(family: str, description: str, columns: list[str], summary: str =
     return (f"{family}: {what}. {summary + ' ' if summary else ''}"
             f"Input: one row per raw post, any subset of these columns ({input_text(columns)}); numbers may "
             "be int or float, missing values NaN/null, other columns are ignored. Output: popularity (the SMPD label scale) "
-            "and status (ok, or partial: what was treated as missing).")
+            "and status (ok, or partial: what was treated as missing, an unseen user scored with the prior, "
+            "text truncated).")
 
 
 CODE_ARCHIVE = "smp.zip"

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from smp import image_requests
-from smp.serving import predict_table, status_text
+from smp.serving import TEXT_TRUNCATED, UNSEEN_USER, predict_table, status_text
 
 MAX_ROW_FAILURES = 1000  # past this many refused posts, stop hunting for them one by one
 
@@ -85,6 +85,23 @@ def with_notes(status: str, notes) -> str:
 def note_field(note: str) -> str:
     """The field a ``load_data`` row note is about (``tag_count=-3 out of range ...``, ``unparseable x='a'; ...``)."""
     return note.removeprefix("unparseable ").split("=", 1)[0]
+
+
+GROUP_NOTES = {"unseen_user_rows": UNSEEN_USER, "text_truncated_rows": TEXT_TRUNCATED}  # smp.serving.group_notes
+
+
+def note_counts(status) -> dict[str, int]:
+    """How many posts carry each feature-group note (``unseen_user_rows``: scored with the user prior,
+    ``text_truncated_rows``: text cut to the encoder's bounds), for a predictions summary beside
+    ``partial_rows``, which counts them among the rest."""
+    counts = dict.fromkeys(GROUP_NOTES, 0)
+    for s in status:
+        s = str(s)
+        if s.startswith("partial: "):
+            notes = set(s[len("partial: "):].split("; "))
+            for key, note in GROUP_NOTES.items():
+                counts[key] += note in notes
+    return counts
 
 
 def with_image_features(model, rows: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, list[str]]]:

@@ -11,13 +11,20 @@ writes them:
   missing`` (a number outside ``smp.data.FIELD_RANGES`` or +-inf; NaN is a
   missing value like null and is not noted), ``image unusable (<reason>);
   scored without image features`` and ``no image given; scored without image
-  features`` (image models only).
+  features`` (image models only); for a model with feature groups (``smp.groups``, its
+  ``groups_in_use``): ``unseen user`` (the ``user`` group: no training post of this ``Uid``, or no ``Uid``
+  -- missing, null, NaN, empty --: scored with the user prior) and ``text truncated`` (the ``text`` group:
+  the title or the tags were cut to the encoder's bounds, ``smp.groups.MAX_TITLE_CHARS``, ``MAX_TAG_CHARS``,
+  ``MAX_TAGS``; NUL bytes are dropped unnoted). A model without the group never says either
+  (``group_notes``).
 
 What is per post and what refuses the whole request (HTTP 400, the message
 names the problem; ``coerce_request`` raises ``RequestError``, the pyfunc
 ``RequestRejected``):
 
-* per post (``partial``): an out-of-range or infinite number; for an image
+* per post (``partial``): an out-of-range or infinite number; an unknown or
+  missing ``Uid``, a title or tags over the text bounds (models with those
+  groups: a 1 MB title or 100,000 tags are scored, cut); for an image
   model, an image that cannot be used, the same reason whether it came as
   ``image_b64`` or ``image_path``: a missing file, a directory or other
   non-regular file, zero bytes, over ``MAX_IMAGE_BYTES``, more than
@@ -33,9 +40,10 @@ names the problem; ``coerce_request`` raises ``RequestError``, the pyfunc
   duplicate ``Pid`` (``smp.data.load_data``'s rule and wording: each post is
   scored once), a number column holding text or lists, a value of the wrong
   JSON shape (``column 'Title': expected text, got a list (Pid '7')``: a list
-  or an object in a text field -- ``TEXT_FIELDS`` -- or in ``Pid``; an
-  ``image_path`` that is not text; a number or a bool in a text field or
-  ``Pid`` is read as its text, as a natural frame holds one), an
+  or an object in a text field -- ``TEXT_FIELDS`` --, in ``Pid`` or in ``Uid``;
+  an ``image_path`` that is not text; a number or a bool in a text field,
+  ``Pid`` or ``Uid`` is read as its text, as a natural frame holds one: ``12``,
+  ``12.0`` and ``"12"`` are one post, one user, ``uid_text``), an
   ``image_b64`` that is not a string or not base64 (the request is garbled,
   not the image), an ``image_path`` in a server without
   ``SMP_SERVE_IMAGE_ROOT`` or outside it, a request over the size limit.
@@ -101,6 +109,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
+from smp.groups import MAX_TAG_CHARS, MAX_TAGS, MAX_TITLE_CHARS, _text, user_ids
 from smp.image_requests import (IMAGE_INPUTS, IMAGE_ROOT_ENV, ImageColumnError, confined_paths, decoded_b64,
                                 scrub_paths, with_image_features)
 
@@ -167,12 +176,14 @@ class PopularityModel(mlflow.pyfunc.PythonModel):
             raise PredictionFailed(f"the request could not be read: {type(exc).__name__}: {exc}") from exc
         try:
             frame, image_notes = with_image_features(self.model, frame)
+            groups_noted = group_notes(self.model, frame)
             pred = np.asarray(self.model.predict(frame), dtype=float).reshape(-1)
         except Exception as exc:
             log.exception("prediction failed on a well-formed request of %d rows", len(frame))
             raise PredictionFailed(f"prediction failed: {type(exc).__name__}: {exc}") from exc
         field_notes = frame.attrs.get("row_notes") or {}
-        status = [status_text([*field_notes.get(pid, ()), *image_notes.get(pid, ())]) for pid in frame["Pid"]]
+        status = [status_text([*field_notes.get(pid, ()), *groups_noted.get(pid, ()), *image_notes.get(pid, ())])
+                  for pid in frame["Pid"]]
         return pd.DataFrame({"popularity": pred, "status": pd.Series(status, dtype=object)})
 
 
@@ -215,6 +226,9 @@ def coerce_request(model_input, required=("Pid",)) -> pd.DataFrame:
             _check_unique_pids(frame, "request")
         except DataError as exc:
             raise RequestError(f"{exc}; each post is scored once, send every Pid once") from None
+    if "Uid" in frame.columns:
+        _check_shape(frame, "Uid", "a user id (text or a number)", _scalar)
+        frame["Uid"] = uid_text(frame["Uid"])
     notes: dict[str, list[str]] = {}
     for col in NUMERIC_FIELDS:
         if col not in frame.columns:
@@ -246,8 +260,13 @@ def coerce_request(model_input, required=("Pid",)) -> pd.DataFrame:
 # ``smp.packaging``; the schema itself types every column as MLflow's AnyType)
 FIELD_KINDS = {"Pid": "post id (required; number or text)", "Category": "text", "Subcategory": "text",
                "Concept": "text", "ispro": "number (0/1)", "Postdate": "number (Unix seconds)",
-               "photo_count": "number", "tag_count": "number", "Alltags": "text (space-separated tags)",
-               "Title": "text", "Latitude": "number", "Longitude": "number",
+               "photo_count": "number", "tag_count": "number",
+               "Alltags": f"text (space-separated tags; a text model reads the first {MAX_TAG_CHARS:,} characters "
+                          f"and {MAX_TAGS} tags)",
+               "Title": f"text (a text model reads the first {MAX_TITLE_CHARS:,} characters)",
+               "Uid": "user id (text or a number: 12, 12.0 and \"12\" are one user; missing or empty: an unseen "
+                      "user, scored with the training posts' prior)",
+               "Latitude": "number", "Longitude": "number",
                "photo_firstdate": "number (Unix seconds)", "timezone_offset": "number (hours, or text like +08:00)",
                "image_b64": "text (base64 of the image file)", "image_path": "text (a path the scorer can read)"}
 
@@ -265,6 +284,53 @@ def pid_text(pids: pd.Series) -> pd.Series:
     if pd.api.types.is_bool_dtype(pids):
         return pids.astype(str)
     return pids.astype(str)
+
+
+def uid_text(uids: pd.Series) -> pd.Series:
+    """User ids as text, None where missing (``smp.groups.user_ids``: ``12``, ``12.0`` and ``"12"`` are one
+    user; null, NaN, ``""`` and blank are no user)."""
+    if uids.dtype == object:  # a numpy float32 in an object column is not a float: make it one
+        uids = uids.map(lambda v: float(v) if isinstance(v, np.floating) else v)
+    return pd.Series(user_ids(pd.DataFrame({"Uid": uids})), index=uids.index, dtype=object)
+
+
+# --------------------------------------------------------------------------- notes of the feature groups
+UNSEEN_USER = "unseen user"  # the user group scored the post with its prior (no history for its Uid)
+TEXT_TRUNCATED = "text truncated"  # the text group cut the post's title or tags to its bounds
+
+
+def text_truncated(posts: pd.DataFrame) -> np.ndarray:
+    """True for each post whose title or tags the ``text`` group cuts to its bounds (``smp.groups.HashedText``'s
+    own rule: over ``MAX_TITLE_CHARS`` of title, over ``MAX_TAG_CHARS`` of tags, or over ``MAX_TAGS`` tags)."""
+    n = len(posts)
+    titles = posts["Title"].to_numpy(dtype=object) if "Title" in posts.columns else np.full(n, None)
+    tags = posts["Alltags"].to_numpy(dtype=object) if "Alltags" in posts.columns else np.full(n, None)
+    out = np.zeros(n, dtype=bool)
+    for i, (t, a) in enumerate(zip(titles, tags)):
+        alltags, tags_cut = _text(a, MAX_TAG_CHARS)
+        out[i] = _text(t, MAX_TITLE_CHARS)[1] or tags_cut or len(alltags.split()) > MAX_TAGS
+    return out
+
+
+def group_notes(model, frame: pd.DataFrame) -> dict[str, list[str]]:
+    """Pid -> the notes of the feature groups ``model`` uses (``groups_in_use``): ``UNSEEN_USER`` where its
+    ``user`` group scores the post with the prior, ``TEXT_TRUNCATED`` where its ``text`` group cuts the post's
+    text. Nothing for a model without groups, or without the group a note is about."""
+    groups = getattr(model, "groups_in_use", None)
+    if groups is None:
+        return {}
+    flags = []
+    user, text = groups.group("user"), groups.group("text")
+    if user is not None:
+        flags.append((UNSEEN_USER, user.unseen(frame)))
+    if text is not None:
+        cut = getattr(text, "truncated", None)  # the group's own per-post rule, where it has one
+        flags.append((TEXT_TRUNCATED, cut(frame) if cut is not None else text_truncated(frame)))
+    notes: dict[str, list[str]] = {}
+    for note, flag in flags:
+        for i in np.flatnonzero(flag):
+            notes.setdefault(_row_key(frame, i), []).append(note)
+    return notes
 
 
 def _row_key(frame: pd.DataFrame, i: int) -> str:
