@@ -5,6 +5,7 @@ module defines beside its run function, and the model families from ``smp.famili
 
 from __future__ import annotations
 
+from smp.ablation import ABLATION
 from smp.engines import EMBED
 from smp.families import FAMILIES
 from smp.jobs import Job, table
@@ -14,4 +15,4 @@ from smp.report import COMPARE
 from smp.synth import SYNTH
 from smp.tune import TUNE
 
-JOBS: dict[str, Job] = table(SYNTH, EMBED, *FAMILIES.values(), COMPARE, TUNE, PROMOTE, PREDICT)
+JOBS: dict[str, Job] = table(SYNTH, EMBED, *FAMILIES.values(), COMPARE, ABLATION, TUNE, PROMOTE, PREDICT)

@@ -192,6 +192,6 @@ def test_the_catalog_lists_every_entry_point_once_with_its_run_function():
     from smp.catalog import JOBS
     from smp.families import FAMILIES
 
-    assert list(JOBS) == ["synth", "embed", *FAMILIES, "compare", "tune", "promote", "predict"]
+    assert list(JOBS) == ["synth", "embed", *FAMILIES, "compare", "ablation", "tune", "promote", "predict"]
     for name, job in JOBS.items():
         assert job.name == name and job.run.__name__ == f"run_{name}" and job.help
