@@ -41,9 +41,10 @@ Groups (``GROUPS``):
 * ``text``: the title and the tags (``HashedText``): hashed word uni- and bigrams of the title and the tags
   (tags as tokens of their own), reduced by a truncated SVD fitted on the training posts
   (``text_0`` .. ``text_{k-1}``); no weights needed. Inputs are bounded before encoding (``MAX_TITLE_CHARS``,
-  ``MAX_TAGS``, ``MAX_TAG_CHARS``; NUL bytes dropped), counted in ``facts_`` at fit. The CLIP text tower is
-  the planned second encoder: ``TEXT_ENCODERS`` is where it plugs in (``text_encoder`` names it; only
-  ``hashing`` exists today).
+  ``MAX_TAGS``, ``MAX_TAG_CHARS``: ``smp.post_text``; NUL bytes dropped), counted in ``facts_`` at fit.
+  ``text_encoder=clip``: the text tower of the images' CLIP model instead (``smp.text_clip.ClipText``: the
+  same bounds, then CLIP's 77-token context; embeddings cached by text; PCA to ``text_dim``); which encoder
+  and weights were used is a run param (``text_encoder``, ``features/text_encoder``).
 
 * ``image``: the CLIP + handcrafted image block of the embed run, as the image families have always read it;
   not fitted here (the models add the block; ``FeaturesCfg.table`` lists the others). The ``benchmark`` reads
@@ -69,12 +70,16 @@ import pandas as pd
 from smp.config import ConfigError, at_least, check, one_of
 from smp.data import DataError
 from smp.features import RAW_FIELDS, TabularCfg, TabularFeaturizer, date_parts
+from smp.image_features import PAPER_CLIP_MODEL, PAPER_CLIP_PRETRAINED
+from smp.post_text import MAX_TAG_CHARS, MAX_TAGS, MAX_TITLE_CHARS, cut_by_bounds
+from smp.post_text import bounded_text as _text
+from smp.post_text import refuse_missing as _refuse_missing
 
 GROUPS = ("tabular", "time", "user", "text", "image")
 TABLE_GROUPS = GROUPS[:-1]  # the groups fitted here (``GroupSet``); ``image`` is the embed run's block
 DEFAULT_FEATURES = "tabular"  # the benchmark's; the image families default to "tabular,image" (the paper's)
 USER_FOLDS = 5
-TEXT_ENCODERS = ("hashing",)  # the CLIP text tower ("clip") is the planned second: see HashedText
+TEXT_ENCODERS = ("hashing", "clip")  # hashed n-grams + SVD (no weights); the images' CLIP text tower (smp.text_clip)
 # Raw fields in the order a model lists them (``input_fields_``): the tabular ones, then the user id.
 FIELD_ORDER = (*RAW_FIELDS, "Uid")
 
@@ -95,8 +100,13 @@ def parse_features(text: str) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class FeaturesCfg:
     features: str = DEFAULT_FEATURES  # comma list of feature groups: tabular, time, user, text, image (smp.groups)
-    text_encoder: str = "hashing"     # the text group's encoder: hashing = hashed n-grams + SVD (no weights)
-    text_dim: int = 32                # the text group's SVD components
+    text_encoder: str = "hashing"     # the text group's encoder: hashing = hashed n-grams + SVD (no weights);
+    #                                   clip = the text tower of the images' CLIP model (clip_model, below)
+    text_dim: int = 32                # the text group's components (SVD / PCA)
+    # the CLIP model the clip text encoder uses: one parameter with the image side's (same leaf names)
+    clip_model: str = PAPER_CLIP_MODEL
+    clip_pretrained: str = PAPER_CLIP_PRETRAINED
+    checkpoint: str = ""
 
     def __post_init__(self) -> None:
         parse_features(self.features)
@@ -119,27 +129,6 @@ class FeaturesCfg:
     def without_image(self) -> "FeaturesCfg":
         """These settings with ``image`` left out (what a stacked benchmark reads)."""
         return replace(self, features=",".join(self.table))
-
-
-def _present(posts: pd.DataFrame, col: str) -> bool:
-    """Whether ``col`` holds a value on at least one post (not absent, not all NaN / empty text)."""
-    if col not in posts.columns:
-        return False
-    values = posts[col]
-    if values.dtype == object or pd.api.types.is_string_dtype(values):
-        return bool((values.notna() & (values.astype(str).str.strip() != "")).any())
-    return bool(values.notna().any())
-
-
-def _refuse_missing(group: str, posts: pd.DataFrame, required: tuple[str, ...], any_of: bool = False) -> None:
-    found = [c for c in required if _present(posts, c)]
-    if (any_of and found) or (not any_of and len(found) == len(required)):
-        return
-    missing = [c for c in required if c not in found]
-    source = posts.attrs.get("source", "the data")
-    need = (" or ".join(required)) if any_of else ", ".join(missing)
-    raise DataError(f"features: group {group!r} reads {need}, which {source} lacks (missing or empty: "
-                    f"{', '.join(missing)}); leave {group!r} out of features")
 
 
 def _num(posts: pd.DataFrame, col: str) -> np.ndarray:
@@ -356,20 +345,7 @@ class UserHistory:
 
 
 # --------------------------------------------------------------------------- text
-MAX_TITLE_CHARS = 2_000   # characters of a title encoded (the rest is cut, counted)
-MAX_TAGS = 200            # tags of a post encoded
-MAX_TAG_CHARS = 4_000     # characters of Alltags read before splitting it into tags
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
-
-
-def _text(value, limit: int) -> tuple[str, bool]:
-    """A text cell as bounded text: ``""`` where missing, NUL bytes dropped, at most ``limit`` characters;
-    (text, whether it was cut)."""
-    if value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value)):
-        return "", False
-    text = value if isinstance(value, str) else str(value)
-    cut = len(text) > limit
-    return text[:limit].replace("\x00", " "), cut
 
 
 def text_tokens(title: str, tags: str) -> list[str]:
@@ -384,10 +360,7 @@ class HashedText:
     """The ``hashing`` text encoder: hashed title n-grams and tags (``HashingVectorizer``, 2**18 buckets)
     -> ``TruncatedSVD`` fitted on the training posts (``dim`` components).
 
-    Extension point: a CLIP text tower would be another class with the same ``fit_transform`` /
-    ``transform`` / ``feature_names_`` / ``fields`` (an entry of ``TEXT_ENCODERS``), encoding ``Title`` and
-    ``Alltags`` with the image model's open_clip text tower, cached by content hash like the image
-    features; it is not built yet.
+    The other encoder, ``clip`` (``smp.text_clip.ClipText``), has the same interface.
     """
 
     name = "text"
@@ -438,6 +411,10 @@ class HashedText:
         Z[empty] = np.nan  # no title and no tags: missing, not a zero vector
         return Z
 
+    def truncated(self, posts) -> np.ndarray:
+        """True for each post whose title or tags the bounds cut (a served post's ``partial: text truncated``)."""
+        return cut_by_bounds(posts)
+
     def transform(self, posts) -> np.ndarray:
         docs, empty, cut = self._docs(posts)
         self.last_truncated_ = cut
@@ -472,6 +449,10 @@ class GroupSet:
             return TimeGroup(self.tabular)
         if name == "user":
             return UserHistory()
+        if self.cfg.text_encoder == "clip":
+            from smp.text_clip import ClipText  # torch and open_clip: only for a model that reads text by CLIP
+
+            return ClipText(self.cfg.text_dim, self.cfg.clip_model, self.cfg.clip_pretrained, self.cfg.checkpoint)
         return HashedText(self.cfg.text_dim)
 
     def check(self, posts: pd.DataFrame) -> None:

@@ -44,7 +44,7 @@ import pandas as pd
 from smp.config import at_least, check, flatten, one_of
 from smp.data import DataError, load_data
 from smp.jobs import Job
-from smp.scoring import model_lineage, note_field, predict_rows, with_image_features, with_notes
+from smp.scoring import model_lineage, note_counts, note_field, predict_rows, with_image_features, with_notes
 from smp.serving import model_input
 from smp.tracking import JobResult, describe_run, job_run, log_params
 
@@ -101,7 +101,8 @@ def run_predict(cfg: PredictJob = PredictJob()) -> JobResult:
         mlflow.log_artifact(cfg.output)
         kinds = out["status"].astype(str).str.split(":").str[0]
         counts = {"rows": len(out), "scored_rows": int(out["popularity"].notna().sum()),
-                  "error_rows": int((kinds == "error").sum()), "partial_rows": int((kinds == "partial").sum())}
+                  "error_rows": int((kinds == "error").sum()), "partial_rows": int((kinds == "partial").sum()),
+                  **note_counts(out["status"])}  # of the partial rows: unseen users, text cut
         timings = {"load_s": load_seconds, "predict_s": seconds,
                    "rows_per_s": len(out) / seconds if seconds > 0 else float("nan")}
         log_params({f"data/{k}": v for k, v in counts.items()})

@@ -109,7 +109,8 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
-from smp.groups import MAX_TAG_CHARS, MAX_TAGS, MAX_TITLE_CHARS, _text, user_ids
+from smp.groups import user_ids
+from smp.post_text import MAX_TAG_CHARS, MAX_TAGS, MAX_TITLE_CHARS, cut_by_bounds
 from smp.image_requests import (IMAGE_INPUTS, IMAGE_ROOT_ENV, ImageColumnError, confined_paths, decoded_b64,
                                 scrub_paths, with_image_features)
 
@@ -299,19 +300,6 @@ UNSEEN_USER = "unseen user"  # the user group scored the post with its prior (no
 TEXT_TRUNCATED = "text truncated"  # the text group cut the post's title or tags to its bounds
 
 
-def text_truncated(posts: pd.DataFrame) -> np.ndarray:
-    """True for each post whose title or tags the ``text`` group cuts to its bounds (``smp.groups.HashedText``'s
-    own rule: over ``MAX_TITLE_CHARS`` of title, over ``MAX_TAG_CHARS`` of tags, or over ``MAX_TAGS`` tags)."""
-    n = len(posts)
-    titles = posts["Title"].to_numpy(dtype=object) if "Title" in posts.columns else np.full(n, None)
-    tags = posts["Alltags"].to_numpy(dtype=object) if "Alltags" in posts.columns else np.full(n, None)
-    out = np.zeros(n, dtype=bool)
-    for i, (t, a) in enumerate(zip(titles, tags)):
-        alltags, tags_cut = _text(a, MAX_TAG_CHARS)
-        out[i] = _text(t, MAX_TITLE_CHARS)[1] or tags_cut or len(alltags.split()) > MAX_TAGS
-    return out
-
-
 def group_notes(model, frame: pd.DataFrame) -> dict[str, list[str]]:
     """Pid -> the notes of the feature groups ``model`` uses (``groups_in_use``): ``UNSEEN_USER`` where its
     ``user`` group scores the post with the prior, ``TEXT_TRUNCATED`` where its ``text`` group cuts the post's
@@ -324,8 +312,8 @@ def group_notes(model, frame: pd.DataFrame) -> dict[str, list[str]]:
     if user is not None:
         flags.append((UNSEEN_USER, user.unseen(frame)))
     if text is not None:
-        cut = getattr(text, "truncated", None)  # the group's own per-post rule, where it has one
-        flags.append((TEXT_TRUNCATED, cut(frame) if cut is not None else text_truncated(frame)))
+        cut = getattr(text, "truncated", None)  # the encoder's own per-post rule (models pickled before: the bounds)
+        flags.append((TEXT_TRUNCATED, cut(frame) if cut is not None else cut_by_bounds(frame)))
     notes: dict[str, list[str]] = {}
     for note, flag in flags:
         for i in np.flatnonzero(flag):

@@ -41,7 +41,9 @@ import torch
 from smp.clip import ClipCfg, load_clip, model_config, model_spec
 from smp.data import DataError
 from smp.feature_cache import features_root
-from smp.groups import MAX_TAG_CHARS, MAX_TAGS, MAX_TITLE_CHARS, _refuse_missing, _text
+from smp.post_text import MAX_TAG_CHARS, MAX_TAGS, MAX_TITLE_CHARS
+from smp.post_text import bounded_text as _text
+from smp.post_text import refuse_missing as _refuse_missing
 from smp.image_features import PAPER_CLIP_MODEL, PAPER_CLIP_PRETRAINED
 
 log = logging.getLogger("smp.text_clip")
@@ -339,6 +341,12 @@ class ClipText:
         if (~empty).any():
             Z[~empty] = self.pca_.transform(self._normalized(E[~empty]))
         return Z  # no title and no tags: missing, not a zero vector
+
+    def truncated(self, posts) -> np.ndarray:
+        """True for each post whose text the bounds or the tokenizer's context cut (a served post's ``partial:
+        text truncated``; the texts just encoded come from the cache)."""
+        texts, cut = post_texts(posts)
+        return cut | self._embed(texts)[1]
 
     def transform(self, posts) -> np.ndarray:
         texts, cut = post_texts(posts)

@@ -18,7 +18,7 @@ STAGES = {
     "__init__": 0, "config": 0, "jobs": 0, "tracking": 0,
     "synth": 1, "data": 1,
     "splits": 2,
-    "features": 3, "groups": 3, "image_features": 3, "clip": 3, "feature_cache": 3, "embed": 3, "image_requests": 3,
+    "features": 3, "post_text": 3, "text_clip": 3, "groups": 3, "image_features": 3, "clip": 3, "feature_cache": 3, "embed": 3, "image_requests": 3,
     "boosters": 4, "models": 4, "nets": 4, "spaces": 4,
     "serving": 5, "evaluate": 5, "plots": 5,
     "packaging": 6, "fit": 6,

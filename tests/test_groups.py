@@ -57,7 +57,25 @@ def test_features_setting_parses_and_refuses_unknown_groups():
     with pytest.raises(ConfigError, match="at least one"):
         FeaturesCfg(" , ")
     with pytest.raises(ConfigError, match="text_encoder"):
-        FeaturesCfg(text_encoder="clip")  # the CLIP text tower is not built yet: refused, not faked
+        FeaturesCfg(text_encoder="bert")
+    assert FeaturesCfg("text", text_encoder="clip").text_encoder == "clip"
+
+
+def test_text_encoder_clip_reads_text_with_the_images_clip_model(tiny_clip):
+    """``text_encoder=clip``: the text group is the images' CLIP text tower (``smp.text_clip``), its identity a
+    run fact; the benchmark fits and predicts with it."""
+    posts = draw_posts(SynthCfg(n=300, seed=1))
+    parts = split_indices(posts, SplitCfg(split="random", seed=0))
+    cfg = FeaturesCfg("tabular,text", text_encoder="clip", text_dim=8, **tiny_clip)
+    rows = {k: posts.iloc[v].reset_index(drop=True) for k, v in parts.items()}
+    y = posts["label"].to_numpy(dtype=float)
+    model = BenchmarkModel(FAST, seed=0, features=cfg).fit(Part(rows["train"], y[parts["train"]]),
+                                                           Part(rows["val"], y[parts["val"]]))
+    text = model.groups_in_use.group("text")
+    assert type(text).__name__ == "ClipText" and text.clip_model == tiny_clip["clip_model"]
+    assert model.facts_["features/text_encoder"].startswith("clip:")
+    assert [n for n in model.feature_names_ if n.startswith("text_")] == [f"text_{i}" for i in range(8)]
+    assert np.isfinite(model.predict(rows["test"])).all()
 
 
 def test_default_features_give_todays_benchmark_bit_for_bit():

@@ -17,7 +17,7 @@ from smp.groups import MAX_TAG_CHARS, MAX_TAGS, MAX_TITLE_CHARS, FeaturesCfg, Ha
 from smp.models import BenchmarkModel, Part
 from smp.packaging import input_columns
 from smp.scoring import note_counts
-from smp.serving import (PopularityModel, RequestError, coerce_request, group_notes, text_truncated,
+from smp.serving import (PopularityModel, RequestError, coerce_request, group_notes,
                          uid_text)
 from smp.synth import SynthCfg, draw_posts
 
@@ -43,7 +43,7 @@ def test_uid_as_int_str_or_float_is_one_user_and_blank_is_none():
         coerce_request(pd.DataFrame({"Pid": ["1", "2"], "Uid": ["12", ["12"]]}))
 
 
-def test_text_truncated_flags_each_post_the_text_group_cuts():
+def test_the_text_group_flags_each_post_it_cuts():
     """Per post, the rule ``HashedText`` counts by (``last_truncated_``): title over ``MAX_TITLE_CHARS``, tags
     over ``MAX_TAG_CHARS`` characters or ``MAX_TAGS`` tags; NUL bytes alone and missing text are not cut."""
     posts = pd.DataFrame({
@@ -51,11 +51,11 @@ def test_text_truncated_flags_each_post_the_text_group_cuts():
                   np.nan, 12345, ""],
         "Alltags": ["a b", None, "t " * MAX_TAGS, "t " * (MAX_TAGS + 1), "a", "y" * (MAX_TAG_CHARS + 1), HUGE_TAGS,
                     np.nan, ""]})
-    cut = text_truncated(posts)
-    assert cut.tolist() == [False, True, False, True, True, True, True, False, False]
     train = draw_posts(SynthCfg(n=60, seed=0))
     text = HashedText(dim=4)
     text.fit_transform(train, train["label"].to_numpy())
+    cut = text.truncated(posts)
+    assert cut.tolist() == [False, True, False, True, True, True, True, False, False]
     text.transform(posts)
     assert text.last_truncated_ == int(cut.sum())  # the same rule as the encoder's own count
 
