@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 
-def run_seed(model: str, groups: str, data: Path, seed: int) -> list[dict]:
+def run_seed(model: str, groups: str, data: Path, seed: int, inputs: dict | None = None) -> list[dict]:
     """One ablation at split/model seed ``seed``: its table's rows (label, groups, run, metrics, changes)."""
     import mlflow
     import pandas as pd
@@ -30,7 +30,7 @@ def run_seed(model: str, groups: str, data: Path, seed: int) -> list[dict]:
     from smp.ablation import AblationJob, run_ablation
     from smp.config import apply
 
-    cfg = apply(AblationJob(), {"model": model, "groups": groups, "data": str(data), "seed": seed,
+    cfg = apply(AblationJob(), {**(inputs or {}), "model": model, "groups": groups, "data": str(data), "seed": seed,
                                 "experiment": "ablation"})
     result = run_ablation(cfg)
     with tempfile.TemporaryDirectory() as tmp:
@@ -67,6 +67,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="split/model seeds")
     parser.add_argument("--n", type=int, default=2000, help="posts in the demo data set")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the demo data set (fixed over --seeds)")
+    parser.add_argument("--clip-pretrained", default="none",
+                        help="CLIP weights of the image group (none = random weights: this machine is offline)")
+    parser.add_argument("--text-encoder", default="hashing", help="the text group's encoder: hashing or clip")
     parser.add_argument("--out", default="", help="also append the per-seed rows here (JSON lines)")
     args = parser.parse_args()
     store = tempfile.mkdtemp(prefix="smp-ablation-")
@@ -78,7 +81,8 @@ def main() -> None:
     t0, rows = time.perf_counter(), []
     for seed in args.seeds:
         t = time.perf_counter()
-        found = run_seed(args.model, args.groups, data, seed)
+        found = run_seed(args.model, args.groups, data, seed,
+                         {"clip_pretrained": args.clip_pretrained, "text_encoder": args.text_encoder})
         rows += found
         print(f"seed {seed}: {len({r['run_id'] for r in found})} model runs in {time.perf_counter() - t:.0f} s",
               flush=True)

@@ -36,9 +36,10 @@ import numpy as np
 import pandas as pd
 
 from smp import groups as feature_groups
-from smp.config import ConfigError, check, flatten, one_of, sig
+from smp.config import ConfigError, apply, check, flatten, one_of, sig
 from smp.data import DataCfg
 from smp.families import FAMILIES, family
+from smp.image_features import PAPER_CLIP_MODEL, PAPER_CLIP_PRETRAINED
 from smp.jobs import Family, Job
 from smp.splits import SplitCfg, prepare
 from smp.tracking import JobResult, Parent, data_label, describe_run, job_run, log_figure
@@ -50,11 +51,24 @@ METRICS = ("test_rmse", "test_mae", "test_spearman")  # each row's figures (the 
 
 
 @dataclass(frozen=True)
+class InputsCfg:
+    """How every run of the ablation reads its inputs (each family setting of the same name takes the value)."""
+
+    text_encoder: str = "hashing"  # the text group's encoder: hashing, or clip (the images' CLIP text tower)
+    text_dim: int = 32             # the text group's components
+    embed_run: str = ""            # an embed run id to read image features from ("" = find or run one)
+    clip_model: str = PAPER_CLIP_MODEL  # the CLIP model of the image group (and of text_encoder=clip)
+    clip_pretrained: str = PAPER_CLIP_PRETRAINED  # open_clip weights tag; "none" = random weights (offline)
+    checkpoint: str = ""           # local CLIP checkpoint file (overrides clip_pretrained)
+
+
+@dataclass(frozen=True)
 class AblationJob:
     model: str = "benchmark"  # the model family to ablate (smp.families): trained once per group set
     groups: str = ALL         # comma list of feature groups to ablate (smp.groups); all = every group the family takes
     source: DataCfg = field(default_factory=DataCfg)
     splitting: SplitCfg = field(default_factory=SplitCfg)
+    inputs: InputsCfg = field(default_factory=InputsCfg)
     experiment: str = ""  # "" = MLFLOW_EXPERIMENT_NAME, else "smp" (under `mlflow run`: its --experiment-name)
 
     def __post_init__(self) -> None:
@@ -163,6 +177,8 @@ def ablation_plan(cfg: AblationJob, base=None) -> Plan:
                               f"it takes {', '.join(takes)}")
     base = base if base is not None else fam.default_config()
     base = replace(base, source=cfg.source, splitting=cfg.splitting, experiment=cfg.experiment)
+    names = set(flatten(base))
+    base = apply(base, {k: v for k, v in flatten(cfg.inputs).items() if k in names})
     sets = group_sets(chosen)
     configs, refused = [], []
     for variant in sets:  # a set the family cannot take (ensemble_conv1d without image) is a row, not run

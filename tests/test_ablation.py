@@ -72,6 +72,17 @@ def test_a_group_set_the_family_cannot_take_is_a_row_not_run_saying_why(smpd_dir
     assert "not run (- image | tabular only): " in text and text.count("| not run ") == 4
 
 
+def test_the_ablations_input_settings_reach_every_run(smpd_dir):
+    """``clip_pretrained`` / ``text_encoder`` on the ablation are the runs' settings (offline: random weights)."""
+    from smp.ablation import InputsCfg, ablation_plan
+
+    plan = ablation_plan(_job(smpd_dir, model="ensemble_mlp", groups="text,image",
+                              inputs=InputsCfg(clip_pretrained="none", text_encoder="clip")))
+    runs = [c for c in plan.configs if c is not None]
+    assert runs and all(c.upstream.clip_pretrained == "none" and c.feature_groups.clip_pretrained == "none"
+                        and c.feature_groups.text_encoder == "clip" for c in runs)
+
+
 # --------------------------------------------------------------------------- refusals before any run
 def test_a_bad_model_or_group_is_refused_naming_the_parameter_before_any_run(tmp_path):
     with pytest.raises(ConfigError, match=r"model='nope'.*benchmark, pca_boost"):
