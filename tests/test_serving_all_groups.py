@@ -1,0 +1,61 @@
+"""The main job with every feature group (tabular, time, user, text, image) served over HTTP from raw posts:
+``Uid``, ``Title``, ``Alltags`` and the image as base64, as a client holds them."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+
+from smp.data import load_data
+
+pytestmark = pytest.mark.slow
+
+ALL = "tabular,time,user,text,image"
+
+
+@pytest.fixture(scope="module")
+def served_model(tmp_path_factory, tiny, smpd_dir, model_in_own_store):
+    from smp.train import run_ensemble_mlp
+
+    root = tmp_path_factory.mktemp("all_groups")
+    local = model_in_own_store(root, run_ensemble_mlp, tiny.job("ensemble_mlp", smpd_dir, features=ALL, text_dim=4),
+                               "ensemble_mlp")
+    return local
+
+
+def test_the_main_job_with_every_group_answers_raw_posts_over_http(served_model, smpd_dir, tmp_path, serve_model):
+    model = mlflow.pyfunc.load_model(str(served_model))
+    inner = model.unwrap_python_model().model
+    assert inner.needs_images and inner.groups_in_use.group("user") is not None
+    assert {"Uid", "Title", "Alltags", "Postdate"} <= set(inner.input_fields_)
+    posts = load_data(str(smpd_dir)).head(3).reset_index(drop=True)
+    records = []
+    for i, post in posts.iterrows():
+        record = {k: post[k] for k in ("Pid", "Uid", "Title", "Alltags", "Postdate", "Category", "Subcategory")}
+        if i < 2:  # an image as a client sends it
+            record["image_b64"] = base64.b64encode(Path(post["image_path"]).read_bytes()).decode()
+        records.append(json.loads(json.dumps(record, default=lambda v: v.item() if hasattr(v, "item") else str(v))))
+    records[1]["Uid"] = "nobody@N00"  # a user the model never saw: the prior
+    expected = model.predict(json_frame(records))
+    with serve_model(str(served_model), tmp_path / "serve.log") as server:
+        r = server.post({"dataframe_records": records}, timeout=300)
+        assert r.status_code == 200, r.text[-2000:]
+        answer = r.json()["predictions"]
+    statuses = [a["status"] for a in answer]
+    assert statuses[0] == "ok"
+    assert statuses[1] == "partial: unseen user"
+    assert statuses[2].startswith("partial: ") and "no image given" in statuses[2]
+    served = np.array([a["popularity"] for a in answer], dtype=float)
+    assert np.isfinite(served).all() and np.allclose(served, expected["popularity"], rtol=1e-5)
+    assert statuses == expected["status"].tolist()
+
+
+def json_frame(records):
+    import pandas as pd
+
+    return pd.DataFrame(records)
