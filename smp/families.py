@@ -6,7 +6,7 @@ Adding a family is its own module(s) plus one line here (then regenerate MLproje
 
 from __future__ import annotations
 
-from smp import train
+from smp import fusion, train
 from smp.config import ConfigError
 from smp.jobs import Family, table
 
@@ -15,6 +15,7 @@ FAMILIES: dict[str, Family] = table(
     train.PCA_BOOST,
     train.ENSEMBLE_MLP,
     train.ENSEMBLE_CONV1D,
+    fusion.FUSION,
 )
 
 

@@ -19,11 +19,11 @@ STAGES = {
     "synth": 1, "data": 1,
     "splits": 2,
     "features": 3, "post_text": 3, "text_clip": 3, "groups": 3, "image_features": 3, "clip": 3, "feature_cache": 3, "embed": 3, "image_requests": 3,
-    "boosters": 4, "models": 4, "nets": 4, "spaces": 4,
+    "boosters": 4, "models": 4, "nets": 4, "spaces": 4, "fusion_net": 4,
     "serving": 5, "evaluate": 5, "plots": 5,
     "packaging": 6, "fit": 6,
     "upstream": 7, "record": 7,
-    "train": 8,
+    "train": 8, "fusion": 8,
     "families": 9,
     "report": 10, "ablation": 10, "tune": 10, "registry": 10,
     "scoring": 11, "spark": 11,
@@ -162,7 +162,7 @@ def test_model_families_are_listed_in_one_table():
                 if len(named) >= 2:
                     found.append(f"{path.name}:{node.lineno} {sorted(named)}")
     assert found == []
-    assert tuple(FAMILIES) == ("benchmark", "pca_boost", "ensemble_mlp", "ensemble_conv1d")
+    assert tuple(FAMILIES) == ("benchmark", "pca_boost", "ensemble_mlp", "ensemble_conv1d", "fusion")
     assert all(isinstance(f, Family) and f.space and f.description and f.paper for f in FAMILIES.values())
 
 
