@@ -22,7 +22,7 @@ from smp.data import DataCfg
 from smp.evaluate import regression_metrics
 from smp.features import TabularCfg
 from smp.fit import Fitted, evaluate, part
-from smp.fusion_net import FusionCfg, FusionModel, FusionRegressor, fusion_space
+from smp.fusion_net import FusionCfg, FusionModel, fusion_space
 from smp.groups import GROUPS, FeaturesCfg, check_groups
 from smp.jobs import Family
 from smp.splits import Prepared, SplitCfg, prepare
@@ -113,6 +113,6 @@ def run_fusion(cfg: FusionJob = FusionJob(), parent: Parent | None = None, on_st
 
 FUSION = Family(
     "fusion", "every feature group through its own encoder, fused, over the benchmark prediction", run_fusion,
-    FusionJob, model=FusionModel, net=FusionRegressor, space=fusion_space,
+    FusionJob, model=FusionModel, space=fusion_space,
     description="a network with an encoder per feature group (tabular, time, user, text, image), fused, over the "
                 "benchmark's prediction")

@@ -235,11 +235,12 @@ class FusionModel:
         self.needs_images = self.images is not None
 
     @classmethod
-    def from_job(cls, cfg, family: str, net: type = FusionRegressor, images: ImageFeatureSource | None = None,
+    def from_job(cls, cfg, family: str, net: type | None = None, images: ImageFeatureSource | None = None,
                  benchmark=None, **_):
-        """``net``: the regressor class, built from ``cfg.net`` with the split's seed."""
-        return cls(family, net(replace(cfg.net, seed=cfg.splitting.seed)), benchmark, images, cfg.feature_groups,
-                   cfg.tabular, cfg.splitting.seed, cfg.splitting.split)
+        """``net``: the regressor class (None: ``FusionRegressor``; the family names none, as its regressor does not
+        read the ``smp.nets`` input the net families share), built from ``cfg.net`` with the split's seed."""
+        return cls(family, (net or FusionRegressor)(replace(cfg.net, seed=cfg.splitting.seed)), benchmark, images,
+                   cfg.feature_groups, cfg.tabular, cfg.splitting.seed, cfg.splitting.split)
 
     def fit(self, train: Part, val: Part, on_step=None) -> "FusionModel":
         """Fit the groups on the training posts, then the net on them and the stacked out-of-fold predictions;

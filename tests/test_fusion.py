@@ -153,7 +153,7 @@ def test_the_model_reads_every_group_and_scores_posts_without_image_or_known_use
 def test_a_model_without_image_or_user_embedding_needs_neither():
     job = FusionJob(feature_groups=FeaturesCfg("tabular,text"), net=replace(TINY, user_embedding_dim=0))
     model = FUSION.build(job, images=None, benchmark=None)
-    assert not model.needs_images and model.images is None
+    assert not model.needs_images and model.images is None and type(model.net) is FusionRegressor
     with pytest.raises(ConfigError, match=r"features='image'.*fusion stacks on a benchmark"):
         FusionJob(feature_groups=FeaturesCfg("image"))
 
