@@ -113,6 +113,6 @@ def run_fusion(cfg: FusionJob = FusionJob(), parent: Parent | None = None, on_st
 
 FUSION = Family(
     "fusion", "every feature group through its own encoder, fused, over the benchmark prediction", run_fusion,
-    FusionJob, model=FusionModel, space=fusion_space,
+    FusionJob, model=FusionModel, space=fusion_space, epochs=True,
     description="a network with an encoder per feature group (tabular, time, user, text, image), fused, over the "
                 "benchmark's prediction")

@@ -30,8 +30,10 @@ class Family(Job):
     model: type = object          # the model class (``model.from_config(job_cfg, **inputs)``)
     space: Callable | None = None  # space(trial) -> {leaf: value}: the Optuna search space
     description: str = ""         # what the logged model is (its registry/model page)
-    paper: tuple[float, float, float] | None = None  # the paper's test RMSE, bias, error variance (SMPD, 80k)
+    paper: tuple[float, float, float] | None = None  # the paper's test RMSE, bias, error variance (SMPD, 80k);
+    #                                                  None for a family beyond the paper
     net: type | None = None       # net families: the smp.nets regressor class the model wraps
+    epochs: bool = False          # its steps are epochs (a study reports each), not boosting rounds (every Nth)
 
     def build(self, cfg, **inputs):
         """An unfitted model of this family from its job config ``cfg``; ``inputs``: what it is built around

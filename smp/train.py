@@ -282,9 +282,10 @@ PCA_BOOST = Family(
     description="XGBoost on PCA of [CLIP, handcrafted image features, tabular features]")
 ENSEMBLE_MLP = Family(
     "ensemble_mlp", "benchmark prediction + image features -> MLP (the main job)", run_ensemble_mlp, EnsembleMLPJob,
-    model=EnsembleModel, net=MLPRegressor, space=mlp_space, paper=(1.168, -0.19, 1.33),
+    model=EnsembleModel, net=MLPRegressor, space=mlp_space, paper=(1.168, -0.19, 1.33), epochs=True,
     description="MLP over the benchmark's prediction and the image features")
 ENSEMBLE_CONV1D = Family(
     "ensemble_conv1d", "benchmark prediction + PCA'd image features -> Conv1D net", run_ensemble_conv1d,
     EnsembleConv1DJob, model=EnsembleModel, net=Conv1DRegressor, space=conv1d_space, paper=(1.176, 0.07, 1.38),
+    epochs=True,
     description="Conv1D net over the benchmark's prediction and PCA'd image features")

@@ -324,7 +324,7 @@ def objective_for(cfg: TuneJob, parent_run_id: str):
     run_fn, base = job_for(cfg.study.model, cfg.source, cfg.splitting, cfg.experiment)
     space = space_for(cfg.study.model)
     experiment_id = mlflow.MlflowClient().get_run(parent_run_id).info.experiment_id  # once, not per trial
-    every = max(1, cfg.study.report_every) if family(cfg.study.model).net is None else 1  # boosters: rounds are cheap
+    every = 1 if family(cfg.study.model).epochs else max(1, cfg.study.report_every)  # boosters: rounds are cheap
 
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr(WORKER_ATTR, this_worker())  # a resumed study fails this trial if its process dies

@@ -163,7 +163,10 @@ def test_model_families_are_listed_in_one_table():
                     found.append(f"{path.name}:{node.lineno} {sorted(named)}")
     assert found == []
     assert tuple(FAMILIES) == ("benchmark", "pca_boost", "ensemble_mlp", "ensemble_conv1d", "fusion")
-    assert all(isinstance(f, Family) and f.space and f.description and f.paper for f in FAMILIES.values())
+    assert all(isinstance(f, Family) and f.space and f.description for f in FAMILIES.values())
+    # the paper's four families carry its figures; a family beyond the paper (fusion) has none to show
+    assert [name for name, f in FAMILIES.items() if f.paper] == ["benchmark", "pca_boost", "ensemble_mlp",
+                                                                  "ensemble_conv1d"]
 
 
 def test_every_family_builds_its_model_and_has_a_search_space():
