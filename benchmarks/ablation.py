@@ -10,6 +10,7 @@ the mean against ``all``; then the wall time.  ``--out`` keeps the per-seed rows
 Not a timed test: figures for docs/benchmarks.md.
 
 Run:  .venv/bin/python benchmarks/ablation.py --model benchmark --seeds 0 1 2 --n 2000 --groups tabular,time,user,text
+      .venv/bin/python benchmarks/ablation.py --summary rows.jsonl   (the table of the rows an --out file holds)
 """
 
 from __future__ import annotations
@@ -71,7 +72,12 @@ def main() -> None:
                         help="CLIP weights of the image group (none = random weights: this machine is offline)")
     parser.add_argument("--text-encoder", default="hashing", help="the text group's encoder: hashing or clip")
     parser.add_argument("--out", default="", help="also append the per-seed rows here (JSON lines)")
+    parser.add_argument("--summary", default="", help="only print the table of the rows in this --out file")
     args = parser.parse_args()
+    if args.summary:
+        rows = [json.loads(line) for line in Path(args.summary).read_text().splitlines() if line.strip()]
+        print(summary(rows))
+        return
     store = tempfile.mkdtemp(prefix="smp-ablation-")
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{store}/mlflow.db")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
