@@ -59,3 +59,32 @@ def json_frame(records):
     import pandas as pd
 
     return pd.DataFrame(records)
+
+
+def _tiny_fusion(tiny, data, **kw):
+    return tiny.job("fusion", data, epochs=3, batch_size=16, encoder_hidden=(8,), fusion_hidden=(8,),
+                    projection_dim=4, text_dim=4, **kw)
+
+
+def test_fusion_is_promoted_and_served_like_every_family(smpd_dir, tiny, tmp_path, serve_model):
+    """No special case for the family beyond the paper: promote registers its best run as the champion, and the
+    registered model answers raw posts (Uid, Title, Alltags, an image) over HTTP."""
+    from smp.fusion import run_fusion
+    from smp.registry import PromoteJob, current_alias, run_promote
+
+    fused = run_fusion(_tiny_fusion(tiny, smpd_dir))
+    out = run_promote(PromoteJob(experiment="t", family="fusion"))
+    champion = current_alias(mlflow.MlflowClient(), "smp-popularity", "champion")
+    assert out["champion"] is True and champion.run_id == fused.run_id
+    local = mlflow.artifacts.download_artifacts("models:/smp-popularity@champion", dst_path=str(tmp_path / "m"))
+    post = load_data(str(smpd_dir)).head(1).reset_index(drop=True)
+    record = {k: post[k][0].item() if hasattr(post[k][0], "item") else post[k][0]
+              for k in ("Pid", "Uid", "Title", "Alltags", "Postdate")}
+    record["image_b64"] = base64.b64encode(Path(post["image_path"][0]).read_bytes()).decode()
+    expected = mlflow.pyfunc.load_model(local).predict(json_frame([record]))
+    with serve_model(local, tmp_path / "serve.log") as server:
+        r = server.post({"dataframe_records": [record]}, timeout=300)
+        assert r.status_code == 200, r.text[-2000:]
+        answer = r.json()["predictions"][0]
+    assert answer["status"] == expected["status"][0] == "ok"
+    assert np.isclose(answer["popularity"], expected["popularity"][0], rtol=1e-5)
