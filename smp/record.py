@@ -38,8 +38,9 @@ def model_run_note(family: Family, prep: Prepared, splitting: SplitCfg, metrics:
     """A model run's description: what it is, on what, its test figures, what the job changed, what it reused."""
     source = str(prep.posts.attrs.get("source", "data")).rstrip("/").split("/")[-1]
     sizes = " / ".join(f"{len(prep.parts[p]):,}" for p in ("train", "val", "test"))
+    groups = f"; features {requested['features']}" if requested.get("features") else ""
     text = (f"{family.name}: {family.description}, on {source} (split {splitting.split}, seed {splitting.seed}; "
-            f"{sizes} train / val / test posts). {headline(metrics)}")
+            f"{sizes} train / val / test posts{groups}). {headline(metrics)}")
     if changed:
         why = "split=chrono's settings for later posts (chrono_tuned=true)" if splitting.split == "chrono" else "the job"
         text += (" Settings changed by " + why + ": "

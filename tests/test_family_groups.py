@@ -121,3 +121,5 @@ def test_compare_gives_each_feature_set_its_own_row(smpd_dir, tiny):
     rows = dict(zip(table["model"], table["run_id"]))
     assert rows == {"benchmark": default.run_id, "benchmark [tabular,user]": user.run_id}
     assert table.set_index("model").loc["benchmark [tabular,user]", "test_rmse"] == user.metrics["test_rmse"]
+    note = mlflow.get_run(user.run_id).data.tags["mlflow.note.content"]
+    assert "; features user,tabular)" in note  # the run's description says what it read, as asked
