@@ -24,8 +24,9 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = "launch"
 SMALL_XGB = ["n_estimators=30", "max_depth=3", "early_stopping_rounds=5"]
-ORDER = ["synth", "embed", "benchmark", "pca_boost", "ensemble_mlp", "ensemble_conv1d", "compare", "tune",
-         "promote", "predict"]
+ORDER = ["synth", "embed", "benchmark", "pca_boost", "ensemble_mlp", "ensemble_conv1d", "fusion", "compare",
+         "ablation", "tune", "promote", "predict"]
+MODELS = ("benchmark", "pca_boost", "ensemble_mlp", "ensemble_conv1d", "fusion")
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,9 @@ def _params(entry: str, store: dict) -> list[str]:
         "pca_boost": [*data, *SMALL_XGB, *image, "n_components=8"],
         "ensemble_mlp": [*data, *SMALL_XGB, *image, "epochs=3"],
         "ensemble_conv1d": [*data, *SMALL_XGB, *image, "epochs=3"],
+        "fusion": [*data, *SMALL_XGB, *image, "epochs=3", "text_dim=4"],
         "compare": [],
+        "ablation": [*data, "groups=tabular,user"],
         "tune": [*data, "model=benchmark", "n_trials=2", f"storage=sqlite:///{store['work']}/optuna.db",
                  "trial_figures=false"],
         "promote": [],
@@ -79,14 +82,19 @@ def test_entry_point_through_mlflow_run(entry, store, monkeypatch):
     assert run.info.run_name.startswith(("tune · " if entry == "tune" else f"{entry} · ")), run.info.run_name
     assert all(v != "''" for v in run.data.params.values()), run.data.params  # no shell-quoted empties
     assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
-    if entry in ("benchmark", "pca_boost", "ensemble_mlp", "ensemble_conv1d"):
+    if entry in MODELS:
         assert run.data.metrics["test_rmse"] > 0 and "test_rmse_baseline" in run.data.metrics
         assert run.data.params["data/posts"] == "160" and run.data.params["sample_size"] == "0"
-    if entry in ("pca_boost", "ensemble_mlp", "ensemble_conv1d"):
+    if entry in MODELS[1:]:
         # random weights as asked: no fallback, so no effective/ value beside the requested one
         assert run.data.params["clip_pretrained"] == "none" and "effective/clip_pretrained" not in run.data.params
         embed = mlflow.get_run(run.data.tags["smp.embed_run"])
         assert embed.data.tags["smp.clip_effective_pretrained"] == "none"
+    if entry == "ablation":  # a model run per group set (all, each left out, each alone), nested, its table
+        children = mlflow.search_runs([exp.experiment_id], output_format="list",
+                                      filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+        assert sorted(c.data.params["features"] for c in children) == ["tabular", "tabular,user", "user"]
+        assert "| all " in out.stdout and "| user only " in out.stdout  # the table, printed
     if entry == "tune":
         trials = mlflow.search_runs([exp.experiment_id],
                                     filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'", output_format="list")
@@ -120,7 +128,7 @@ def check_every_run(experiment_id: str) -> None:
             assert re.fullmatch(r"trial \d+", name), name
         assert len(tags.get("mlflow.note.content", "")) > 40, (name, tags.get("mlflow.note.content"))
         effective = {k.split("/", 1)[1]: v for k, v in run.data.params.items() if k.startswith("effective/")}
-        if effective and tags.get("smp.model") in ("benchmark", "pca_boost", "ensemble_mlp", "ensemble_conv1d"):
+        if effective and tags.get("smp.model") in MODELS:
             model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/{tags['smp.model']}")
             check_effective(model.unwrap_python_model().model, effective, run)
         if "clip_pretrained" in effective:  # a fallback of the embedding: what the embed run used
