@@ -98,7 +98,7 @@ PRUNERS = ("median", "hyperband", "none")
 
 @dataclass(frozen=True)
 class StudyCfg:
-    model: str = "benchmark"  # benchmark | pca_boost | ensemble_mlp | ensemble_conv1d
+    model: str = "benchmark"  # a model family (smp.families): benchmark, pca_boost, the ensembles, fusion
     n_trials: int = 20        # trials this process runs (-1 = until timeout; 0 = only create study + parent run)
     max_trials: int = 0       # stop once the study holds this many finished trials, all workers together (0 = no cap)
     timeout: int = 0          # seconds for this process (0 = none)
