@@ -52,7 +52,8 @@ def test_smp_predict_csv_escapes_text_cells_and_keeps_numbers(tmp_path):
     assert rows[1][1] == "-1.5"  # a number, not text: no quote
     back = pd.read_csv(out_path)
     assert back["popularity"].dtype == np.float64
-    counts = {"data/rows": 6, "data/scored_rows": 6, "data/error_rows": 0, "data/partial_rows": 0}
+    counts = {"data/rows": 6, "data/scored_rows": 6, "data/error_rows": 0, "data/partial_rows": 0,
+              "data/unseen_user_rows": 0, "data/text_truncated_rows": 0}  # of the partial: feature-group notes
     assert {k: v for k, v in metrics.items() if k.startswith("data/")} == counts
     logged = mlflow.get_run(metrics.run_id).data  # the result holds what its run logged
     assert {k: int(v) for k, v in logged.params.items() if k.startswith("data/")} == counts
