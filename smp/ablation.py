@@ -65,7 +65,8 @@ class InputsCfg:
 @dataclass(frozen=True)
 class AblationJob:
     model: str = "benchmark"  # the model family to ablate (smp.families): trained once per group set
-    groups: str = ALL         # comma list of feature groups to ablate (smp.groups); all = every group the family takes
+    groups: str = ALL         # comma list of feature groups to ablate (smp.groups); all = every group the family
+    #                           takes (image only where its default reads it: the benchmark names it to add it)
     source: DataCfg = field(default_factory=DataCfg)
     splitting: SplitCfg = field(default_factory=SplitCfg)
     inputs: InputsCfg = field(default_factory=InputsCfg)
@@ -165,7 +166,11 @@ def ablation_plan(cfg: AblationJob, base=None) -> Plan:
     fam = family(cfg.model)
     takes = family_groups(fam)
     if cfg.groups.strip().lower() == ALL:
-        chosen = takes
+        # the benchmark can read the image too, but by default it does not: "all" keeps to what the family is
+        # (an image benchmark is pca_boost without the PCA, and its deep trees over ~1,000 columns take many
+        # minutes a run); groups=...,image asks for it
+        image = fam.default_config().feature_groups.image
+        chosen = tuple(g for g in takes if g != "image" or image)
         if len(chosen) < 2:
             raise ConfigError(f"model={fam.name!r} takes {len(chosen)} feature group(s) ({', '.join(chosen)}): "
                               "nothing to ablate")

@@ -72,6 +72,15 @@ def test_a_group_set_the_family_cannot_take_is_a_row_not_run_saying_why(smpd_dir
     assert "not run (- image | tabular only): " in text and text.count("| not run ") == 4
 
 
+def test_all_groups_are_what_the_family_reads_image_where_its_default_does(smpd_dir):
+    from smp.ablation import ablation_plan
+
+    assert ablation_plan(_job(smpd_dir, model="benchmark")).groups == ("tabular", "time", "user", "text")
+    assert ablation_plan(_job(smpd_dir, model="ensemble_mlp")).groups == ("tabular", "time", "user", "text", "image")
+    asked = ablation_plan(_job(smpd_dir, model="benchmark", groups="tabular,image"))
+    assert asked.groups == ("tabular", "image")  # named, the benchmark's image group is ablated too
+
+
 def test_the_ablations_input_settings_reach_every_run(smpd_dir):
     """``clip_pretrained`` / ``text_encoder`` on the ablation are the runs' settings (offline: random weights)."""
     from smp.ablation import InputsCfg, ablation_plan
