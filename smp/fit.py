@@ -116,9 +116,10 @@ def fit_pca_boost(family: Family, cfg, prep: Prepared, images, blocks: dict, on_
 
 def fit_ensemble(family: Family, cfg, prep: Prepared, images, blocks: dict, stacked: dict, predictor,
                  on_epoch=None) -> Fitted:
-    """The benchmark's prediction (``stacked``, per split) and the image block through the family's net;
-    ``predictor``: the benchmark the logged model stacks on for new posts; ``on_epoch(epoch, train_loss,
-    val_rmse)`` after every epoch."""
+    """The benchmark's prediction (``stacked``, per split: out-of-fold on train) and the family's other inputs
+    (the image block; the fusion family's feature groups too) through the family's net: the stacking ensembles
+    and ``fusion``. ``predictor``: the benchmark the logged model stacks on for new posts; ``on_epoch(epoch,
+    train_loss, val_rmse)`` after every epoch. The model answers ``predict_stacked(rows, stacked, img)``."""
     model = family.build(cfg, images=images, benchmark=predictor)
     net = model.net
     hook = None if on_epoch is None else (
@@ -131,7 +132,8 @@ def fit_ensemble(family: Family, cfg, prep: Prepared, images, blocks: dict, stac
         log.warning("%s: validation RMSE %.4f does not beat its stacked benchmark input (%.4f)%s", family.name,
                     net.best_val_rmse_, net.input_val_rmse_,
                     "; the residual net fell back to the input (epoch 0)" if residual else "")
-    preds = {p: np.asarray(net.predict(model.stack(stacked[p], blocks[p])), dtype=float) for p in ("val", "test")}
+    preds = {p: model.predict_stacked(prep.rows(p), stacked[p], blocks[p] if images is not None else None)
+             for p in ("val", "test")}
     metrics, figures = evaluate(model, prep, preds)
     figures = {"training_curve.png": lambda: plots.training_curve(net.history_, family.name, net.best_epoch_,
                                                                   net.input_val_rmse_), **figures}
@@ -145,6 +147,6 @@ def fit_ensemble(family: Family, cfg, prep: Prepared, images, blocks: dict, stac
                   run_metrics={"time/fit_s": seconds, "fit/best_epoch": float(net.best_epoch_),
                                "stacked_input/val_rmse": net.input_val_rmse_, "stacked_input/test_rmse": stacked_test},
                   facts={"data/train_images": int(np.isfinite(blocks["train"]).all(axis=1).sum())
-                         if blocks["train"].shape[1] else 0, **model.benchmark_facts()},
-                  tags={"smp.beats_stacked_benchmark": str(beats).lower()}, figures=figures, notes=[note],
-                  example_images=images is not None)
+                         if blocks["train"].shape[1] else 0, **model.benchmark_facts(), **model.facts_},
+                  tags={"smp.beats_stacked_benchmark": str(beats).lower()}, figures=figures,
+                  tables=dict(getattr(model, "tables_", {})), notes=[note], example_images=images is not None)

@@ -3,29 +3,24 @@ time, user, text, image: ``smp.fusion_net``), on the benchmark's out-of-fold pre
 
 The job reads in the three phases of every model job (``smp.train``): resolve (``smp.upstream.for_ensemble``:
 the embed run's image blocks, the benchmark run of the same groups without ``image`` and its fold models),
-fit (``fit_fusion``: pure, no MLflow) and record (``smp.record.record``). ``FUSION`` is its family, listed in
-``smp.families``.
+fit (``smp.fit.fit_ensemble``, as for the stacking nets: pure, no MLflow) and record (``smp.record.record``).
+``FUSION`` is its family, listed in ``smp.families``.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 
-import numpy as np
-
-from smp import plots, record, upstream
+from smp import fit, record, upstream
 from smp.boosters import XGBCfg
-from smp.config import flatten, sig
+from smp.config import flatten
 from smp.data import DataCfg
-from smp.evaluate import regression_metrics
 from smp.features import TabularCfg
-from smp.fit import Fitted, evaluate, part
 from smp.fusion_net import FusionCfg, FusionModel, fusion_space
 from smp.groups import GROUPS, FeaturesCfg, check_groups
 from smp.jobs import Family
-from smp.splits import Prepared, SplitCfg, prepare
+from smp.splits import SplitCfg, prepare
 from smp.tracking import JobResult, Parent, job_run
 from smp.train import (BenchmarkJob, StackingCfg, UpstreamCfg, benchmark_key, child_of, figures_for, for_protocol,
                        protocol_changes, run_benchmark, stacked_groups)
@@ -55,43 +50,6 @@ class FusionJob:
         stacked_groups(self.feature_groups, "fusion", needs_image=False)
 
 
-def fit_fusion(family: Family, cfg: FusionJob, prep: Prepared, images, blocks: dict, stacked: dict, predictor,
-               on_epoch=None) -> Fitted:
-    """The fusion net on every chosen group and the benchmark's prediction (``stacked``, per split: out-of-fold
-    on train); ``images`` / ``blocks``: the image source and each split's block (no columns without ``image``);
-    ``predictor``: the benchmark the logged model stacks on for new posts; ``on_epoch(epoch, train_loss,
-    val_rmse)`` after every epoch. Pure: no MLflow."""
-    model = family.build(cfg, images=images, benchmark=predictor)
-    net = model.net
-    hook = None if on_epoch is None else (
-        lambda epoch, val_rmse: on_epoch(epoch, net.history_[-1]["train_loss"], val_rmse))
-    t0 = time.perf_counter()
-    model.fit(part(prep, "train", blocks, stacked), part(prep, "val", blocks, stacked), hook)
-    seconds = time.perf_counter() - t0
-    beats = net.beats_input_
-    if beats is False:
-        log.warning("%s: validation RMSE %.4f does not beat its stacked benchmark input (%.4f); the net fell back "
-                    "to the input (epoch 0)", family.name, net.best_val_rmse_, net.input_val_rmse_)
-    preds = {p: model.predict_stacked(prep.rows(p), stacked[p], blocks[p] if images is not None else None)
-             for p in ("val", "test")}
-    metrics, figures = evaluate(model, prep, preds)
-    figures = {"training_curve.png": lambda: plots.training_curve(net.history_, family.name, net.best_epoch_,
-                                                                  net.input_val_rmse_), **figures}
-    # the benchmark prediction the net was handed, scored on the same test posts (what the net must beat)
-    stacked_test = regression_metrics(prep.y("test"), stacked["test"], "test")["test_rmse"]
-    metrics["stacked_input/test_rmse"] = stacked_test
-    note = (f"Its stacked benchmark input scores test RMSE {sig(stacked_test)}"
-            + ("; the net did not beat it on validation and fell back to it (epoch 0)." if beats is False else "."))
-    layout = {g: w for g, w in net.layout}
-    return Fitted(model, metrics,
-                  run_metrics={"time/fit_s": seconds, "fit/best_epoch": float(net.best_epoch_),
-                               "stacked_input/val_rmse": net.input_val_rmse_, "stacked_input/test_rmse": stacked_test},
-                  facts={"data/train_images": int(np.isfinite(blocks["train"]).all(axis=1).sum())
-                         if blocks["train"].shape[1] else 0, **model.benchmark_facts(), **model.facts_},
-                  tags={"smp.beats_stacked_benchmark": str(beats).lower()}, figures=figures,
-                  tables={"fusion_inputs.json": layout}, notes=[note], example_images=images is not None)
-
-
 def run_fusion(cfg: FusionJob = FusionJob(), parent: Parent | None = None, on_step=None) -> JobResult:
     """Train the fusion net on every chosen feature group over the benchmark's out-of-fold prediction and log
     it; ``on_step(epoch, val_rmse)`` after every epoch."""
@@ -104,8 +62,8 @@ def run_fusion(cfg: FusionJob = FusionJob(), parent: Parent | None = None, on_st
     with job_run(FUSION.name, cfg.experiment, flatten(requested), tags, parent, what=FUSION.help) as run:
         below = child_of(run, parent)
         up = upstream.for_ensemble(prep, cfg, benchmark_key(bench), below, lambda: run_benchmark(bench, parent=below))
-        fitted = fit_fusion(FUSION, cfg, prep, up.images, up.blocks, up.stacked, up.predictor,
-                            record.epoch_curves(on_step))
+        fitted = fit.fit_ensemble(FUSION, cfg, prep, up.images, up.blocks, up.stacked, up.predictor,
+                                  record.epoch_curves(on_step))
         record.record(FUSION, fitted, prep, cfg.splitting, flatten(requested), protocol_changes(requested, cfg),
                       up, figures_for(parent))
     return JobResult(run.info.run_id, fitted.metrics, fitted.model)

@@ -314,6 +314,11 @@ class FusionModel:
         users = getattr(self, "users_", None)
         return {**self.groups_.facts_, "fusion/users_embedded": 0 if users is None else len(users)}
 
+    @property
+    def tables_(self) -> dict[str, dict]:
+        """Artifacts for the run: each group's input width (``fusion_inputs.json``)."""
+        return {"fusion_inputs.json": {g: w for g, w in self.net.layout}}
+
     def benchmark_facts(self) -> dict[str, object]:
         """What the stacked benchmark's feature groups learnt (its run logs them too)."""
         return dict(getattr(self.benchmark, "facts_", None) or {})

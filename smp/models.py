@@ -384,9 +384,19 @@ class EnsembleModel:
                      on_epoch=hook)
         return self
 
-    def predict(self, posts: pd.DataFrame, img: np.ndarray | None = None) -> np.ndarray:
+    def predict_stacked(self, posts: pd.DataFrame, stacked, img: np.ndarray | None = None) -> np.ndarray:
+        """Predictions for ``posts`` given the benchmark's prediction for them (``stacked``) and their image
+        block (``img``; computed from the posts when None)."""
         img = self.image_block(posts) if img is None else img
-        return np.asarray(self.net.predict(self.stack(self.benchmark.predict(posts), img)), dtype=float)
+        return np.asarray(self.net.predict(self.stack(stacked, img)), dtype=float)
+
+    def predict(self, posts: pd.DataFrame, img: np.ndarray | None = None) -> np.ndarray:
+        return self.predict_stacked(posts, self.benchmark.predict(posts), img)
+
+    @property
+    def facts_(self) -> dict[str, object]:
+        """What the model learnt beyond its benchmark, as run params: nothing (the net's figures are metrics)."""
+        return {}
 
     @property
     def input_fields_(self) -> list[str]:

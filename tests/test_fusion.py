@@ -169,9 +169,9 @@ def test_run_fusion_reads_resolve_fit_record_and_its_model_code_loads_no_mlflow(
             name = f"{f.value.id}.{f.attr}" if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) \
                 else getattr(f, "id", "")
             calls.append((node.lineno, node.col_offset, name.split(".")[0]))
-    phases = [p for *_, p in sorted(calls) if p in ("job_run", "upstream", "fit_fusion", "record")]
+    phases = [p for *_, p in sorted(calls) if p in ("job_run", "upstream", "fit", "record")]
     assert [p for i, p in enumerate(phases) if i == 0 or phases[i - 1] != p] == \
-        ["job_run", "upstream", "fit_fusion", "record"]
+        ["job_run", "upstream", "fit", "record"]
     code = "import sys, smp.fusion_net; print(sorted(m for m in sys.modules if m.split('.')[0] == 'mlflow'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
