@@ -550,16 +550,22 @@ def check_output(output: str, input_path: str = "") -> None:
 
 
 def output_counts(spark, output: str) -> tuple[dict[str, int], list[dict]]:
-    """``rows``, ``scored_rows``, ``error_rows``, ``partial_rows`` of a written predictions directory (one
-    aggregation) and its first three errors."""
+    """``rows``, ``scored_rows``, ``error_rows``, ``partial_rows`` and the feature-group note counts
+    (``smp.scoring.note_counts``' keys) of a written predictions directory (one aggregation) and its first
+    three errors."""
     from pyspark.sql import functions as F
+
+    from smp.scoring import GROUP_NOTES
 
     out = spark.read.parquet(output)
     kind = F.split(F.col("status"), ":").getItem(0)
+    notes = F.split(F.regexp_replace(F.col("status"), "^partial: ", ""), "; ")  # note_counts' reading
     row = out.agg(F.count(F.lit(1)).alias("rows"), F.count("popularity").alias("scored_rows"),
                   F.sum(F.when(kind == "error", 1).otherwise(0)).alias("error_rows"),
-                  F.sum(F.when(kind == "partial", 1).otherwise(0)).alias("partial_rows")).first()
-    counts = {k: int(row[k] or 0) for k in ("rows", "scored_rows", "error_rows", "partial_rows")}
+                  F.sum(F.when(kind == "partial", 1).otherwise(0)).alias("partial_rows"),
+                  *[F.sum(F.when((kind == "partial") & F.array_contains(notes, note), 1).otherwise(0)).alias(key)
+                    for key, note in GROUP_NOTES.items()]).first()
+    counts = {k: int(row[k] or 0) for k in ("rows", "scored_rows", "error_rows", "partial_rows", *GROUP_NOTES)}
     first = []
     if counts["error_rows"]:
         first = [r.asDict() for r in out.where(kind == "error").select("Pid", "status").limit(3).collect()]

@@ -240,7 +240,8 @@ def test_spark_and_pandas_paths_agree_on_every_row(spark, model_dir, tmp_path, f
     spark_out = pd.read_parquet(tmp_path / "spark.parquet")
     pandas_out, pandas_metrics = pandas_path(model_dir, path, tmp_path, batch_size=16)
     assert_same(spark_out, pandas_out)
-    for key in ("data/rows", "data/scored_rows", "data/error_rows", "data/partial_rows"):
+    for key in ("data/rows", "data/scored_rows", "data/error_rows", "data/partial_rows", "data/unseen_user_rows",
+                "data/text_truncated_rows"):
         assert metrics[key] == pandas_metrics[key], key
     assert metrics["data/rows"] == 120 and metrics["data/error_rows"] == 3 and metrics["spark/partitions"] == 3
     statuses = dict(zip(spark_out.index, spark_out["status"]))
@@ -254,6 +255,26 @@ def test_spark_and_pandas_paths_agree_on_every_row(spark, model_dir, tmp_path, f
     assert statuses[19] == ("ok" if fmt == "csv" else "partial: unparseable photo_count='NA'; treated as missing")
     assert spark_out.at[21, "Pid"] == "=1+1"  # Parquet holds the value itself; only the CSV is quoted
     assert 0 < metrics["spark/model_loads"] <= 3 and metrics["spark/model_load_s"] > 0
+
+
+@needs_spark
+@pytest.mark.slow  # a Spark session (~10 s to start)
+def test_the_feature_group_note_counts_are_the_pandas_paths(spark, tmp_path):
+    """``data/unseen_user_rows`` and ``data/text_truncated_rows``: a note counts only in a ``partial:`` status,
+    as one whole note among several, never as a substring of a load note's text."""
+    from smp.scoring import note_counts
+    from smp.serving import TEXT_TRUNCATED, UNSEEN_USER
+
+    status = ["ok", f"partial: {UNSEEN_USER}", f"partial: {TEXT_TRUNCATED}",
+              f"partial: unparseable photo_count='abc'; treated as missing; {UNSEEN_USER}; {TEXT_TRUNCATED}",
+              f"partial: unparseable Title='{UNSEEN_USER}'; treated as missing",  # the words inside a value
+              f"error: column 'Uid': {UNSEEN_USER}", f"partial: {UNSEEN_USER}"]
+    pd.DataFrame({"Pid": [str(i) for i in range(len(status))], "popularity": [1.0] * 5 + [None, 1.0],
+                  "status": status}).to_parquet(tmp_path / "out.parquet", index=False)
+    counts, first_errors = smp_spark.output_counts(spark, str(tmp_path / "out.parquet"))
+    assert {k: counts[k] for k in ("unseen_user_rows", "text_truncated_rows")} == note_counts(status) \
+        == {"unseen_user_rows": 3, "text_truncated_rows": 2}
+    assert (counts["rows"], counts["partial_rows"], counts["error_rows"], len(first_errors)) == (7, 5, 1, 1)
 
 
 @needs_spark
