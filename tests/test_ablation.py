@@ -161,6 +161,7 @@ def test_an_ablation_nests_a_model_run_per_group_set_logs_its_table_and_compare_
     assert set(rmse) <= {r.info.run_id for r in ranked_runs(parent.info.experiment_id, "benchmark").runs}
 
 
+@pytest.mark.slow  # trains the ablation's runs
 def test_a_failing_child_ends_the_parent_failed_with_the_reason(smpd_dir, tiny, monkeypatch):
     import smp.ablation as ablation
     from smp.families import FAMILIES

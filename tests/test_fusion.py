@@ -159,6 +159,7 @@ def test_a_model_without_image_or_user_embedding_needs_neither():
 
 
 # --------------------------------------------------------------------------- the job
+@pytest.mark.slow  # a fresh interpreter (subprocess)
 def test_run_fusion_reads_resolve_fit_record_and_its_model_code_loads_no_mlflow():
     tree = ast.parse((Path(__file__).resolve().parents[1] / "smp" / "fusion.py").read_text())
     fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "run_fusion")
@@ -177,6 +178,7 @@ def test_run_fusion_reads_resolve_fit_record_and_its_model_code_loads_no_mlflow(
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
 
 
+@pytest.mark.slow  # trains and logs a fusion job
 def test_a_fusion_run_logs_a_model_that_serves_raw_posts_and_a_compare_row(smpd_dir, tiny):
     from smp.families import FAMILIES
     from smp.report import compare_table

@@ -193,6 +193,7 @@ def test_image_features_computed_once_with_reasons(monkeypatch, tmp_path):
     assert with_image_features(tabular, rows) == (rows, {})
 
 
+@pytest.mark.slow  # a fresh interpreter (subprocess)
 def test_a_tabular_model_checks_request_images_without_torch():
     """A tabular model's environment has no torch (``smp.packaging.IMAGE_ONLY``): reading a request with
     images, and answering it, must not import it."""
