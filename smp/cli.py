@@ -59,8 +59,10 @@ def option_help(cfg) -> dict[str, str]:
     out: dict[str, str] = {}
 
     def walk(obj):
-        for name, text in field_comments(type(obj)).items():
-            out.setdefault(name, text)
+        for cls in type(obj).__mro__:  # a field a subclass inherits keeps its base's comment
+            if is_dataclass(cls):
+                for name, text in field_comments(cls).items():
+                    out.setdefault(name, text)
         for f in fields(obj):
             value = getattr(obj, f.name)
             if is_dataclass(value):

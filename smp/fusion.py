@@ -11,19 +11,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from smp import fit, record, upstream
-from smp.boosters import XGBCfg
 from smp.config import flatten
-from smp.data import DataCfg
-from smp.features import TabularCfg
 from smp.fusion_net import FusionCfg, FusionModel, fusion_space
 from smp.groups import GROUPS, FeaturesCfg, check_groups
 from smp.jobs import Family
-from smp.splits import SplitCfg, prepare
+from smp.splits import prepare
 from smp.tracking import JobResult, Parent, job_run
-from smp.train import (BenchmarkJob, StackingCfg, UpstreamCfg, benchmark_key, child_of, figures_for, for_protocol,
-                       protocol_changes, run_benchmark, stacked_groups)
+from smp.train import (BenchmarkJob, StackedJob, benchmark_key, child_of, figures_for, for_protocol, protocol_changes,
+                       run_benchmark)
 
 log = logging.getLogger("smp.fusion")
 
@@ -34,20 +32,11 @@ def all_groups() -> FeaturesCfg:
 
 
 @dataclass(frozen=True)
-class FusionJob:
-    source: DataCfg = field(default_factory=DataCfg)
-    splitting: SplitCfg = field(default_factory=SplitCfg)
+class FusionJob(StackedJob):
     net: FusionCfg = field(default_factory=FusionCfg)
-    stacking: StackingCfg = field(default_factory=StackingCfg)
-    xgb: XGBCfg = field(default_factory=XGBCfg)  # the benchmark it stacks on
-    tabular: TabularCfg = field(default_factory=TabularCfg)
     # the net reads every group; the benchmark it stacks on reads them all but image
     feature_groups: FeaturesCfg = field(default_factory=all_groups)
-    upstream: UpstreamCfg = field(default_factory=UpstreamCfg)
-    experiment: str = ""  # "" = MLFLOW_EXPERIMENT_NAME, else "smp" (under `mlflow run`: its --experiment-name)
-
-    def __post_init__(self) -> None:
-        stacked_groups(self.feature_groups, "fusion", needs_image=False)
+    family: ClassVar[str] = "fusion"
 
 
 def run_fusion(cfg: FusionJob = FusionJob(), parent: Parent | None = None, on_step=None) -> JobResult:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, field, replace
+from typing import ClassVar
 
 from smp import fit, record, upstream
 from smp.boosters import XGBCfg
@@ -149,37 +150,39 @@ def stacked_groups(features: FeaturesCfg, family: str, needs_image: bool) -> Non
 
 
 @dataclass(frozen=True)
-class EnsembleMLPJob:
+class StackedJob:
+    """The settings every net over the benchmark's out-of-fold prediction shares. A family subclasses it with
+    its own ``net`` config (same place among the fields, so the parameters keep their order), its
+    ``feature_groups`` default where it differs, and ``family`` / ``needs_image`` for ``stacked_groups``."""
     source: DataCfg = field(default_factory=DataCfg)
     splitting: SplitCfg = field(default_factory=SplitCfg)
-    net: MLPCfg = field(default_factory=MLPCfg)
+    net: object = None  # the family's net config
     stacking: StackingCfg = field(default_factory=StackingCfg)
     xgb: XGBCfg = field(default_factory=XGBCfg)  # the benchmark it stacks on
     tabular: TabularCfg = field(default_factory=TabularCfg)
     # the net reads image; the benchmark it stacks on reads the other groups
     feature_groups: FeaturesCfg = field(default_factory=image_features)
     upstream: UpstreamCfg = field(default_factory=UpstreamCfg)
-    experiment: str = ""
+    experiment: str = ""  # "" = MLFLOW_EXPERIMENT_NAME, else "smp" (under `mlflow run`: its --experiment-name)
+
+    family: ClassVar[str] = ""
+    needs_image: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        stacked_groups(self.feature_groups, "ensemble_mlp", needs_image=False)
+        stacked_groups(self.feature_groups, self.family, needs_image=self.needs_image)
 
 
 @dataclass(frozen=True)
-class EnsembleConv1DJob:
-    source: DataCfg = field(default_factory=DataCfg)
-    splitting: SplitCfg = field(default_factory=SplitCfg)
-    net: Conv1DCfg = field(default_factory=Conv1DCfg)
-    stacking: StackingCfg = field(default_factory=StackingCfg)
-    xgb: XGBCfg = field(default_factory=XGBCfg)  # the benchmark it stacks on
-    tabular: TabularCfg = field(default_factory=TabularCfg)
-    # the net reads image; the benchmark it stacks on reads the other groups
-    feature_groups: FeaturesCfg = field(default_factory=image_features)
-    upstream: UpstreamCfg = field(default_factory=UpstreamCfg)
-    experiment: str = ""
+class EnsembleMLPJob(StackedJob):
+    net: MLPCfg = field(default_factory=MLPCfg)
+    family: ClassVar[str] = "ensemble_mlp"
 
-    def __post_init__(self) -> None:
-        stacked_groups(self.feature_groups, "ensemble_conv1d", needs_image=True)
+
+@dataclass(frozen=True)
+class EnsembleConv1DJob(StackedJob):
+    net: Conv1DCfg = field(default_factory=Conv1DCfg)
+    family: ClassVar[str] = "ensemble_conv1d"
+    needs_image: ClassVar[bool] = True
 
 
 def reuse_key(*cfgs, extra: dict | None = None) -> str:
