@@ -8,7 +8,11 @@ but ``image``; found by its reuse key, fitted once), whose test figures are the 
 one Markdown table of test RMSE / MAE / Spearman (mean over seeds, each seed's RMSE) and each net's fit time;
 ``--out`` keeps one JSON line per run. Not a timed test: figures for docs/benchmarks.md.
 
+``--fusion-modes concat gated`` adds a ``fusion (gated)`` row; ``--families`` runs a subset (the first one's
+benchmark is the cell's ``benchmark`` row).
+
 Run:  .venv/bin/python benchmarks/fusion_compare.py --sizes 800 2000 --seeds 0 1 2 --out fusion.jsonl
+      .venv/bin/python benchmarks/fusion_compare.py --sizes 2000 8000 --families fusion --fusion-modes concat gated
       .venv/bin/python benchmarks/fusion_compare.py --summary fusion.jsonl
 """
 
@@ -25,7 +29,18 @@ GROUPS = "tabular,time,user,text,image"
 FAMILIES = ("ensemble_mlp", "ensemble_conv1d", "fusion")
 
 
-def run_cell(n: int, seed: int, groups: str) -> list[dict]:
+def variants(families: tuple[str, ...], fusion_modes: tuple[str, ...]) -> list[tuple[str, str, dict]]:
+    """``(row label, family, extra params)`` per run of a cell: the stacked nets, then fusion once per mode
+    (``concat`` is the plain ``fusion`` row)."""
+    out = [(name, name, {}) for name in families if name != "fusion"]
+    if "fusion" in families:
+        out += [("fusion" if mode == "concat" else f"fusion ({mode})", "fusion", {"fusion": mode})
+                for mode in fusion_modes]
+    return out
+
+
+def run_cell(n: int, seed: int, groups: str, families: tuple[str, ...] = FAMILIES,
+             fusion_modes: tuple[str, ...] = ("concat",)) -> list[dict]:
     import mlflow
 
     from smp.config import apply
@@ -36,18 +51,18 @@ def run_cell(n: int, seed: int, groups: str) -> list[dict]:
     mlflow.set_tracking_uri(f"sqlite:///{store}/mlflow.db")
     data = demo_data_dir(n, 0)
     rows = []
-    for name in FAMILIES:
+    for label, name, extra in variants(families, fusion_modes):
         fam = TABLE[name]
         cfg = apply(fam.config(), {"data": str(data), "seed": seed, "features": groups, "clip_pretrained": "none",
-                                   "sample_size": 0, "experiment": "fusion"})
+                                   "sample_size": 0, "experiment": "fusion", **extra})
         t0 = time.perf_counter()
         result = fam.run(cfg)
         run = mlflow.get_run(result.run_id)
         m = run.data.metrics
-        rows.append({"n": n, "seed": seed, "model": name, "test_rmse": m["test_rmse"], "test_mae": m["test_mae"],
+        rows.append({"n": n, "seed": seed, "model": label, "test_rmse": m["test_rmse"], "test_mae": m["test_mae"],
                      "test_spearman": m["test_spearman"], "fit_s": m.get("time/fit_s"),
                      "wall_s": time.perf_counter() - t0})
-        if name == "ensemble_mlp":  # the benchmark all three stack on
+        if len(rows) == 1:  # the benchmark every net of the cell stacks on (found by its reuse key)
             bench = mlflow.get_run(run.data.tags["smp.benchmark_run"]).data.metrics
             rows.append({"n": n, "seed": seed, "model": "benchmark (groups but image)",
                          "test_rmse": bench["test_rmse"], "test_mae": bench["test_mae"],
@@ -78,6 +93,9 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[800, 2000])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--groups", default=GROUPS)
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
+    parser.add_argument("--fusion-modes", nargs="+", default=["concat"], choices=["concat", "gated"],
+                        help="fusion's fusion layer(s): one fusion row per mode")
     parser.add_argument("--out", default="")
     parser.add_argument("--summary", default="", help="only print the table of the rows in this --out file")
     args = parser.parse_args()
@@ -88,7 +106,7 @@ def main() -> None:
     t0, rows = time.perf_counter(), []
     for n in args.sizes:
         for seed in args.seeds:
-            found = run_cell(n, seed, args.groups)
+            found = run_cell(n, seed, args.groups, tuple(args.families), tuple(args.fusion_modes))
             rows += found
             if args.out:
                 with Path(args.out).open("a") as fh:
