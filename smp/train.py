@@ -244,8 +244,8 @@ def run_pca_boost(cfg: PCABoostJob = PCABoostJob(), parent: Parent | None = None
 
 
 def run_ensemble(cfg, family: Family, parent: Parent | None = None, on_step=None) -> JobResult:
-    """Stack the benchmark's prediction with image features in the family's net (the paper's MLP or Conv1D);
-    ``on_step(epoch, val_rmse)`` after every epoch."""
+    """Stack the benchmark's prediction with the family's other inputs in its net (the paper's MLP or Conv1D
+    over the image features, or fusion over every group); ``on_step(epoch, val_rmse)`` after every epoch."""
     requested, cfg = cfg, for_protocol(cfg)
     prep = prepare(cfg.source, cfg.splitting)
     tags = {"smp.model": family.name, "smp.stacking": cfg.stacking.stacking, "smp.head": cfg.net.head}
