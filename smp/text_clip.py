@@ -292,12 +292,8 @@ class ClipText:
     def _encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """``encode_text`` of each text in batches (float32), and whether the tokenizer cut it."""
         tower = self._loaded()
-        ctx = tower.context_length
-        # one token more than the context: a text still there in the last place was longer than the context
-        pad = tower.tokenizer([""], context_length=ctx + 1)[0, -1]
-        long = tower.tokenizer(texts, context_length=ctx + 1)
-        cut = (long[:, ctx] != pad).numpy()
-        tokens = tower.tokenizer(texts, context_length=ctx)
+        cut, pad = self._token_cut(texts)
+        tokens = tower.tokenizer(texts, context_length=tower.context_length)
         # texts of a length together: a batch is then trimmed to its longest text (encode_trimmed)
         order = np.argsort((tokens != pad).sum(dim=1).numpy(), kind="stable")
         out = np.empty((len(texts), int(self.spec["embedding_dim"])), dtype=np.float32)
@@ -308,6 +304,15 @@ class ClipText:
                 batch = tokens[torch.from_numpy(rows)].to(tower.device)
                 out[rows] = encode_trimmed(tower.model, batch, pad).float().cpu().numpy()
         return out, cut
+
+    def _token_cut(self, texts: list[str]) -> tuple[np.ndarray, object]:
+        """Whether the tokenizer's context cuts each text (tokenizing only, no encoding), and the pad token."""
+        tower = self._loaded()
+        ctx = tower.context_length
+        # one token more than the context: a text still there in the last place was longer than the context
+        pad = tower.tokenizer([""], context_length=ctx + 1)[0, -1]
+        long = tower.tokenizer(texts, context_length=ctx + 1)
+        return (long[:, ctx] != pad).numpy(), pad
 
     @staticmethod
     def _normalized(E: np.ndarray) -> np.ndarray:
@@ -344,9 +349,11 @@ class ClipText:
 
     def truncated(self, posts) -> np.ndarray:
         """True for each post whose text the bounds or the tokenizer's context cut (a served post's ``partial:
-        text truncated``; the texts just encoded come from the cache)."""
+        text truncated``): the tokenizer alone says so, the texts are not encoded again."""
         texts, cut = post_texts(posts)
-        return cut | self._embed(texts)[1]
+        if not any(texts):
+            return cut
+        return cut | self._token_cut(texts)[0]
 
     def transform(self, posts) -> np.ndarray:
         texts, cut = post_texts(posts)

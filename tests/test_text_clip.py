@@ -58,7 +58,7 @@ def test_dim_is_capped_by_the_training_posts(encoder):
     assert X.shape == (8, 7)  # 7 posts with text, fewer than 50 components and the 32-d embedding
 
 
-def test_huge_title_nul_bytes_and_many_tags_are_bounded_and_counted(encoder):
+def test_huge_title_nul_bytes_and_many_tags_are_bounded_and_counted(encoder, monkeypatch):
     posts = pd.DataFrame({
         "Pid": ["0", "1", "2", "3"],
         "Title": ["x" * (MAX_TITLE_CHARS + 10**6), "nul\x00byte title", "short", " ".join(["word"] * 200)],
@@ -74,6 +74,11 @@ def test_huge_title_nul_bytes_and_many_tags_are_bounded_and_counted(encoder):
     assert group.facts_["features/text_truncated_train"] == 3
     group.transform(posts)
     assert group.last_truncated_ == 3  # the tokenizer's cut, also from the cache
+    with monkeypatch.context() as m:  # serving's per-post flags tokenize only: no text is encoded again
+        m.setattr(ClipText, "_encode", lambda self, texts: pytest.fail("encoded a text to flag its cut"))
+        m.setattr(ClipText, "_embed", lambda self, texts: pytest.fail("read the cache to flag a cut"))
+        assert group.truncated(posts).tolist() == [True, False, True, True]
+        assert group.truncated(posts.assign(Title="", Alltags="")).tolist() == [False] * 4
 
 
 def test_a_second_fit_encodes_nothing_and_a_damaged_cache_is_recomputed(encoder, tmp_path, monkeypatch):
