@@ -46,12 +46,19 @@ print("RESULT " + json.dumps({"run_id": result.run_id, "benchmark_run": run.data
 """
 
 
+def cache_dir() -> str:
+    """The feature cache the caller's runs use (``$SMP_CACHE_DIR``, else ``./.smp_cache`` here), so the children,
+    started in the store's folder, find the images already embedded."""
+    return str(Path(os.environ.get("SMP_CACHE_DIR") or ".smp_cache").absolute())
+
+
 def run_one(name: str, data: Path, seed: int, groups: str, uri: str) -> dict:
     """One family run in a fresh process: its result line, wall seconds and peak RSS (MiB)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", CHILD, name, str(data), str(seed), groups, uri],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            cwd=uri.removeprefix("sqlite:///").rsplit("/", 1)[0])  # ./mlruns in the store
+                            cwd=uri.removeprefix("sqlite:///").rsplit("/", 1)[0],  # ./mlruns in the store
+                            env={**os.environ, "SMP_CACHE_DIR": cache_dir()})
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
