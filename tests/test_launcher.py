@@ -163,3 +163,39 @@ def check_effective(model, effective: dict, run) -> None:
             assert any(p.startswith(f"stacking/folds_k{value}_") for p in cached), (value, cached)
         elif key != "clip_pretrained":
             raise AssertionError(f"effective/{key}: no check for this setting; add one")
+
+
+def test_predict_on_spark_through_mlflow_run_agrees_with_the_pandas_predict(store):
+    """Issue 29's command, `mlflow run . -e predict -P engine=spark -P model=... -P input=... -P output=...`,
+    after the parametrized entry points (the store has a champion and the pandas predictions): the Parquet it
+    writes holds the pandas path's predictions (to 1e-9) and statuses, row for row."""
+    from tests.test_spark import NO_SPARK
+
+    if NO_SPARK:
+        pytest.skip(f"the Spark engine cannot run here: {NO_SPARK}")
+    pandas_csv = store["work"] / "predictions.csv"
+    if not pandas_csv.exists():
+        pytest.skip("the pandas predict entry point did not run first")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"],
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("MLFLOW_RUN_ID", None)
+    out_path = store["work"] / "spark_predictions.parquet"
+    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "predict", "--env-manager", "local",
+           "--experiment-name", EXPERIMENT, "-P", "engine=spark", "-P", "spark_master=local[2]",
+           "-P", "model=models:/smp-popularity@champion", "-P", f"input={store['data']}", "-P", f"output={out_path}"]
+    out = subprocess.run(cmd, cwd=store["work"], env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    spark_out = pd.read_parquet(out_path)
+    pandas_out = pd.read_csv(pandas_csv, dtype={"Pid": str, "status": str}, keep_default_na=False,
+                             na_values={"popularity": [""]})
+    assert list(spark_out.columns) == ["Pid", "popularity", "status"] and len(spark_out) == len(pandas_out) == 160
+    assert spark_out["Pid"].tolist() == pandas_out["Pid"].tolist()
+    assert spark_out["status"].tolist() == pandas_out["status"].tolist()
+    assert abs(spark_out["popularity"].to_numpy() - pandas_out["popularity"].to_numpy()).max() <= 1e-9
+
+    mlflow.set_tracking_uri(store["uri"])
+    exp = mlflow.get_experiment_by_name(EXPERIMENT)
+    run = mlflow.search_runs([exp.experiment_id], output_format="list", order_by=["attributes.start_time DESC"],
+                             filter_string="tags.`mlflow.project.entryPoint` = 'predict'")[0]
+    assert run.info.status == "FINISHED" and run.data.params["engine"] == "spark"
+    assert run.data.tags.get("smp.engine") == "spark" and run.data.metrics["data/rows"] == 160
