@@ -198,4 +198,4 @@ def test_predict_on_spark_through_mlflow_run_agrees_with_the_pandas_predict(stor
     run = mlflow.search_runs([exp.experiment_id], output_format="list", order_by=["attributes.start_time DESC"],
                              filter_string="tags.`mlflow.project.entryPoint` = 'predict'")[0]
     assert run.info.status == "FINISHED" and run.data.params["engine"] == "spark"
-    assert run.data.tags.get("smp.engine") == "spark" and run.data.metrics["data/rows"] == 160
+    assert run.data.tags.get("smp.engine") == "spark" and run.data.params["data/rows"] == "160"
