@@ -87,9 +87,11 @@ def fusion_space(trial) -> dict:
         "weight_decay": trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True),
         "batch_size": trial.suggest_categorical("batch_size", [32, 64, 128, 256]),
         "epochs": trial.suggest_int("epochs", 10, 60),
-        # fusion's own: how often a group is hidden in training, and how wide a frequent user's embedding is
+        # fusion's own: how often a group is hidden in training, how wide a frequent user's embedding is, and
+        # the fusion layer (which one wins depends on the data's size: docs/benchmarks.md, Fusion)
         "modality_dropout": trial.suggest_float("modality_dropout", 0.0, 0.3),
         "user_embedding_dim": trial.suggest_categorical("user_embedding_dim", [0, 8, 16]),
+        "fusion": trial.suggest_categorical("fusion", list(FUSIONS)),
     }
 
 

@@ -181,7 +181,7 @@ def test_every_family_builds_its_model_and_has_a_search_space():
         "colsample_bytree": 1.0, "reg_lambda": 1.0, "reg_alpha": 0.001, "n_components": 20, "hidden_1": 64,
         "hidden_2": 16, "dropout": 0.4, "lr": 1e-3, "weight_decay": 1e-5, "batch_size": 32, "epochs": 10,
         "n_pca": 8, "channels_1": 8, "channels_2": 16, "kernel_1": 3, "modality_dropout": 0.1,
-        "user_embedding_dim": 8})
+        "user_embedding_dim": 8, "fusion": "gated"})
     for name, family in FAMILIES.items():
         cfg = family.default_config()
         model = family.build(cfg, images=ImageFeatureSource(["clip_0"]), benchmark=None)
