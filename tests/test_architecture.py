@@ -106,6 +106,7 @@ def test_the_fit_phase_imports_no_mlflow(name):
     assert [n for n in imported if n.split(".")[0] == "mlflow"] == []
 
 
+@pytest.mark.slow  # a fresh interpreter (subprocess)
 def test_fitting_loads_no_mlflow_at_all():
     """Importing the fit phase (and what it imports, transitively) leaves MLflow unloaded."""
     code = "import sys, smp.fit; print(sorted(m for m in sys.modules if m.split('.')[0] == 'mlflow'))"

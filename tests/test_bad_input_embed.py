@@ -170,6 +170,7 @@ def test_chunk_damaged_after_indexing_is_recomputed_not_fatal(images, loaded, re
     _same_features(third.features, reference)
 
 
+@pytest.mark.slow  # an embed job, logged
 def test_embed_job_logs_the_damaged_chunk_count(cfg_for, tmp_path):
     from smp.synth import SynthCfg, generate
 

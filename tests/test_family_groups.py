@@ -75,6 +75,7 @@ def test_pca_boost_reads_the_user_group_beside_the_image(smpd_dir, tiny):
     assert np.isfinite(result.metrics["test_rmse"])
 
 
+@pytest.mark.slow  # trains and logs a pca_boost job
 def test_pca_boost_without_image_needs_no_embed_run(smpd_dir, tiny):
     result = run_pca_boost(tiny.job("pca_boost", smpd_dir, features="tabular,time"))
     assert not result.model.needs_images and result.model.images is None
@@ -82,6 +83,7 @@ def test_pca_boost_without_image_needs_no_embed_run(smpd_dir, tiny):
     assert "Postdate" in result.model.input_fields_
 
 
+@pytest.mark.slow  # trains and logs the job and its benchmark
 def test_ensemble_mlp_without_image_stacks_on_a_benchmark_of_its_groups(smpd_dir, tiny):
     result = run_ensemble_mlp(tiny.job("ensemble_mlp", smpd_dir, features="tabular,user"))
     model = result.model
@@ -110,6 +112,7 @@ def test_benchmark_reads_the_image_group_when_asked(smpd_dir, tiny):
     assert flatten(tiny.job("benchmark", smpd_dir))["features"] == "tabular"
 
 
+@pytest.mark.slow  # trains and logs benchmark jobs
 def test_compare_gives_each_feature_set_its_own_row(smpd_dir, tiny):
     """A run with other groups than its family's default (an ablation's) never stands in for the paper's row."""
     from smp.families import FAMILIES
