@@ -28,7 +28,9 @@ Groups (``GROUPS``):
     2,000 synthetic posts). The user group then carries nothing under this protocol, by design;
   - training rows under ``split=chrono``: only the user's strictly earlier training posts (``Postdate``
     strictly before the post's own; posts of the same second do not see each other);
-  - validation, test and new posts: the user's training posts (the per-user table the model carries);
+  - validation, test and new posts: the user's training posts (the per-user table the model carries); under
+    ``split=chrono`` only those strictly before the post's own date, so a fold model's held-out training
+    post (the stacked nets' out-of-fold input) sees no later post of its user, as the test posts cannot;
   - no history (a user absent from training -- every test user under ``split=user`` --, a training post
     whose user has no post in the other folds or before it, a missing / empty / NaN ``Uid``): the prior,
     i.e. the training posts' global statistics, with ``user_unseen = 1``; missing ``Uid`` values are counted
@@ -260,6 +262,7 @@ class UserHistory:
         self.prior_ = (0.0, float(y.mean()), float(np.median(y)), float(y.std()),
                        float(known.mean()) if len(known) else np.nan, np.nan)
         self.table_ = self._table(uid, y, tags, dates)
+        self.as_of_ = self._by_date(uid, y, tags, dates) if split == "chrono" else None
         self.feature_names_ = list(USER_COLUMNS)
         stats = np.tile(np.asarray(self.prior_, dtype=float), (len(posts), 1))
         seen = np.zeros(len(posts), dtype=bool)
@@ -296,6 +299,20 @@ class UserHistory:
                 if row is not None:
                     stats[i], seen[i] = row, True
 
+    @staticmethod
+    def _by_date(uid, y, tags, dates) -> dict:
+        """``Uid`` -> its dated training posts' (dates, labels, tag flags), by date: a history as of any date."""
+        groups: dict[str, list[int]] = {}
+        for i, u in enumerate(uid):
+            if u is not None and np.isfinite(dates[i]):
+                groups.setdefault(u, []).append(i)
+        out = {}
+        for u, idx in groups.items():
+            idx = np.asarray(idx)
+            idx = idx[np.argsort(dates[idx], kind="stable")]
+            out[u] = (dates[idx], y[idx], tags[idx])
+        return out
+
     def _earlier(self, uid, y, tags, dates, stats, seen) -> None:
         """Each training post's stats from its user's training posts strictly before it (``Postdate``)."""
         groups: dict[str, list[int]] = {}
@@ -325,19 +342,38 @@ class UserHistory:
         X[:, 6] = (~seen).astype(np.float32)
         return X
 
-    def unseen(self, posts: pd.DataFrame) -> np.ndarray:
-        """True for each post whose user has no training post (or no ``Uid``): scored with the prior."""
-        return np.array([u is None or u not in self.table_ for u in user_ids(posts)], dtype=bool)
+    def _history(self, posts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each post's user stats (the prior where it has none), whether it has a history, and its dates.
 
-    def transform(self, posts) -> np.ndarray:
+        The user's training posts; under ``split=chrono`` (``as_of_``) only those strictly before the post's
+        own date, as the training rows got them. A post later than all of them (every test post) gets the
+        whole table row; one earlier than some -- a fold model's held-out training post -- gets no history
+        from the future."""
         uid, dates = user_ids(posts), _num(posts, "Postdate")
         stats = np.tile(np.asarray(self.prior_, dtype=float), (len(posts), 1))
         seen = np.zeros(len(posts), dtype=bool)
+        as_of = getattr(self, "as_of_", None)  # models pickled before it: the whole table
         for i, u in enumerate(uid):
             row = self.table_.get(u) if u is not None else None
-            if row is not None:
-                stats[i], seen[i] = row, True
-        return self._block(stats, seen, dates)
+            if row is None:
+                continue
+            if as_of is not None and u in as_of and np.isfinite(dates[i]):
+                d, labels, tags = as_of[u]
+                k = int(np.searchsorted(d, dates[i], side="left"))  # the posts strictly before it
+                if k == 0:
+                    continue  # none: the prior, as a training post without earlier posts
+                if k < len(d):
+                    row = _stats(labels[:k], tags[:k], d[:k])
+            stats[i], seen[i] = row, True
+        return stats, seen, dates
+
+    def unseen(self, posts: pd.DataFrame) -> np.ndarray:
+        """True for each post scored with the prior: its user has no training post (under ``split=chrono``:
+        none before the post's date), or it has no ``Uid``."""
+        return ~self._history(posts)[1]
+
+    def transform(self, posts) -> np.ndarray:
+        return self._block(*self._history(posts))
 
     @property
     def fields(self) -> list[str]:

@@ -60,6 +60,33 @@ def test_fold_models_with_the_user_group_leak_no_label():
     assert abs(r) < 0.1, r
 
 
+def test_fold_models_under_chrono_give_held_out_posts_no_later_post_of_their_user():
+    """Under split=chrono the ensembles' training input must read what a test post can: its user's history
+    before its date. Each fold model's user group gives a held-out training post at most as many history
+    posts as its user has strictly before it (a table with the user's later posts in it gives more)."""
+    from smp.groups import USER_COLUMNS, user_ids
+
+    posts = draw_posts(SynthCfg(n=1500, seed=4))
+    y = posts["label"].to_numpy(dtype=float)
+    parts = split_indices(posts, SplitCfg(split="chrono", seed=0))
+    train = posts.iloc[parts["train"]].reset_index(drop=True)
+    xgb = XGBCfg(n_estimators=20, max_depth=3, learning_rate=0.1, early_stopping_rounds=0, n_jobs=1)
+    fitted = cross_fit(train, y[parts["train"]], posts.iloc[parts["val"]].reset_index(drop=True), y[parts["val"]],
+                       xgb, seed=0, folds=3, tabular=BenchmarkJob().tabular, features=FeaturesCfg("tabular,user"),
+                       split="chrono")
+    uid, dates = user_ids(train), train["Postdate"].to_numpy(dtype=float)
+    by_user = {u: np.sort(dates[[v == u for v in uid]]) for u in set(uid) if u is not None}
+    earlier = np.array([np.searchsorted(by_user[u], t, "left") if u is not None else 0 for u, t in zip(uid, dates)])
+    later = np.array([len(by_user[u]) - np.searchsorted(by_user[u], t, "right") if u is not None else 0
+                      for u, t in zip(uid, dates)])
+    assert (later > 0).sum() > 100  # many posts have a later post of their user in the training set
+    col = USER_COLUMNS.index("user_posts")
+    for model in fitted.models:
+        counts = model.groups_in_use.group("user").transform(train)[:, col]
+        assert (counts <= earlier).all()
+        assert (counts > 0).sum() > 100  # and they do read the earlier ones
+
+
 def _params(run_id: str) -> dict:
     return mlflow.get_run(run_id).data.params
 

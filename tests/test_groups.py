@@ -169,6 +169,34 @@ def test_user_group_chrono_reads_strictly_earlier_posts_only():
     assert X.loc[3, "user_posts"] == 3 and X.loc[3, "user_mean"] == pytest.approx(7 / 3)
 
 
+def test_user_group_chrono_scores_any_post_with_its_users_posts_before_it():
+    """Under split=chrono a post scored later (a fold model's held-out training post, a served post) gets the
+    history its user had at its date, as the training rows did: never a later post's label. A post after all
+    of them (every test post) gets the whole table; under split=random the whole table for every date."""
+    posts, y = _history_frame()  # user a: label 1 on day 0, 2 and 4 on day 1, 9 on day 3
+    d = posts["Postdate"].iloc[0]
+    new = pd.DataFrame({"Pid": ["early", "same", "mid", "late", "b"], "Uid": ["a", "a", "a", "a", "b"],
+                        "Postdate": [d - 86400, d + 86400, d + 2 * 86400, d + 30 * 86400, d + 86400]})
+    chrono = UserHistory()
+    chrono.fit_transform(posts, y, split="chrono")
+    Z = pd.DataFrame(chrono.transform(new), columns=USER_COLUMNS)
+    assert Z.loc[0, "user_unseen"] == 1 and Z.loc[0, "user_mean"] == pytest.approx(y.mean())  # nothing before
+    assert Z.loc[1, "user_posts"] == 1 and Z.loc[1, "user_mean"] == 1.0  # day 1: the same second is not before
+    assert Z.loc[2, "user_posts"] == 3 and Z.loc[2, "user_mean"] == pytest.approx(7 / 3)  # not day 3's 9
+    assert Z.loc[2, "user_median"] == 2.0 and Z.loc[2, "user_days_since_first"] == pytest.approx(2.0)
+    assert Z.loc[3, "user_posts"] == 4 and Z.loc[3, "user_mean"] == pytest.approx(4.0)  # after all: the table
+    assert Z.loc[4, "user_posts"] == 1 and Z.loc[4, "user_mean"] == 5.0  # b's one post, day 0
+    assert chrono.unseen(new).tolist() == [True, False, False, False, False]  # serving's note agrees
+    # the held-out rows of training posts get what fit_transform gave them: the same rule
+    X = chrono.fit_transform(posts, y, split="chrono")
+    np.testing.assert_array_equal(chrono.transform(posts.iloc[:4]), X[:4])
+
+    plain = UserHistory()
+    plain.fit_transform(posts, y, split="random")
+    W = pd.DataFrame(plain.transform(new), columns=USER_COLUMNS)
+    assert (W.loc[:3, "user_posts"] == 4).all() and plain.unseen(new).tolist() == [False] * 5
+
+
 def test_user_group_under_split_user_gives_training_rows_the_prior():
     posts, y = _history_frame()
     X = pd.DataFrame(UserHistory().fit_transform(posts, y, split="user"), columns=USER_COLUMNS)
