@@ -40,7 +40,7 @@ def variants(families: tuple[str, ...], fusion_modes: tuple[str, ...]) -> list[t
 
 
 def run_cell(n: int, seed: int, groups: str, families: tuple[str, ...] = FAMILIES,
-             fusion_modes: tuple[str, ...] = ("concat",)) -> list[dict]:
+             fusion_modes: tuple[str, ...] = ("concat",), split: str = "random") -> list[dict]:
     import mlflow
 
     from smp.config import apply
@@ -54,7 +54,7 @@ def run_cell(n: int, seed: int, groups: str, families: tuple[str, ...] = FAMILIE
     for label, name, extra in variants(families, fusion_modes):
         fam = TABLE[name]
         cfg = apply(fam.config(), {"data": str(data), "seed": seed, "features": groups, "clip_pretrained": "none",
-                                   "sample_size": 0, "experiment": "fusion", **extra})
+                                   "sample_size": 0, "experiment": "fusion", "split": split, **extra})
         t0 = time.perf_counter()
         result = fam.run(cfg)
         run = mlflow.get_run(result.run_id)
@@ -96,6 +96,7 @@ def main() -> None:
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
     parser.add_argument("--fusion-modes", nargs="+", default=["concat"], choices=["concat", "gated"],
                         help="fusion's fusion layer(s): one fusion row per mode")
+    parser.add_argument("--split", default="random", choices=["random", "chrono", "user"])
     parser.add_argument("--out", default="")
     parser.add_argument("--summary", default="", help="only print the table of the rows in this --out file")
     args = parser.parse_args()
@@ -106,7 +107,7 @@ def main() -> None:
     t0, rows = time.perf_counter(), []
     for n in args.sizes:
         for seed in args.seeds:
-            found = run_cell(n, seed, args.groups, tuple(args.families), tuple(args.fusion_modes))
+            found = run_cell(n, seed, args.groups, tuple(args.families), tuple(args.fusion_modes), args.split)
             rows += found
             if args.out:
                 with Path(args.out).open("a") as fh:
