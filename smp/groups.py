@@ -267,7 +267,7 @@ class UserHistory:
         stats = np.tile(np.asarray(self.prior_, dtype=float), (len(posts), 1))
         seen = np.zeros(len(posts), dtype=bool)
         if split == "chrono":
-            self._earlier(uid, y, tags, dates, stats, seen)
+            self._earlier(uid, dates, stats, seen)
         elif split == "user":
             pass  # every val/test user is new: training rows get what they get, the prior (no user history)
         else:
@@ -313,27 +313,23 @@ class UserHistory:
             out[u] = (dates[idx], y[idx], tags[idx])
         return out
 
-    def _earlier(self, uid, y, tags, dates, stats, seen) -> None:
-        """Each training post's stats from its user's training posts strictly before it (``Postdate``)."""
-        groups: dict[str, list[int]] = {}
+    def _earlier(self, uid, dates, stats, seen) -> None:
+        """Each training post's stats from its user's training posts strictly before it (``Postdate``): the
+        rule ``_history`` scores any later post by (``_as_of``)."""
         for i, u in enumerate(uid):
-            if u is not None and np.isfinite(dates[i]):
-                groups.setdefault(u, []).append(i)
-        for idx in groups.values():
-            idx = np.asarray(idx)
-            idx = idx[np.argsort(dates[idx], kind="stable")]
-            d = dates[idx]
-            start = 0
-            while start < len(idx):
-                end = start
-                while end < len(idx) and d[end] == d[start]:
-                    end += 1
-                if start > 0:  # history: the posts before this date block
-                    before = idx[:start]
-                    row = _stats(y[before], tags[before], dates[before])
-                    stats[idx[start:end]] = row
-                    seen[idx[start:end]] = True
-                start = end
+            if u in self.as_of_ and np.isfinite(dates[i]):
+                row = self._as_of(u, dates[i])
+                if row is not None:
+                    stats[i], seen[i] = row, True
+
+    def _as_of(self, u: str, date: float) -> tuple | None:
+        """User ``u``'s stats from its dated training posts strictly before ``date`` (posts of the same second
+        do not see each other); the whole table row when all of them are; None when none is."""
+        d, labels, tags = self.as_of_[u]
+        k = int(np.searchsorted(d, date, side="left"))
+        if k == 0:
+            return None
+        return _stats(labels[:k], tags[:k], d[:k]) if k < len(d) else self.table_[u]
 
     def _block(self, stats: np.ndarray, seen: np.ndarray, dates: np.ndarray) -> np.ndarray:
         X = np.empty((len(stats), len(USER_COLUMNS)), dtype=np.float32)
@@ -358,12 +354,9 @@ class UserHistory:
             if row is None:
                 continue
             if as_of is not None and u in as_of and np.isfinite(dates[i]):
-                d, labels, tags = as_of[u]
-                k = int(np.searchsorted(d, dates[i], side="left"))  # the posts strictly before it
-                if k == 0:
-                    continue  # none: the prior, as a training post without earlier posts
-                if k < len(d):
-                    row = _stats(labels[:k], tags[:k], d[:k])
+                row = self._as_of(u, dates[i])
+                if row is None:
+                    continue  # no earlier post: the prior, as a training post without one
             stats[i], seen[i] = row, True
         return stats, seen, dates
 
